@@ -1,0 +1,140 @@
+"""pytest configuration: legacy stack, node factory and network isolation.
+
+The legacy dispy client always broadcasts a UDP PING to 255.255.255.255 when
+it starts (and the original node broadcasts too). To keep that traffic off
+the machine's networks, pytest_configure builds the legacy venv (which needs
+the network for pip) and then, when running as root on Linux, moves the whole
+pytest process into a new network namespace that has only loopback. Every
+node and client subprocess inherits it. Opt out with DISPYTEST_NO_NETNS=1.
+"""
+
+import ctypes
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import legacy  # noqa: E402
+from legacy import LegacyUnavailable, Node, ensure_legacy_venv, free_port  # noqa: E402
+
+CLONE_NEWNET = 0x40000000
+
+_legacy_state = {'python': None, 'reason': None}
+_netns_state = {'isolated': False, 'warned': False}
+
+
+def _ensure_legacy():
+    try:
+        _legacy_state['python'] = ensure_legacy_venv()
+        _legacy_state['reason'] = None
+    except LegacyUnavailable as exc:
+        _legacy_state['reason'] = exc.reason
+    except Exception as exc:  # never let configure crash on this
+        _legacy_state['reason'] = 'unexpected error building legacy venv: %r' % (exc,)
+
+
+def _isolate_network(config):
+    if os.environ.get('DISPYTEST_ISOLATED') == '1':
+        _netns_state['isolated'] = True   # inherited from a parent that isolated itself
+        return
+    if os.environ.get('DISPYTEST_NO_NETNS') == '1':
+        return
+    if not sys.platform.startswith('linux') or os.geteuid() != 0:
+        _warn_once(config, 'not root on Linux: dispy tests run on the host loopback; the legacy '
+                           'client will broadcast UDP to 255.255.255.255')
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        _warn_once(config, 'unshare(CLONE_NEWNET) failed (%s): tests run on host network'
+                           % os.strerror(err))
+        return
+    r = subprocess.run(['ip', 'link', 'set', 'lo', 'up'], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise pytest.UsageError('in the new network namespace, "ip link set lo up" failed: %s'
+                                % r.stdout.decode(errors='replace'))
+    os.environ['DISPYTEST_ISOLATED'] = '1'
+    _netns_state['isolated'] = True
+
+
+def _warn_once(config, msg):
+    if _netns_state['warned']:
+        return
+    _netns_state['warned'] = True
+    tr = config.pluginmanager.get_plugin('terminalreporter')
+    if tr is not None:
+        tr.write_line('WARNING: ' + msg, yellow=True)
+    else:
+        warnings.warn(msg)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'interop: runs the legacy dispy 4.5.5 client or node')
+    config.addinivalue_line('markers', 'slow: takes more than a few seconds')
+    config.addinivalue_line('markers', 'ours_only: needs our node (the original node fails '
+                                       'or hangs on this scenario)')
+    # xdist workers: only build in the controller; workers would just find the
+    # marker file (the fcntl lock keeps concurrent builds safe anyway)
+    _ensure_legacy()
+    _isolate_network(config)
+
+
+def pytest_report_header(config):
+    lines = ['legacy stack: %s' % (_legacy_state['python'] or
+                                   'UNAVAILABLE (%s)' % _legacy_state['reason'])]
+    lines.append('network namespace isolation: %s' % (
+        'yes' if _netns_state['isolated'] else 'no'))
+    return lines
+
+
+@pytest.fixture(scope='session')
+def legacy_python():
+    """Path of the legacy venv's python (Python 3.6, dispy 4.5.5, asyncoro 4.3.4)."""
+    if _legacy_state['python'] is None:
+        _ensure_legacy()   # e.g. configure ran before a transient failure was fixed
+    if _legacy_state['python'] is None:
+        reason = _legacy_state['reason']
+        if os.environ.get('CI') == 'true':
+            pytest.fail('legacy dispy 4.5.5 stack unavailable under CI: %s' % reason)
+        pytest.skip('legacy dispy 4.5.5 stack unavailable: %s (needs Python 3.6 via pyenv or '
+                    'DISPY_LEGACY_PYTHON)' % reason)
+    return _legacy_state['python']
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    """Start nodes with fresh ports and prefixes; all are stopped at teardown.
+
+    Call as ``node_factory(impl='ours', args=(...), wait=True, **kw)`` (keyword
+    arguments go to Node.start). Returns a started (and by default ready) Node.
+    """
+    nodes = []
+    counter = [0]
+
+    def start(impl='ours', args=(), wait=True, port=None, prefix=None, **kw):
+        counter[0] += 1
+        if port is None:
+            port = free_port()
+        if prefix is None:
+            prefix = tmp_path / ('node%d' % counter[0]) / 'prefix'
+        node = Node.start(impl=impl, port=port, prefix=prefix, args=args, **kw)
+        nodes.append(node)
+        if wait:
+            node.wait_ready()
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(timeout=5)
+
+
+@pytest.fixture
+def client_port():
+    """A fresh free port for a legacy client (TCP + UDP)."""
+    return free_port()

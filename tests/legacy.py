@@ -1,0 +1,454 @@
+"""Test harness for running dispy nodes and legacy dispy 4.5.5 clients.
+
+Stable API (other test modules import these names):
+
+- ``REPO``: the repository root (a ``Path``).
+- ``CLIENTS``: ``REPO/'tests'/'clients'``, the directory of legacy client scripts.
+- ``LegacyUnavailable``: raised when the legacy stack can't be provided.
+- ``legacy_python_base()``: path of a Python 3.6 interpreter, or None.
+- ``ensure_legacy_venv()``: path of the cached legacy venv's python
+  (``REPO/.legacy-venv``), built on first use with dispy 4.5.5 + asyncoro 4.3.4.
+- ``pyenv_python(version_prefix)``: newest ``$(pyenv root)/versions/<prefix>*``
+  interpreter, or None.
+- ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
+- ``Node``: ``Node.start(impl='ours'|'original', port=None, prefix=None, args=(),
+  python=None, env=None, cwd=None, debug=True)``; ``wait_ready()``, ``stop()``,
+  ``kill()``, ``log()``, ``alive()``; attributes ``port, prefix, proc, pid,
+  log_path, impl``; usable as a context manager.
+- ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
+  runs a legacy client script (a path, a name in ``tests/clients/`` or a string
+  of code) with the legacy venv's python. ``ClientResult`` has ``returncode,
+  stdout, stderr, data`` (``data`` is the JSON printed on the last stdout line
+  starting with ``RESULT:``, or None).
+- ``wait_for(predicate, timeout, interval=0.05)``: poll until ``predicate()`` is
+  true; returns its last value (falsy on timeout).
+- ``pid_alive(pid)``: whether a process (not a zombie) with this pid exists.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = REPO / 'tests' / 'clients'
+LEGACY_VENV = REPO / '.legacy-venv'
+_MARKER = LEGACY_VENV / '.dispy-4.5.5-ok'
+_LOCK = LEGACY_VENV / '.build.lock'
+LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
+_CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
+
+__all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
+           'pyenv_root', 'pyenv_python', 'free_port', 'Node', 'ClientResult', 'run_client',
+           'wait_for', 'pid_alive']
+
+
+class LegacyUnavailable(Exception):
+    """The legacy Python 3.6 + dispy 4.5.5 stack cannot be provided."""
+
+    @property
+    def reason(self):
+        return str(self.args[0]) if self.args else 'unknown reason'
+
+
+# ---------------------------------------------------------------- interpreters
+
+def pyenv_root():
+    """pyenv's root directory (from ``pyenv root``, else ~/.pyenv), or None."""
+    try:
+        out = subprocess.run(['pyenv', 'root'], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=20, check=True)
+        root = out.stdout.decode().strip()
+        if root and os.path.isdir(root):
+            return Path(root)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    root = Path.home() / '.pyenv'
+    return root if root.is_dir() else None
+
+
+def _version_key(name):
+    key = []
+    for part in name.split('.'):
+        digits = ''.join(c for c in part if c.isdigit())
+        key.append(int(digits) if digits else -1)
+    return key
+
+
+def pyenv_python(version_prefix):
+    """The newest pyenv interpreter whose version starts with ``version_prefix``
+    (e.g. '3.8' matches 3.8.18 but not 3.80), or None."""
+    root = pyenv_root()
+    if root is None:
+        return None
+    versions = root / 'versions'
+    if not versions.is_dir():
+        return None
+    found = []
+    for d in versions.iterdir():
+        name = d.name
+        if name == version_prefix or name.startswith(version_prefix + '.'):
+            py = d / 'bin' / 'python'
+            if py.exists() and os.access(str(py), os.X_OK):
+                found.append((_version_key(name), py))
+    if not found:
+        return None
+    return max(found)[1]
+
+
+def legacy_python_base():
+    """The Python 3.6 interpreter used to build the legacy venv, or None."""
+    env = os.environ.get('DISPY_LEGACY_PYTHON')
+    if env:
+        return Path(env)
+    root = pyenv_root()
+    if root is not None:
+        py = root / 'versions' / '3.6.15' / 'bin' / 'python'
+        if py.exists():
+            return py
+    return None
+
+
+def _legacy_venv_python():
+    return LEGACY_VENV / 'bin' / 'python'
+
+
+def _check_venv(py, timeout=60):
+    try:
+        r = subprocess.run([str(py), '-c', _CHECK], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, str(exc)
+    return r.returncode == 0, r.stdout.decode(errors='replace')
+
+
+def ensure_legacy_venv():
+    """Return the python of the cached legacy venv (REPO/.legacy-venv), building
+    it if needed. Safe against parallel callers (fcntl lock). Raises
+    LegacyUnavailable with a reason if Python 3.6 is missing or install fails."""
+    py = _legacy_venv_python()
+    if _MARKER.exists() and py.exists():
+        return py
+    base = legacy_python_base()
+    if base is None or not Path(base).exists():
+        raise LegacyUnavailable(
+            'Python 3.6 interpreter not found (set DISPY_LEGACY_PYTHON or install 3.6.15 '
+            'with pyenv; looked for %s)' % (base or '$(pyenv root)/versions/3.6.15/bin/python'))
+    LEGACY_VENV.mkdir(parents=True, exist_ok=True)
+    with open(str(_LOCK), 'a+') as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if _MARKER.exists() and py.exists():
+                return py
+            steps = [
+                [str(base), '-m', 'venv', str(LEGACY_VENV)],
+                [str(py), '-m', 'pip', 'install', '-q', '--disable-pip-version-check']
+                + list(LEGACY_PACKAGES),
+            ]
+            for cmd in steps:
+                try:
+                    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       timeout=900, env=dict(os.environ, PIP_NO_INPUT='1'))
+                except (OSError, subprocess.SubprocessError) as exc:
+                    raise LegacyUnavailable('legacy venv build failed at %r: %s' % (cmd, exc))
+                if r.returncode != 0:
+                    raise LegacyUnavailable('legacy venv build failed at %r (exit %s):\n%s' % (
+                        ' '.join(cmd), r.returncode, r.stdout.decode(errors='replace')[-3000:]))
+            ok, out = _check_venv(py)
+            if not ok:
+                raise LegacyUnavailable('legacy venv import check failed:\n%s' % out[-3000:])
+            tmp = _MARKER.with_name(_MARKER.name + '.tmp')
+            tmp.write_text('%s\n' % ' '.join(LEGACY_PACKAGES))
+            os.replace(str(tmp), str(_MARKER))
+            return py
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------- ports
+
+_ports_lock = threading.Lock()
+_ports_given = set()
+
+
+def _port_is_free(port):
+    # binding the wildcard address (without SO_REUSEADDR) fails if anything
+    # holds the port on any local address, 127.0.0.1 included
+    socks = []
+    try:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(socket.AF_INET, kind)
+            socks.append(s)
+            s.bind(('', port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port():
+    """A port free for both TCP and UDP on 127.0.0.1 (and the wildcard address),
+    chosen below the kernel's ephemeral range so outgoing connections won't
+    grab it later; never the same port twice in one process."""
+    lo, hi = 20000, 32000
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            elo = int(f.read().split()[0])
+        if elo <= hi:
+            hi = max(lo + 1000, elo - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random(os.getpid() ^ int(time.time() * 1e6))
+    with _ports_lock:
+        for _ in range(2000):
+            port = rng.randint(lo, hi)
+            if port in _ports_given:
+                continue
+            if _port_is_free(port):
+                _ports_given.add(port)
+                return port
+    raise RuntimeError('no free TCP+UDP port found')
+
+
+# ---------------------------------------------------------------- misc helpers
+
+def wait_for(predicate, timeout, interval=0.05):
+    """Poll predicate() until it returns a true value or timeout seconds pass.
+    Returns the last value of predicate()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    """True if a process with this pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+        return state not in ('Z', 'X')
+    except (OSError, IndexError):
+        return True
+
+
+def _killpg(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+# ------------------------------------------------------------------------ node
+
+class Node:
+    """A dispy node process ('ours' = REPO/dispynode.py, 'original' = dispy 4.5.5)."""
+
+    def __init__(self, impl, port, prefix, proc, log_path, cmd):
+        self.impl = impl
+        self.port = port
+        self.prefix = Path(prefix)
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = Path(log_path)
+        self.cmd = cmd
+
+    @classmethod
+    def start(cls, impl='ours', port=None, prefix=None, args=(), python=None, env=None,
+              cwd=None, debug=True):
+        if impl not in ('ours', 'original'):
+            raise ValueError('impl must be "ours" or "original"')
+        if port is None:
+            port = free_port()
+        if prefix is None:
+            prefix = Path(tempfile.mkdtemp(prefix='dispynode-')) / 'prefix'
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        opts = ['-i', '127.0.0.1', '-p', str(port), '--dest_path_prefix', str(prefix)]
+        args = [str(a) for a in args]
+        if debug and '-d' not in args and '--debug' not in args:
+            opts.append('-d')
+        if impl == 'ours':
+            cmd = [str(python or sys.executable), str(REPO / 'dispynode.py')] + opts + args
+        else:
+            cmd = [str(python or ensure_legacy_venv()), '-m', 'dispy.dispynode'] + opts + args
+        log_path = prefix.parent / ('node-%s-%d.log' % (impl, port))
+        full_env = dict(os.environ)
+        full_env['PYTHONUNBUFFERED'] = '1'
+        if env:
+            full_env.update(env)
+        with open(str(log_path), 'ab') as log:
+            log.write(('$ %s\n' % ' '.join(cmd)).encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=full_env,
+                                    cwd=str(cwd) if cwd else str(prefix.parent),
+                                    start_new_session=True)
+        return cls(impl, port, prefix, proc, log_path, cmd)
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors='replace')
+        except OSError:
+            return ''
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError('%s node exited with %s before listening on port %d; '
+                                     'log:\n%s' % (self.impl, self.proc.returncode, self.port,
+                                                   self.log()))
+            try:
+                with socket.create_connection(('127.0.0.1', self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError('%s node not listening on 127.0.0.1:%d after %ss; log:\n%s' % (
+            self.impl, self.port, timeout, self.log()))
+
+    def stop(self, sig=signal.SIGINT, timeout=10):
+        """Signal the node (default SIGINT), wait up to timeout, then SIGKILL
+        the whole process group. Returns the exit code."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _killpg(self.proc, signal.SIGKILL)   # leftovers (job processes) too
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        _killpg(self.proc, signal.SIGKILL)
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def __repr__(self):
+        return '<Node %s port=%s pid=%s>' % (self.impl, self.port, self.pid)
+
+
+# ---------------------------------------------------------------------- client
+
+class ClientResult:
+    def __init__(self, returncode, stdout, stderr, data, cmd):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.data = data
+        self.cmd = cmd
+
+    def describe(self):
+        return 'client %r exited %s\n--- stdout ---\n%s\n--- stderr ---\n%s' % (
+            ' '.join(self.cmd), self.returncode, self.stdout[-8000:], self.stderr[-8000:])
+
+    def __repr__(self):
+        return '<ClientResult rc=%s data=%r>' % (self.returncode, self.data)
+
+
+def _parse_result(stdout):
+    for line in reversed(stdout.splitlines()):
+        if line.startswith('RESULT:'):
+            try:
+                return json.loads(line[len('RESULT:'):])
+            except ValueError:
+                return None
+    return None
+
+
+def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
+    """Run a legacy client script with the legacy venv's python.
+
+    ``script`` is a Path, a file name in tests/clients/, or a string of code
+    (written to a temp file). ``cwd`` defaults to a fresh temp directory
+    (the client writes recovery files and received files there). Raises AssertionError (with the output) if it
+    runs longer than ``timeout`` seconds."""
+    tmpfile = None
+    if isinstance(script, Path):
+        path = script
+    elif '\n' not in script and (CLIENTS / script).exists():
+        path = CLIENTS / script
+    elif '\n' not in script and os.path.exists(script):
+        path = Path(script)
+    else:
+        fd, name = tempfile.mkstemp(prefix='dispyclient-', suffix='.py')
+        with os.fdopen(fd, 'w') as f:
+            f.write(script)
+        path = tmpfile = Path(name)
+    cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
+    if cwd is None:
+        # the client writes its _dispy_<time> recovery files into its cwd
+        cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
+    full_env = dict(os.environ)
+    full_env['PYTHONUNBUFFERED'] = '1'
+    # let client scripts import tests/clients/_common.py
+    full_env['PYTHONPATH'] = os.pathsep.join(
+        [str(CLIENTS)] + ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=full_env,
+                                cwd=str(cwd) if cwd else None, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _killpg(proc, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
+                                 '--- stderr ---\n%s' % (
+                                     ' '.join(cmd), timeout, out.decode(errors='replace')[-8000:],
+                                     err.decode(errors='replace')[-8000:]))
+        finally:
+            if proc.poll() is None:
+                _killpg(proc, signal.SIGKILL)
+                proc.wait()
+        out = out.decode(errors='replace')
+        err = err.decode(errors='replace')
+        return ClientResult(proc.returncode, out, err, _parse_result(out), cmd)
+    finally:
+        if tmpfile is not None:
+            try:
+                tmpfile.unlink()
+            except OSError:
+                pass
