@@ -1,0 +1,412 @@
+"""Protocol layer shared by the dispynode daemon and its job workers.
+
+This module speaks the dispy 4.5 wire protocol and imports only the standard
+library.  It holds:
+
+* framing: every TCP message is a 4-byte big-endian length and a payload,
+  usually ``b'TAG:' + pickle``;
+* authentication: ``sha1(secret + sign)`` as 40 ASCII hex bytes;
+* the wire records, which legacy clients pickle as ``dispy._Compute``,
+  ``dispy._XferFile``, ``dispy._DispyJob_``, ``dispy._JobReply`` and
+  ``dispy._Function``.  :func:`dumps` writes our records under those legacy
+  paths and never exceeds pickle protocol 4 (what Python 3.6 can read);
+* two restricted loaders: :func:`loads_plain` for anything from a peer that
+  has not authenticated (plain data only, no class at all), and
+  :func:`loads_records` for authenticated requests (plain data, our records,
+  ``os.stat_result``; any other class becomes an inert :class:`Opaque`, so
+  nothing user-defined is imported or run in the node process);
+* TLS contexts for the shared-certificate model of dispy 4.5.
+
+Pickle data flow::
+
+    legacy client --JOB: pickle--> node: loads_records (args stay bytes)
+    node --plain tuple--> worker --fork--> job: full pickle.loads of args
+    job: dumps(_JobReply) --bytes--> worker --> node --JOB_REPLY: bytes--> client
+
+The node forwards the job's reply bytes untouched, so user classes never need
+to exist in the node.
+"""
+
+import collections
+import hashlib
+import hmac
+import io
+import os
+import pickle
+import socket
+import ssl
+import struct
+import time
+
+__all__ = [
+    'PROTOCOL_VERSION', 'PICKLE_PROTOCOL', 'MAX_FRAME', 'ProtocolError',
+    'DispyJob', 'Compute', 'XferFile', 'DispyJobRecord', 'JobReply', 'Function',
+    'Opaque', 'dumps', 'dumps_plain', 'loads_plain', 'loads_records',
+    'loads_full', 'auth_code', 'new_sign', 'auth_matches', 'send_msg',
+    'recv_exact', 'recv_msg', 'split_tag', 'server_tls_context',
+    'client_tls_context', 'parse_size',
+]
+
+# ---------------------------------------------------------------- constants
+
+#: Both sides refuse a peer whose 'version' is not exactly this string.
+PROTOCOL_VERSION = '4.5'
+#: Python 3.6 (the legacy clients) cannot read pickle protocol 5.
+PICKLE_PROTOCOL = 4
+#: Largest frame accepted from a peer; the length is checked before any
+#: buffer is allocated.  Job arguments travel inside JOB frames, so this is
+#: generous, yet far below the 4 GB the length field allows.
+MAX_FRAME = int(os.environ.get('DISPYNODE_MAX_FRAME', 256 * 1024 * 1024))
+AUTH_LEN = 40
+_LEN = struct.Struct('>L')
+
+
+class ProtocolError(Exception):
+    """A peer broke the framing or sent data we refuse to decode."""
+
+
+class DispyJob:
+    """Job status codes, as in ``dispy.DispyJob``."""
+    Created = 5
+    Running = 6
+    ProvisionalResult = 7
+    Cancelled = 8
+    Terminated = 9
+    Abandoned = 10
+    Finished = 11
+
+
+# ---------------------------------------------------------------- wire records
+# Each record keeps its legacy class name in ``_legacy_name``; dumps() writes
+# it as ``dispy.<name>`` and the loaders map ``dispy.<name>`` back here.
+
+class _Record:
+    _legacy_name = None
+    _fields = ()
+
+    def __init__(self, **fields):
+        for name in self._fields:
+            setattr(self, name, fields.get(name))
+
+    def __setstate__(self, state):
+        # Legacy records pickle a plain dict of attributes.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = dict(state[0] or {}, **(state[1] or {}))
+        if not isinstance(state, dict):
+            raise ProtocolError('bad %s state' % self._legacy_name)
+        for name in self._fields:
+            setattr(self, name, None)
+        self.__dict__.update(state)
+
+    def __reduce_ex__(self, protocol):
+        return (_new_record, (type(self),), dict(self.__dict__))
+
+    def __repr__(self):
+        return '<%s %s>' % (self._legacy_name,
+                            ' '.join('%s=%r' % (f, getattr(self, f, None))
+                                     for f in self._fields[:3]))
+
+
+def _new_record(cls):
+    return cls.__new__(cls)
+
+
+class Compute(_Record):
+    """``dispy._Compute``: a computation sent with COMPUTE."""
+    _legacy_name = '_Compute'
+    _fields = ('type', 'name', 'id', 'code', 'dest_path', 'xfer_files',
+               'reentrant', 'setup', 'cleanup', 'scheduler_ip_addr',
+               'scheduler_port', 'auth', 'job_result_port', 'pulse_interval')
+    func_type = 1
+    prog_type = 2
+
+
+class XferFile(_Record):
+    """``dispy._XferFile``: a file announced before its bytes are streamed."""
+    _legacy_name = '_XferFile'
+    _fields = ('name', 'stat_buf', 'compute_id', 'sep')
+
+
+class DispyJobRecord(_Record):
+    """``dispy._DispyJob_``: one job; ``args``/``kwargs`` are pickle bytes."""
+    _legacy_name = '_DispyJob_'
+    _fields = ('uid', 'hash', 'compute_id', 'args', 'kwargs', 'xfer_files', 'code')
+
+
+class JobReply(_Record):
+    """``dispy._JobReply``: what a job sends back."""
+    _legacy_name = '_JobReply'
+    _fields = ('uid', 'hash', 'ip_addr', 'status', 'result', 'stdout',
+               'stderr', 'exception', 'start_time', 'end_time')
+
+
+Function = collections.namedtuple('_Function', ['name', 'args', 'kwargs'])
+Function._legacy_name = '_Function'
+
+
+class Opaque:
+    """Stands in for any class an authenticated record refers to but the
+    node must not import (for example a user object among setup arguments).
+    It accepts construction and state and does nothing with them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __reduce__(self):
+        raise pickle.PicklingError('an opaque placeholder cannot be re-pickled')
+
+
+_RECORDS = {cls._legacy_name: cls
+            for cls in (Compute, XferFile, DispyJobRecord, JobReply, Function)}
+_RECORD_TYPES = frozenset(_RECORDS.values())
+
+
+# ---------------------------------------------------------------- pickling
+
+class _LegacyPickler(pickle._Pickler):
+    """Writes our record classes as ``dispy.<name>`` globals.
+
+    The C pickler insists that a global can be imported under the name it
+    is written as; this node has no ``dispy`` package, so the pure-Python
+    pickler is subclassed to write those few references itself.
+    """
+
+    def save_global(self, obj, name=None):
+        legacy = obj in _RECORD_TYPES and obj._legacy_name
+        if not legacy:
+            return super().save_global(obj, name)
+        self.save('dispy')
+        self.save(legacy)
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+    def save_reduce(self, func, args, state=None, listitems=None,
+                    dictitems=None, state_setter=None, obj=None):
+        # Records go out as NEWOBJ + dict state, exactly like the legacy
+        # client's own pickles, so the client needs no helper function.
+        if func is _new_record:
+            self.save(args[0])
+            self.save(())
+            self.write(pickle.NEWOBJ)
+            if obj is not None:
+                self.memoize(obj)
+            self.save(state)
+            self.write(pickle.BUILD)
+            return
+        return super().save_reduce(func, args, state, listitems, dictitems,
+                                   state_setter=state_setter, obj=obj)
+
+
+def dumps(obj):
+    """Pickle ``obj`` for a legacy peer: protocol 4, records as ``dispy.*``."""
+    buf = io.BytesIO()
+    _LegacyPickler(buf, PICKLE_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def dumps_plain(obj):
+    """Pickle plain data (no records) with the fast C pickler."""
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise ProtocolError('refused class %s.%s in unauthenticated data'
+                            % (module, name))
+
+
+_SAFE_GLOBALS = {
+    ('os', 'stat_result'), ('posix', 'stat_result'), ('nt', 'stat_result'),
+    ('builtins', 'set'), ('builtins', 'frozenset'), ('builtins', 'complex'),
+    ('builtins', 'bytearray'), ('builtins', 'slice'), ('builtins', 'range'),
+    ('collections', 'OrderedDict'),
+}
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == 'dispy' and name in _RECORDS:
+            return _RECORDS[name]
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        return Opaque
+
+
+class _FullUnpickler(pickle.Unpickler):
+    """Used only in job processes: everything loads, records map to ours,
+    and classes the client defined in its ``__main__`` resolve in the
+    namespace the computation's code was run in."""
+
+    def __init__(self, data, namespace=None):
+        super().__init__(io.BytesIO(data))
+        self._namespace = namespace
+
+    def find_class(self, module, name):
+        if module == 'dispy' and name in _RECORDS:
+            return _RECORDS[name]
+        if module in ('__main__', '__mp_main__') and self._namespace is not None \
+                and name in self._namespace:
+            return self._namespace[name]
+        return super().find_class(module, name)
+
+
+def _checked_load(unpickler_cls, data):
+    try:
+        return unpickler_cls(io.BytesIO(data)).load()
+    except ProtocolError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError, ImportError, struct.error,
+            UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as exc:
+        raise ProtocolError('undecodable pickle: %s: %s'
+                            % (type(exc).__name__, exc)) from None
+
+
+def loads_plain(data):
+    """Decode data from an unauthenticated peer: dict, list, tuple, str,
+    bytes, int, float, bool and None only.  Raises ProtocolError."""
+    return _checked_load(_PlainUnpickler, data)
+
+
+def loads_records(data):
+    """Decode an authenticated request: plain data and our records."""
+    return _checked_load(_RecordUnpickler, data)
+
+
+def loads_full(data, namespace=None):
+    """Unrestricted load, for job processes only."""
+    return _FullUnpickler(data, namespace).load()
+
+
+# ---------------------------------------------------------------- auth
+
+def auth_code(secret, sign):
+    """The 40-byte token a client sends first: sha1 of secret + sign."""
+    return hashlib.sha1((secret + sign).encode('utf-8')).hexdigest().encode('ascii')
+
+
+def new_sign():
+    """A node's signature: 20 random hex characters, new at every start."""
+    return os.urandom(10).hex()
+
+
+def auth_matches(received, expected):
+    return len(received) == len(expected) and hmac.compare_digest(received, expected)
+
+
+# ---------------------------------------------------------------- framing
+
+def recv_exact(sock, size, deadline=None):
+    """Read exactly ``size`` bytes or raise ProtocolError.  With a
+    ``deadline`` (time.monotonic() value) the whole read must finish by
+    then, so a peer trickling one byte at a time is still dropped."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError('timed out after %d of %d bytes' % (got, size))
+            sock.settimeout(remaining)
+        try:
+            n = sock.recv_into(view[got:], size - got)
+        except socket.timeout:
+            raise ProtocolError('timed out after %d of %d bytes' % (got, size)) from None
+        if not n:
+            raise ProtocolError('connection closed after %d of %d bytes' % (got, size))
+        got += n
+    return bytes(buf)
+
+
+def send_msg(sock, data):
+    """Write one length-prefixed frame (one syscall for small frames)."""
+    header = _LEN.pack(len(data))
+    if len(data) < 65536:
+        sock.sendall(header + data)
+    else:
+        sock.sendall(header)
+        sock.sendall(data)
+
+
+def recv_msg(sock, max_len=None, deadline=None):
+    """Read one length-prefixed frame; refuse lengths above ``max_len``
+    (default MAX_FRAME) before allocating anything for them."""
+    limit = MAX_FRAME if max_len is None else max_len
+    (size,) = _LEN.unpack(recv_exact(sock, 4, deadline))
+    if size > limit:
+        raise ProtocolError('frame of %d bytes exceeds the limit of %d' % (size, limit))
+    return recv_exact(sock, size, deadline) if size else b''
+
+
+def split_tag(msg):
+    """``b'JOB:payload'`` -> ``(b'JOB', b'payload')``; untagged -> (None, msg)."""
+    head, sep, rest = msg[:32].partition(b':')
+    if not sep or not head.replace(b'_', b'').isalpha():
+        return None, msg
+    return head, msg[len(head) + 1:]
+
+
+# ---------------------------------------------------------------- TLS
+# Legacy clients (asyncoro 4.3.4) break on TLS 1.3 post-handshake tickets,
+# so the node caps at TLS 1.2, and is otherwise as strict as it can be:
+# forward-secret AEAD ciphers only, no compression, no renegotiation.
+
+_TLS12_CIPHERS = 'ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS'
+
+
+def _harden(ctx):
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.options |= getattr(ssl, 'OP_NO_RENEGOTIATION', 0)
+    return ctx
+
+
+def server_tls_context(certfile, keyfile=None):
+    """Context for the node's TCP server (clients present no certificate)."""
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+def client_tls_context(certfile):
+    """Context for connections the node makes to clients: the peer must
+    present the shared certificate; there is no host name check."""
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(certfile)
+    return ctx
+
+
+# ---------------------------------------------------------------- small helpers
+
+_SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3, 't': 1024 ** 4}
+
+
+def parse_size(text):
+    """'10m' -> 10485760; '0' means no limit.  Raises ValueError."""
+    text = str(text).strip().lower()
+    unit = text[-1:] if text[-1:] in 'kmgt' else ''
+    number = text[:len(text) - len(unit)] if unit else text
+    if not number.isdigit():
+        raise ValueError('invalid size %r: use a whole number with an optional '
+                         'k, m, g or t suffix' % text)
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def connect(addr, timeout, tls_context=None):
+    """Open a TCP connection (TLS-wrapped if a context is given)."""
+    sock = socket.create_connection(addr, timeout=timeout)
+    if tls_context is None:
+        return sock
+    try:
+        return tls_context.wrap_socket(sock)
+    except (OSError, ssl.SSLError):
+        sock.close()
+        raise
