@@ -421,6 +421,10 @@ def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
         cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
     full_env = dict(os.environ)
     full_env['PYTHONUNBUFFERED'] = '1'
+    # client scripts using tests/clients/_common.run() report partial state
+    # and exit a little before the harness would kill them
+    full_env['DISPYTEST_CLIENT_WATCHDOG'] = str(max(1.0, timeout - 5 if timeout > 10
+                                                    else timeout * 0.8))
     # let client scripts import tests/clients/_common.py
     full_env['PYTHONPATH'] = os.pathsep.join(
         [str(CLIENTS)] + ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))

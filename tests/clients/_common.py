@@ -80,6 +80,37 @@ def wait_final(jobs, timeout):
     return all(job.status in FINAL for job in jobs)
 
 
+def give_up_if_unscheduled(cluster, jobs, seconds, res):
+    """If no job leaves status Created within ``seconds``, cancel them all and
+    set res['gave_up'] (the node refused or never answered)."""
+    def started():
+        return any(j.status != 5 for j in jobs)
+    deadline = time.time() + seconds
+    while time.time() < deadline and not started():
+        time.sleep(0.1)
+    res['gave_up'] = not started()
+    if res['gave_up']:
+        res['statuses_before_cancel'] = [j.status for j in jobs]
+        for j in jobs:
+            try:
+                cluster.cancel(j)
+            except Exception:
+                res.setdefault('cancel_errors', []).append(traceback.format_exc())
+    return res['gave_up']
+
+
+def force_dest_path(dest_path):
+    """Make the legacy client send ``dest_path`` verbatim in its computation
+    (JobCluster itself strips a leading '/')."""
+    import dispy
+    orig = dispy._Node.setup
+
+    def setup(self, compute, coro=None):
+        compute.dest_path = dest_path
+        return orig(self, compute, coro=coro)
+    dispy._Node.setup = setup
+
+
 def emit(obj):
     with _out_lock:
         if _emitted[0]:
@@ -137,7 +168,9 @@ def watchdog(seconds):
 
 def run(main, timeout=90):
     """Run main() under a watchdog; an uncaught exception is reported as
-    {'error': traceback}."""
+    {'error': traceback}. The harness sets DISPYTEST_CLIENT_WATCHDOG (a bit
+    under its own timeout), which takes precedence."""
+    timeout = float(os.environ.get('DISPYTEST_CLIENT_WATCHDOG') or timeout)
     watchdog(timeout)
     try:
         main()

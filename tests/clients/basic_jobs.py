@@ -34,16 +34,7 @@ if __name__ == '__main__':
         c.STATE['_jobs'] = jobs
         res = {'t0': t0}
         if o['give_up'] > 0:
-            def started():
-                return any(j.status != dispy.DispyJob.Created for j in jobs)
-            deadline = time.time() + o['give_up']
-            while time.time() < deadline and not started():
-                time.sleep(0.1)
-            if not started():
-                res['gave_up'] = True
-                res['statuses_before_cancel'] = [j.status for j in jobs]
-                for j in jobs:
-                    cluster.cancel(j)
+            c.give_up_if_unscheduled(cluster, jobs, o['give_up'], res)
         res['all_final'] = c.wait_final(jobs, o['wait'])
         res['jobs'] = [c.job_info(j) for j in jobs]
         res['t1'] = time.time()
