@@ -563,6 +563,7 @@ class Worker:
             self.send(('done', job.uid, data))
             return
         if job.terminated:
+            kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
             why = 'job terminated on request'
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
