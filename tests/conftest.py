@@ -58,9 +58,12 @@ def _isolate_network(config):
     # lo up; and a route for the limited broadcast address via lo: the legacy
     # client and node broadcast to 255.255.255.255, and without a route that
     # fails with ENETUNREACH, which kills the legacy client's discovery.
+    # 'src 127.0.0.1' matters: without it broadcasts leave from 0.0.0.0, the
+    # node answers the PING with scheduler_ip_addr '0.0.0.0', and the client
+    # may adopt that address for its computation.
     for cmd in (['ip', 'link', 'set', 'lo', 'up'],
                 ['ip', 'route', 'add', 'broadcast', '255.255.255.255', 'dev', 'lo',
-                 'table', 'local']):
+                 'table', 'local', 'src', '127.0.0.1']):
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             raise pytest.UsageError('in the new network namespace, %r failed: %s'
