@@ -1,0 +1,77 @@
+"""Jobs that start a long-running child; the node is stopped under them.
+
+argv: node_port client_port [jobs=2] [wait=25] [closed_wait=10]
+
+Each job starts ``sleep 600`` and sends its own pid and the child's as a
+provisional result, then sleeps.  Once every job has reported, the client
+prints ``PIDS:<json>`` and waits for the jobs to end (the test sends
+SIGTERM to the node) and for its cluster_status callback to report the
+node as Closed.  RESULT holds the job statuses and every cluster_status
+event as [status, node ip, job id].
+"""
+
+
+def compute(n):
+    import os
+    import subprocess
+    import time
+    child = subprocess.Popen(['sleep', '600'])
+    dispy_provisional_result({'n': n, 'job_pid': os.getpid(), 'child_pid': child.pid})
+    time.sleep(600)
+    return 'not reached'
+
+
+if __name__ == '__main__':
+    import json
+    import sys
+    import threading
+    import time
+    import recovery_common
+    recovery_common.bind_broadcasts()
+    import dispy
+    import _common as c
+
+    events = []
+    lock = threading.Lock()
+
+    def status_cb(status, node, job):
+        with lock:
+            events.append([status, getattr(node, 'ip_addr', None),
+                           getattr(job, 'id', None) if job is not None else None,
+                           time.time()])
+
+    def main():
+        node_port, client_port, extra = c.ports()
+        o = c.options(extra, jobs=2, wait=25.0, closed_wait=10.0)
+        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
+                                   node_port=node_port, port=client_port,
+                                   cluster_status=status_cb)
+        jobs = []
+        for n in range(o['jobs']):
+            job = cluster.submit(n)
+            job.id = n
+            jobs.append(job)
+        c.STATE['_jobs'] = jobs
+        deadline = time.time() + o['wait']
+        while time.time() < deadline and not all(
+                j.status == 7 and isinstance(j.result, dict) for j in jobs):
+            time.sleep(0.02)
+        pids = [j.result for j in jobs if isinstance(j.result, dict)]
+        c.STATE['pids'] = pids
+        sys.stdout.write('\nPIDS:%s\n' % json.dumps(pids))
+        sys.stdout.flush()
+        res = {'pids': pids, 'all_final': c.wait_final(jobs, o['wait'])}
+        deadline = time.time() + o['closed_wait']
+        while time.time() < deadline:
+            with lock:
+                if any(e[0] == dispy.DispyNode.Closed for e in events):
+                    break
+            time.sleep(0.05)
+        time.sleep(0.3)   # let late callbacks arrive
+        res['jobs'] = [c.job_info(j) for j in jobs]
+        with lock:
+            res['events'] = list(events)
+        res['t_end'] = time.time()
+        c.finish(res, cluster, close_timeout=10)
+
+    c.run(main, timeout=60)

@@ -1,0 +1,43 @@
+"""Submit jobs with a fixed recover_file, then die without closing.
+
+argv: node_port client_port recover_file=PATH [jobs=2] [secs=1.5] [wait=20]
+
+Waits until every job is Running (the node ACKed it), prints RESULT with
+the statuses and exits with os._exit(0): no close(), so the node keeps the
+computation and stores the results it cannot deliver.
+"""
+
+
+def compute(n, secs):
+    import os
+    import time
+    time.sleep(secs)
+    print('recovered-out-%d' % n)
+    return {'n': n, 'value': n * n + 7, 'pid': os.getpid()}
+
+
+if __name__ == '__main__':
+    import os
+    import time
+    import recovery_common
+    recovery_common.bind_broadcasts()
+    import dispy
+    import _common as c
+
+    def main():
+        node_port, client_port, extra = c.ports()
+        o = c.options(extra, recover_file='', jobs=2, secs=1.5, wait=20.0)
+        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
+                                   node_port=node_port, port=client_port,
+                                   recover_file=o['recover_file'])
+        jobs = [cluster.submit(n, o['secs']) for n in range(o['jobs'])]
+        c.STATE['_jobs'] = jobs
+        deadline = time.time() + o['wait']
+        while time.time() < deadline and not all(j.status == 6 for j in jobs):
+            time.sleep(0.02)
+        statuses = [j.status for j in jobs]
+        c.emit({'statuses': statuses, 'submitted_at': time.time(),
+                'recover_file': o['recover_file']})
+        os._exit(0)    # die: no close(), no atexit
+
+    c.run(main, timeout=40)
