@@ -23,6 +23,11 @@ Stable API (other test modules import these names):
 - ``wait_for(predicate, timeout, interval=0.05)``: poll until ``predicate()`` is
   true; returns its last value (falsy on timeout).
 - ``pid_alive(pid)``: whether a process (not a zombie) with this pid exists.
+- ``describe(res, node=None)``: client output plus the node's log, for messages.
+- ``check_client(res, node=None, expect_closed=True)``: assert a client run
+  (using tests/clients/_common.py) printed RESULT without error/watchdog and
+  closed its cluster; returns ``res.data``.
+- ``files_under(path)``: sorted relative paths of the regular files below path.
 """
 
 import errno
@@ -50,7 +55,7 @@ _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__ve
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
            'pyenv_root', 'pyenv_python', 'free_port', 'Node', 'ClientResult', 'run_client',
-           'wait_for', 'pid_alive']
+           'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under']
 
 
 class LegacyUnavailable(Exception):
@@ -456,3 +461,35 @@ def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
                 tmpfile.unlink()
             except OSError:
                 pass
+
+
+# ------------------------------------------------------------ test helpers
+
+def describe(res, node=None):
+    """Client output (and the node's log) for assertion messages."""
+    msg = res.describe()
+    if node is not None:
+        msg += '\n--- node log (%s, port %s) ---\n%s' % (node.impl, node.port, node.log()[-12000:])
+    return msg
+
+
+def check_client(res, node=None, expect_closed=True):
+    """Assert that a client script (tests/clients/_common.py conventions)
+    printed its RESULT without an error or watchdog timeout and, if
+    expect_closed, that cluster.close() finished. Returns res.data."""
+    assert res.data is not None, 'client printed no RESULT\n' + describe(res, node)
+    assert 'error' not in res.data, 'client raised:\n%s\n%s' % (res.data['error'],
+                                                                describe(res, node))
+    assert not res.data.get('watchdog'), 'client watchdog fired\n' + describe(res, node)
+    if expect_closed:
+        assert res.data.get('closed'), 'cluster.close() did not finish\n' + describe(res, node)
+    return res.data
+
+
+def files_under(path):
+    """Sorted relative paths of the regular files (and symlinks) below path."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return sorted(str(p.relative_to(path)) for p in path.rglob('*')
+                  if p.is_symlink() or not p.is_dir())

@@ -13,36 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from legacy import CLIENTS, free_port, pyenv_python, run_client, wait_for
+from legacy import (CLIENTS, check_client, describe, files_under, free_port, pyenv_python,
+                    run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
 FINISHED, TERMINATED, CANCELLED, CREATED = 11, 9, 8, 5
 
 
-def _fmt(res, node=None):
-    msg = res.describe()
-    if node is not None:
-        msg += '\n--- node log (%s) ---\n%s' % (node.impl, node.log()[-12000:])
-    return msg
-
-
-def _check(res, node, *, expect_closed=True):
-    """Common sanity of a client run: it printed RESULT without an error."""
-    assert res.data is not None, 'client printed no RESULT\n' + _fmt(res, node)
-    assert 'error' not in res.data, 'client raised:\n%s\n%s' % (res.data['error'],
-                                                                _fmt(res, node))
-    assert not res.data.get('watchdog'), 'client watchdog fired\n' + _fmt(res, node)
-    if expect_closed:
-        assert res.data.get('closed'), 'cluster.close() did not finish\n' + _fmt(res, node)
-    return res.data
-
-
-def _files_under(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return sorted(str(p.relative_to(path)) for p in path.rglob('*') if not p.is_dir())
+_fmt = describe
+_check = check_client
+_files_under = files_under
 
 
 def _run_basic(node, legacy_python, tmp_path, njobs=20):

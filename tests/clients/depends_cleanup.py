@@ -2,19 +2,21 @@
 put it (absolute path) and its content. Used to check removal at close.
 
 argv: node_port client_port dep_file [jobs=3] [dest_path=] [cleanup=1]
-      [force_dest_path=] [give_up=0]
+      [force_dest_path=] [give_up=0] [write=1]
+write: jobs also write a file out-<n>-<dep name> in their cwd.
 force_dest_path: sent verbatim (bypasses the client's stripping of '/').
 give_up > 0: cancel all jobs if none is scheduled within that many seconds.
 """
 
 
-def compute(name, n):
+def compute(name, n, write):
     import os
     with open(name) as f:
         content = f.read()
     out = 'out-%d-%s' % (n, name)
-    with open(out, 'w') as f:
-        f.write('written by job %d\n' % n)
+    if write:
+        with open(out, 'w') as f:
+            f.write('written by job %d\n' % n)
     return {'dep_path': os.path.abspath(name), 'content': content, 'cwd': os.getcwd(),
             'out_path': os.path.abspath(out)}
 
@@ -28,7 +30,7 @@ if __name__ == '__main__':
         node_port, client_port, extra = c.ports()
         dep = extra[0]
         o = c.options(extra[1:], jobs=3, dest_path='', cleanup=True, force_dest_path='',
-                      give_up=0.0)
+                      give_up=0.0, write=True)
         if o['force_dest_path']:
             c.force_dest_path(o['force_dest_path'])
         kw = {}
@@ -39,7 +41,7 @@ if __name__ == '__main__':
                                    cleanup=o['cleanup'], **kw)
         jobs = []
         for n in range(o['jobs']):
-            job = cluster.submit(os.path.basename(dep), n)
+            job = cluster.submit(os.path.basename(dep), n, o['write'])
             job.id = n
             jobs.append(job)
         c.STATE['_jobs'] = jobs

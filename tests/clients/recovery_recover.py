@@ -10,8 +10,6 @@ whether the recover file was removed (it is when all results arrived).
 if __name__ == '__main__':
     import os
     import time
-    import recovery_common
-    recovery_common.bind_broadcasts()
     import dispy
     import _common as c
 

@@ -26,8 +26,6 @@ if __name__ == '__main__':
     import sys
     import threading
     import time
-    import recovery_common
-    recovery_common.bind_broadcasts()
     import dispy
     import _common as c
 

@@ -19,8 +19,6 @@ def compute(n, secs):
 if __name__ == '__main__':
     import os
     import time
-    import recovery_common
-    recovery_common.bind_broadcasts()
     import dispy
     import _common as c
 

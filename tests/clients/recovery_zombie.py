@@ -20,8 +20,6 @@ if __name__ == '__main__':
     import signal
     import sys
     import time
-    import recovery_common
-    recovery_common.bind_broadcasts()
     import dispy
     import _common as c
 

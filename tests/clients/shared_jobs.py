@@ -16,8 +16,6 @@ def compute(n, tag):
 
 if __name__ == '__main__':
     import time
-    import recovery_common
-    recovery_common.bind_broadcasts()
     import dispy
     import _common as c
 

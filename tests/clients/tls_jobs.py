@@ -1,0 +1,81 @@
+"""N function jobs over TLS (shared self-signed certificate model of dispy 4.5).
+
+argv: node_port client_port certfile=PATH [keyfile=PATH] [jobs=5] [secret=...]
+      [wait=60] [give_up=0] [race_fix=1]
+
+race_fix=1 works around a client-side race in asyncoro 4.3.4 that has
+nothing to do with the node: ``AsyncSocket._async_connect`` registers the
+socket with epoll *before* calling ``connect()``.  epoll reports a fresh,
+unconnected TCP socket as writable (EPOLLOUT|EPOLLHUP) at once, so the poller
+thread can run the connect callback first; with TLS that callback wraps and
+handshakes a socket that is not connected yet, fails, closes it, and the
+coroutine's ``connect()`` then dies with EBADF ("Transfer of computation
+failed" -> the node is dropped).  The fix only defers the epoll registration
+until ``connect()`` has been issued.
+"""
+
+
+def fix_asyncoro_connect_race():
+    from asyncoro import AsyncSocket
+    orig = AsyncSocket._async_connect
+
+    def _async_connect(self, *args):
+        real = self._notifier
+        deferred = []
+
+        class _Shim(object):
+            def add(self, fd, event):
+                deferred.append((fd, event))
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        self._notifier = _Shim()
+        try:
+            orig(self, *args)
+        finally:
+            self._notifier = real
+        for fd, event in deferred:
+            real.add(fd, event)
+
+    AsyncSocket._async_connect = _async_connect
+
+
+def compute(n):
+    import time
+    time.sleep(0.02)
+    print('tls-out-%d' % n)
+    return n * 3 + 1
+
+
+if __name__ == '__main__':
+    import time
+    import dispy
+    import _common as c
+
+    def main():
+        node_port, client_port, extra = c.ports()
+        o = c.options(extra, jobs=5, secret='', wait=60.0, give_up=0.0,
+                      certfile='', keyfile='', race_fix=True)
+        if o['race_fix']:
+            fix_asyncoro_connect_race()
+        t0 = time.time()
+        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
+                                   node_port=node_port, port=client_port, secret=o['secret'],
+                                   certfile=o['certfile'] or None,
+                                   keyfile=o['keyfile'] or None)
+        jobs = []
+        for n in range(o['jobs']):
+            job = cluster.submit(n)
+            job.id = n
+            jobs.append(job)
+        c.STATE['_jobs'] = jobs
+        res = {'t0': t0}
+        if o['give_up'] > 0:
+            c.give_up_if_unscheduled(cluster, jobs, o['give_up'], res)
+        res['all_final'] = c.wait_final(jobs, o['wait'])
+        res['jobs'] = [c.job_info(j) for j in jobs]
+        res['t1'] = time.time()
+        c.finish(res, cluster)
+
+    c.run(main, timeout=100)
