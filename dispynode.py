@@ -458,7 +458,6 @@ class Worker:
         job = _WorkerJob(uid, job_hash, pid, rfd, start)
         self.jobs[uid] = job
         self.sel.register(rfd, selectors.EVENT_READ, job)
-        self.send(('started', uid, pid))
 
     def _cmd_terminate(self, uid):
         job = self.jobs.get(uid)
