@@ -28,6 +28,7 @@ to exist in the node.
 """
 
 import collections
+import copyreg
 import hashlib
 import hmac
 import io
@@ -99,16 +100,13 @@ class _Record:
         self.__dict__.update(state)
 
     def __reduce_ex__(self, protocol):
-        return (_new_record, (type(self),), dict(self.__dict__))
+        # NEWOBJ + dict state, exactly like the legacy client's own pickles.
+        return (copyreg.__newobj__, (type(self),), dict(self.__dict__))
 
     def __repr__(self):
         return '<%s %s>' % (self._legacy_name,
                             ' '.join('%s=%r' % (f, getattr(self, f, None))
                                      for f in self._fields[:3]))
-
-
-def _new_record(cls):
-    return cls.__new__(cls)
 
 
 class Compute(_Record):
@@ -182,22 +180,6 @@ class _LegacyPickler(pickle._Pickler):
         self.save(legacy)
         self.write(pickle.STACK_GLOBAL)
         self.memoize(obj)
-
-    def save_reduce(self, func, args, state=None, listitems=None,
-                    dictitems=None, state_setter=None, obj=None):
-        # Records go out as NEWOBJ + dict state, exactly like the legacy
-        # client's own pickles, so the client needs no helper function.
-        if func is _new_record:
-            self.save(args[0])
-            self.save(())
-            self.write(pickle.NEWOBJ)
-            if obj is not None:
-                self.memoize(obj)
-            self.save(state)
-            self.write(pickle.BUILD)
-            return
-        return super().save_reduce(func, args, state, listitems, dictitems,
-                                   state_setter=state_setter, obj=obj)
 
 
 def dumps(obj):
