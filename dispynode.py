@@ -1308,6 +1308,7 @@ class Node:
         self.courier = Courier(self)
         self.stopping = threading.Event()
         self._closed = self._started = False
+        self.dirs_lock = threading.Lock()   # creating vs pruning directories
         self._close_lock = threading.Lock()
         self.tcp = TCPServer((config.ip_addr, config.node_port), self)
         self.port = self.tcp.server_address[1]
@@ -1561,6 +1562,10 @@ class Node:
         return None
 
     def computation_dir(self, compute):
+        with self.dirs_lock:
+            return self._make_computation_dir(compute)
+
+    def _make_computation_dir(self, compute):
         base = os.path.join(self.config.dest_path_prefix, compute.scheduler_ip_addr)
         os.makedirs(base, mode=0o700, exist_ok=True)
         if compute.dest_path:
@@ -1681,11 +1686,12 @@ class Node:
                     os.unlink(full)
                 except OSError as exc:
                     logger.warning('could not remove %s: %s', full, exc)
-        try:
-            os.rmdir(path)
-        except OSError:
-            return  # stored replies remain
-        self._prune_empty_parents(path, base)
+        with self.dirs_lock:
+            try:
+                os.rmdir(path)
+            except OSError:
+                return  # stored replies remain
+            self._prune_empty_parents(path, base)
 
     @staticmethod
     def _prune_empty_parents(path, base):
