@@ -85,6 +85,7 @@ MAX_CONNECTIONS = 64          # concurrent TCP requests; the excess is refused
 UDP_MAX = 8192                # longer datagrams are ignored
 CHUNK = 1024 * 1024           # file streaming block
 REPLY_PREFIX = '_dispy_job_reply_'
+RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
 KILL_GRACE = 0.5              # SIGTERM -> SIGKILL for a cancelled job
 CLEANUP_TIMEOUT = 30.0        # for a computation's cleanup function
 SETUP_TIMEOUT = 3600.0
@@ -1020,7 +1021,7 @@ class Courier(threading.Thread):
         self.node = node
         self.queue = queue.Queue()
         self.lock = threading.Lock()
-        self.down = set()            # reply addresses that failed
+        self.down = {}               # reply address -> when it last failed
         self.in_flight = set()       # (compute id, uid)
 
     def submit(self, delivery):
@@ -1033,7 +1034,7 @@ class Courier(threading.Thread):
 
     def revive(self, addr):
         with self.lock:
-            self.down.discard(addr)
+            self.down.pop(addr, None)
 
     def run(self):
         while True:
@@ -1056,14 +1057,18 @@ class Courier(threading.Thread):
     def _deliver(self, item):
         addr = item.comp.reply_addr
         with self.lock:
-            skip = addr in self.down and not item.resend
+            failed = self.down.get(addr)
+            # Right after a failure, new replies go straight to the store
+            # rather than each waiting out a timeout; retries resume later.
+            skip = (not item.resend and failed is not None
+                    and time.monotonic() - failed < RETRY_SECONDS)
         ok = False if skip else self._send(addr, item.reply)
         if ok:
             self.node.reply_delivered(item)
             return
         if not skip:
             with self.lock:
-                self.down.add(addr)
+                self.down[addr] = time.monotonic()
             logger.warning('could not deliver the reply of job %s to %s:%s; storing it',
                            item.uid, addr[0], addr[1])
         if not item.resend:
@@ -1308,7 +1313,8 @@ class Node:
         self.courier = Courier(self)
         self.stopping = threading.Event()
         self._closed = self._started = False
-        self.dirs_lock = threading.Lock()   # creating vs pruning directories
+        # Creating, pruning and storing into computation directories.
+        self.dirs_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self.tcp = TCPServer((config.ip_addr, config.node_port), self)
         self.port = self.tcp.server_address[1]
@@ -1497,12 +1503,21 @@ class Node:
 
     # -- timer: pulses, zombies, resends
     def _timer_loop(self):
-        last_pulse = time.monotonic()
+        last_pulse = last_retry = time.monotonic()
         while not self.stopping.wait(0.25):
             try:
                 last_pulse = self._tick(last_pulse)
+                if time.monotonic() - last_retry >= RETRY_SECONDS:
+                    last_retry = time.monotonic()
+                    self._retry_stored()
             except Exception:  # keep ticking
                 logger.exception('timer tick failed')
+
+    def _retry_stored(self):
+        active, _ = self.state.snapshot()
+        for comp in active:
+            if comp.stored and not comp.zombie:
+                self.resend(comp)
 
     def pulse_interval(self, active):
         intervals = [c.pulse_interval for c in active if c.pulse_interval]
@@ -1521,9 +1536,6 @@ class Node:
                 info = {'ip_addr': self.config.ext_ip_addr, 'port': self.port,
                         'cpus': self.state.busy_cpus(), 'scheduler_ip_addr': sched[0]}
                 self._udp_send(b'PULSE:' + dc.dumps_plain(info), sched)
-            for comp in active:
-                if comp.stored and not comp.zombie:
-                    self.resend(comp)
         if self.config.zombie_seconds:
             for comp in self.state.zombies(self.config.zombie_seconds):
                 logger.warning('computation %s of %s is a zombie', comp.id, comp.scheduler_ip)
@@ -1673,20 +1685,22 @@ class Node:
         asked to keep them with cleanup=False); stored replies stay."""
         base = os.path.realpath(self.config.dest_path_prefix) + os.sep
         path = os.path.realpath(comp.dest_path)
-        if comp.keep_files or not path.startswith(base) or not os.path.isdir(path):
+        if comp.keep_files or not path.startswith(base):
             return
-        for name in os.listdir(path):
-            if name.startswith(REPLY_PREFIX):
-                continue
-            full = os.path.join(path, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(full)
-                except OSError as exc:
-                    logger.warning('could not remove %s: %s', full, exc)
         with self.dirs_lock:
+            if not os.path.isdir(path):
+                return
+            for name in os.listdir(path):
+                if name.startswith(REPLY_PREFIX):
+                    continue
+                full = os.path.join(path, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(full)
+                    except OSError as exc:
+                        logger.warning('could not remove %s: %s', full, exc)
             try:
                 os.rmdir(path)
             except OSError:
@@ -1848,7 +1862,8 @@ class Node:
     def reply_undelivered(self, item):
         comp = item.comp
         try:
-            self.store.save_reply(comp, item.uid, item.hash, item.reply)
+            with self.dirs_lock:    # retire() must not remove the directory meanwhile
+                self.store.save_reply(comp, item.uid, item.hash, item.reply)
         except OSError as exc:
             logger.error('could not store the reply of job %s: %s', item.uid, exc)
             return
