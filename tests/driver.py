@@ -1,0 +1,470 @@
+"""A small dispy 4.5 client, built on dispy_common only, for unit tests.
+
+It speaks to a node the way the legacy client does (40 bytes of auth, then
+one framed ``TAG:pickle`` request per TCP connection) and runs a local TCP
+server (:class:`ReplyServer`) that plays the client's own server: it takes
+``JOB_REPLY:``, ``FILEXFER:``, ``PONG:``, ``TERMINATED:`` and ``PING:``
+messages, ACKs job replies (or not, to simulate a dead client) and decodes
+them with ``dc.loads_full`` exactly as a client would.
+
+It needs no legacy Python: everything is the current interpreter.
+
+    node = NodeProcess.start(tmp_path)          # python3 dispynode.py ... as a subprocess
+    drv = Driver('127.0.0.1', node.port)
+    drv.ping_tcp()                               # learns the node's sign -> auth
+    reply, comp = drv.compute('def f(x):\\n    return 2 * x\\n', 'f')
+    drv.job(comp.id, 1, (21,))                   # -> b'ACK'
+    drv.server.wait_reply(1).result              # -> 42
+"""
+
+import atexit
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import dispy_common as dc  # noqa: E402
+
+NODE_SCRIPT = REPO / 'dispynode.py'
+JUNK_AUTH = b'x' * dc.AUTH_LEN
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_port():
+    """A port free for both TCP and UDP on 127.0.0.1 (and the wildcard)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(('127.0.0.1', 0))
+            port = tcp.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind(('', port))
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind(('', port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError('no free port found')
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    """Poll ``predicate`` until it returns something true; return it (or
+    the last falsy value after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def random_hex(nbytes=10):
+    return os.urandom(nbytes).hex()
+
+
+# ---------------------------------------------------------------- node process
+
+class NodeProcess:
+    """Our dispynode.py running as a subprocess on 127.0.0.1."""
+
+    def __init__(self, proc, port, prefix, log_path, scheduler_port):
+        self.proc = proc
+        self.port = port
+        self.prefix = Path(prefix)
+        self.log_path = Path(log_path)
+        self.scheduler_port = scheduler_port
+
+    @classmethod
+    def start(cls, workdir, args=(), port=None, scheduler_port=None, wait=True,
+              env=None, timeout=15.0, prefix=None):
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        scheduler_port = scheduler_port or free_port()
+        prefix = Path(prefix) if prefix else workdir / ('prefix-%d' % port)
+        log_path = workdir / ('node-%d.log' % port)
+        cmd = [sys.executable, str(NODE_SCRIPT), '-i', '127.0.0.1', '-p', str(port),
+               '--dest_path_prefix', str(prefix), '--scheduler_port', str(scheduler_port),
+               '-d'] + [str(a) for a in args]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        with open(log_path, 'wb') as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=str(workdir),
+                                    env=full_env, start_new_session=True)
+        node = cls(proc, port, prefix, log_path, scheduler_port)
+        if wait:
+            node.wait_ready(timeout)
+        return node
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors='replace')
+        except OSError:
+            return ''
+
+    def wait_ready(self, timeout=15.0):
+        """Wait for the node's 'serving ...' log line (no probe connection,
+        which would hold a request slot for msg_timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if 'serving' in self.log() and ' cpus at ' in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError('node exited with %s; log:\n%s'
+                                     % (self.proc.returncode, self.log()))
+            time.sleep(0.02)
+        raise AssertionError('node not ready after %ss; log:\n%s' % (timeout, self.log()))
+
+    def stop_async(self, sig=signal.SIGTERM, timeout=10.0):
+        """Signal the node now and reap it in the background (see reap_all)."""
+        thread = threading.Thread(target=self.stop, args=(sig, timeout), daemon=True)
+        thread.start()
+        _REAPERS.append(thread)
+        return thread
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        """Signal the node, wait, then SIGKILL its process group.
+        Returns the exit code."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        return self.proc.wait(5)
+
+
+_REAPERS = []
+
+
+def reap_all(timeout=15.0):
+    """Wait for nodes stopped with stop_async (call at session end)."""
+    deadline = time.monotonic() + timeout
+    while _REAPERS:
+        _REAPERS.pop().join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(reap_all)
+
+
+# ---------------------------------------------------------------- client server
+
+class Message:
+    """One message the ReplyServer received."""
+
+    def __init__(self, tag, obj, raw, extra=None):
+        self.tag, self.obj, self.raw, self.extra = tag, obj, raw, extra
+
+    def __repr__(self):
+        return '<Message %s %r>' % (self.tag, self.obj)
+
+
+class ReplyServer:
+    """The client's TCP server: the node connects here to deliver results.
+
+    ``ack``: True -> ACK each JOB_REPLY (a live client); False -> close
+    without ACK (a dead client: the node must store the reply).
+    ``ack_delay``: seconds to wait before ACKing.
+    """
+
+    def __init__(self, host='127.0.0.1', port=0, ack=True, ack_delay=0.0, timeout=10.0):
+        self.ack = ack
+        self.ack_delay = ack_delay
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.host, self.port = self.sock.getsockname()
+        self.messages = queue.Queue()
+        self.all = []            # every Message, in arrival order
+        self.unacked = []        # JOB_REPLY messages we refused to ACK
+        self.files = {}          # name -> bytes from FILEXFER
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name='reply-server-%d' % self.port)
+        self._thread.start()
+
+    def close(self):
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _accept_loop(self):
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                break
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            with conn:
+                conn.settimeout(self.timeout)
+                deadline = time.monotonic() + self.timeout
+                msg = dc.recv_msg(conn, None, deadline)
+                tag, payload = dc.split_tag(msg)
+                if tag == b'JOB_REPLY':
+                    self._job_reply(conn, payload)
+                elif tag == b'FILEXFER':
+                    self._filexfer(conn, payload, deadline)
+                elif tag in (b'PONG', b'TERMINATED', b'PING'):
+                    self._put(Message(tag.decode(), dc.loads_plain(payload), msg))
+                else:
+                    self._put(Message(None, None, msg))
+        except (OSError, dc.ProtocolError):
+            pass
+
+    def _put(self, message):
+        self.all.append(message)
+        self.messages.put(message)
+
+    def _job_reply(self, conn, payload):
+        reply = dc.loads_full(payload)
+        message = Message('JOB_REPLY', reply, payload)
+        if not self.ack:
+            self.unacked.append(message)
+            return          # close without ACK: the client looks dead
+        if self.ack_delay:
+            time.sleep(self.ack_delay)
+        dc.send_msg(conn, b'ACK')
+        self._put(message)
+
+    def _filexfer(self, conn, payload, deadline):
+        xf = dc.loads_full(payload)
+        reply = dc.loads_full(dc.recv_msg(conn, None, deadline))
+        dc.send_msg(conn, b'ACK')
+        data = dc.recv_exact(conn, xf.stat_buf.st_size, deadline)
+        dc.send_msg(conn, b'ACK')
+        self.files[xf.name] = data
+        self._put(Message('FILEXFER', xf, payload, extra={'reply': reply, 'data': data}))
+
+    def wait(self, tag=None, timeout=10.0, predicate=None):
+        """Next message (with ``tag``, matching ``predicate``), or None.
+        Messages skipped over are dropped from the queue (not from .all)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                message = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if tag is not None and message.tag != tag:
+                continue
+            if predicate is not None and not predicate(message.obj):
+                continue
+            return message
+
+    def wait_reply(self, uid, timeout=10.0, final=True):
+        """The JobReply of job ``uid`` (by default its final one)."""
+        def match(reply):
+            return reply.uid == uid and (
+                not final or reply.status != dc.DispyJob.ProvisionalResult)
+        message = self.wait('JOB_REPLY', timeout, match)
+        return message.obj if message else None
+
+
+# ---------------------------------------------------------------- the driver
+
+class Driver:
+    """Plays a dispy 4.5 client against one node."""
+
+    def __init__(self, node_host, node_port, secret='', timeout=10.0, server=None,
+                 scheduler_ip='127.0.0.1'):
+        self.node_addr = (node_host, node_port)
+        self.secret = secret
+        self.timeout = timeout
+        self.sign = random_hex(10)          # the client's own sign (sent in PING)
+        self.node_sign = None
+        self.auth = None
+        self.server = server or ReplyServer(timeout=timeout)
+        self.scheduler_ip = scheduler_ip
+        self.computes = {}                  # compute id -> dc.Compute
+        self.job_hashes = {}                # uid -> hash
+
+    def close_server(self):
+        self.server.close()
+
+    # -- transport
+    def connect(self):
+        sock = socket.create_connection(self.node_addr, timeout=self.timeout)
+        sock.settimeout(self.timeout)
+        return sock
+
+    def request(self, tag, obj, raw=False, auth=None, reply=True):
+        """One request: auth + framed ``TAG:`` + payload.  Returns the reply
+        frame, or None if the node closed the connection without one (or
+        did not answer in time).  ``tag`` is bytes or str without ':'."""
+        if isinstance(tag, str):
+            tag = tag.encode()
+        payload = obj if raw else dc.dumps(obj)
+        auth = auth if auth is not None else (self.auth or JUNK_AUTH)
+        with self.connect() as sock:
+            sock.sendall(auth)
+            dc.send_msg(sock, tag + b':' + payload)
+            if not reply:
+                return None
+            return self._recv(sock)
+
+    def _recv(self, sock):
+        try:
+            return dc.recv_msg(sock, None, time.monotonic() + self.timeout)
+        except (OSError, dc.ProtocolError):
+            return None
+
+    # -- discovery
+    def ping_info(self, version=dc.PROTOCOL_VERSION, port=None):
+        return {'version': version, 'sign': self.sign, 'port': port or self.server.port,
+                'ip_addrs': ['127.0.0.1']}
+
+    def ping_tcp(self, **kw):
+        """TCP PING with junk auth (as the client does before it knows the
+        node's sign); learns the node's sign and computes the auth.
+        Returns the decoded pong dict (or None)."""
+        frame = self.request(b'PING', dc.dumps_plain(self.ping_info(**kw)), raw=True,
+                             auth=JUNK_AUTH)
+        if frame is None:
+            return None
+        pong = dc.loads_plain(frame)
+        if isinstance(pong, dict) and 'sign' in pong:
+            self.node_sign = pong['sign']
+            self.auth = dc.auth_code(self.secret, self.node_sign)
+        return pong
+
+    # -- computations
+    def make_compute(self, code, name, dest_path=None, xfer_files=(), setup=None,
+                     cleanup=None, compute_type=dc.Compute.func_type, compute_id=None,
+                     pulse_interval=None):
+        return dc.Compute(
+            type=compute_type, name=name, id=compute_id or int.from_bytes(os.urandom(4), 'big'),
+            code=code, dest_path=dest_path, xfer_files=list(xfer_files), reentrant=False,
+            setup=setup, cleanup=cleanup, scheduler_ip_addr=self.scheduler_ip,
+            scheduler_port=self.server.port, auth=random_hex(10),
+            job_result_port=self.server.port, pulse_interval=pulse_interval)
+
+    def compute(self, code, name, **kw):
+        """Send COMPUTE for function source ``code`` defining ``name``.
+        Returns (reply frame, dc.Compute)."""
+        compute = self.make_compute(code, name, **kw)
+        answer = self.request(b'COMPUTE', compute)
+        if answer == b'ACK':
+            self.computes[compute.id] = compute
+        return answer, compute
+
+    def xfer_file(self, path, compute_id, name=None):
+        return dc.XferFile(name=name or str(path), stat_buf=os.stat(str(path)),
+                           compute_id=compute_id, sep=os.sep)
+
+    def xfer(self, path, compute_id=None, name=None, data=None):
+        """FILEXFER: announce the file; on NAK stream its bytes.  Returns
+        (first answer, final answer or None).  ``data`` overrides what is
+        streamed (e.g. a short stream)."""
+        if compute_id is None:
+            compute_id = next(iter(self.computes))
+        xf = self.xfer_file(path, compute_id, name)
+        with self.connect() as sock:
+            sock.sendall(self.auth or JUNK_AUTH)
+            dc.send_msg(sock, b'FILEXFER:' + dc.dumps(xf))
+            first = self._recv(sock)
+            if first != b'NAK':
+                return first, None
+            if data is None:
+                with open(str(path), 'rb') as fh:
+                    data = fh.read()
+            sock.sendall(data)
+            if len(data) < xf.stat_buf.st_size:
+                sock.shutdown(socket.SHUT_WR)
+            return first, self._recv(sock)
+
+    def setup(self, compute_id):
+        return self.request(b'SETUP', compute_id)
+
+    def job(self, compute_id, uid, args=(), kwargs=None, code='', xfer_files=(),
+            job_hash=None):
+        """Send JOB; returns the node's answer (b'ACK' or a NAK text)."""
+        job = dc.DispyJobRecord(uid=uid, hash=job_hash or random_hex(10),
+                                compute_id=compute_id,
+                                args=pickle.dumps(tuple(args), dc.PICKLE_PROTOCOL),
+                                kwargs=pickle.dumps(dict(kwargs or {}), dc.PICKLE_PROTOCOL),
+                                xfer_files=list(xfer_files), code=code)
+        self.job_hashes[uid] = job.hash
+        return self.request(b'JOB', job)
+
+    def terminate(self, compute_id, uid):
+        job = dc.DispyJobRecord(uid=uid, hash=self.job_hashes.get(uid, ''),
+                                compute_id=compute_id, args=b'', kwargs=b'',
+                                xfer_files=[], code='')
+        return self.request(b'TERMINATE_JOB', job)
+
+    def _compute_auth(self, compute_id, auth):
+        if auth is not None:
+            return auth
+        compute = self.computes.get(compute_id)
+        return compute.auth if compute is not None else None
+
+    def close(self, compute_id, auth=None, terminate_pending=False):
+        """CLOSE; the node answers nothing, so this returns once the node
+        has handled the request and closed the connection."""
+        return self.request(b'CLOSE', {'compute_id': compute_id,
+                                       'auth': self._compute_auth(compute_id, auth),
+                                       'terminate_pending': terminate_pending})
+
+    def _info_request(self, tag, compute_id, auth, **extra):
+        info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth)}
+        info.update(extra)
+        frame = self.request(tag, info)
+        return None if frame is None else dc.loads_full(frame)
+
+    def resend(self, compute_id, auth=None):
+        """RESEND_JOB_RESULTS -> count of pending results + running jobs."""
+        return self._info_request(b'RESEND_JOB_RESULTS', compute_id, auth)
+
+    def pending_jobs(self, compute_id, auth=None):
+        """PENDING_JOBS -> {'done': [uids], 'pending': n}."""
+        return self._info_request(b'PENDING_JOBS', compute_id, auth)
+
+    def jobs(self, compute_id, auth=None):
+        """JOBS -> [{'uid': ..., 'hash': ..., 'start_time': ...}]."""
+        return self._info_request(b'JOBS', compute_id, auth)
+
+    def retrieve(self, compute_id, uid, job_hash=None, auth=None, ack=True):
+        """RETRIEVE_JOB -> the stored JobReply (or None); ACKs it if asked."""
+        info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth),
+                'uid': uid, 'hash': job_hash if job_hash is not None
+                else self.job_hashes.get(uid)}
+        with self.connect() as sock:
+            sock.sendall(self.auth or JUNK_AUTH)
+            dc.send_msg(sock, b'RETRIEVE_JOB:' + dc.dumps(info))
+            frame = self._recv(sock)
+            if frame is None:
+                return None
+            reply = dc.loads_full(frame)
+            if ack and reply is not None:
+                dc.send_msg(sock, b'ACK')
+                # wait for the node to finish (it closes the connection)
+                self._recv(sock)
+            return reply
