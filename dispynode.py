@@ -470,10 +470,12 @@ class Worker:
 
     def _cmd_close(self, run_cleanup):
         text = ''
-        cleanup = self.compute.cleanup if self.compute is not None else None
-        if run_cleanup and isinstance(cleanup, dc.Function):
+        if run_cleanup:
             try:
-                self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
+                self._load_namespace()      # cleanup runs even if no job ran here
+                cleanup = self.compute.cleanup
+                if isinstance(cleanup, dc.Function):
+                    self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
             except BaseException:  # user code may raise anything
                 text = traceback.format_exc()
         self.send(('closed', text))
@@ -1132,7 +1134,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
                 logger.warning('ignoring %s from %s: invalid authentication',
                                tag.decode(), self.peer)
                 return
-            self.node.sign_of_life(self.peer)
+            # RESEND_JOB_RESULTS counts stored results before resending them.
+            self.node.sign_of_life(self.peer, resend=(tag != b'RESEND_JOB_RESULTS'))
         try:
             # PING may come from anyone, so it gets the plain-data loader.
             body = dc.loads_plain(payload) if tag == b'PING' else dc.loads_records(payload)
@@ -1453,7 +1456,9 @@ class Node:
             logger.debug('busy; not answering PING from %s', peer)
             return
         addrs = [a for a in info.get('ip_addrs', [])[:8] if is_ipv4(a)] + [peer]
-        for ip in dict.fromkeys(addrs):
+        # 0.0.0.0 is what a broadcast sent before the sender had an address
+        # carries; a PONG there would register the client under it.
+        for ip in dict.fromkeys(a for a in addrs if a != '0.0.0.0'):
             if info.get('sign'):
                 pong = self.pong_for(info, ip)
                 self._tcp_notify((ip, info['port']), b'PONG:' + dc.dumps_plain(pong))
@@ -1493,12 +1498,12 @@ class Node:
         elif isinstance(info, dict) and is_ipv4(info.get('ip_addr')):
             self.sign_of_life(info['ip_addr'])
 
-    def sign_of_life(self, scheduler_ip):
+    def sign_of_life(self, scheduler_ip, resend=True):
         """A client was heard from: refresh its computations and retry
         whatever results we hold for it."""
         for comp in self.state.touch(scheduler_ip):
             self.courier.revive(comp.reply_addr)
-            if comp.stored:
+            if resend and comp.stored:
                 self.resend(comp)
 
     # -- timer: pulses, zombies, resends
@@ -1956,14 +1961,16 @@ def resolve_config(args):
     override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     args.secret = _read_secret(args)
+    notes = []      # logged only once every option is valid
     if args.ip_addr:
         args.ip_addr = _resolve_local(args.ip_addr, '-i/--ip_addr')
     else:
         args.ip_addr = primary_ipv4()
-        logger.info('serving on %s (primary address; use -i to choose)', args.ip_addr)
+        notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
+                      % args.ip_addr))
         if args.ip_addr.startswith('127.'):
-            logger.warning('only a loopback address was found; other machines '
-                           'cannot reach this node')
+            notes.append((logging.WARNING, 'only a loopback address was found; other '
+                          'machines cannot reach this node'))
     args.ext_ip_addr = _resolve(args.ext_ip_addr, '--ext_ip_addr') if args.ext_ip_addr \
         else args.ip_addr
     if args.scheduler_node:
@@ -1984,6 +1991,8 @@ def resolve_config(args):
             raise ValueError('TLS certificate/key not usable: %s' % exc)
     prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     args.dest_path_prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    for level, note in notes:
+        logger.log(level, note)
     return args
 
 

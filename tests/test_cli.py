@@ -104,11 +104,6 @@ NEEDS_IP_DEFAULT = ['ext-ip-unresolvable', 'scheduler-unresolvable', 'certfile-m
                     'keyfile-missing', 'keyfile-alone', 'certfile-garbage']
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: resolve_config logs "serving on <primary>" (and a loopback warning) '
-    'before validating --ext_ip_addr/--scheduler_node/--certfile/--keyfile, so the '
-    'error is not the only stderr line; fix: collect those notes and log them at the '
-    'end of resolve_config'))
 @pytest.mark.parametrize('case', NEEDS_IP_DEFAULT)
 def test_invalid_option_without_ip(tmp_path, case):
     args = ['-p', str(free_port())] + invalid_cases(tmp_path)[case]

@@ -560,10 +560,6 @@ def test_cleanup_runs_at_close_after_jobs(node, drv, tmp_path):
     assert wait_for(marker.exists, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: Worker._cmd_close only runs cleanup if self.compute was loaded by setup '
-    'or a job; fix: call self._load_namespace() inside the try before reading '
-    'self.compute.cleanup'))
 def test_cleanup_runs_at_close_without_jobs(node, drv, tmp_path):
     """The original node runs a computation's cleanup at close even when no
     job ran on this node (e.g. the client's jobs all went to other nodes)."""
