@@ -57,14 +57,16 @@ if __name__ == '__main__':
         def status_cb(status, node, job):
             with lock:
                 events.append((time.time(), status, node.ip_addr if node else None,
-                               getattr(job, 'id', None) if job else None))
+                               job.args[0] if job is not None else None))
                 if status == dispy.DispyNode.Initialized:
                     new = node.ip_addr not in nodes
                     nodes[node.ip_addr] = {'name': node.name, 'cpus': node.cpus}
                     if new:
                         mark('node-%s' % node.ip_addr)
                 elif status == dispy.DispyJob.Running and job is not None:
-                    ran_on.setdefault(job.id, []).append(node.ip_addr)
+                    # job.id is set only after submit() returns, which
+                    # may be after the job started: key by its argument n
+                    ran_on.setdefault(job.args[0], []).append(node.ip_addr)
                     if node.ip_addr not in running_marked:
                         running_marked.add(node.ip_addr)
                         mark('running-%s' % node.ip_addr)
