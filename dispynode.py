@@ -371,10 +371,23 @@ class Worker:
         self.ns = None
         self.compute = None     # the fully loaded _Compute, for setup/cleanup
         self.running = True
+        self.orphaned = False   # the node's end of the channel is gone
 
     # -- plumbing
     def send(self, msg):
-        dc.send_msg(self.chan, dc.dumps_plain(msg))
+        if self.orphaned:
+            return      # the node is gone: nobody to tell
+        try:
+            dc.send_msg(self.chan, dc.dumps_plain(msg))
+        except OSError:
+            self._orphan()
+
+    def _orphan(self):
+        """The node died: end every job, then exit."""
+        self.orphaned = True
+        self.running = False
+        for job in self.jobs.values():
+            kill_tree(job.pid, signal.SIGKILL)
 
     def serve(self):
         tag, self.cfg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
@@ -403,11 +416,8 @@ class Worker:
         try:
             msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
         except (ProtocolError, OSError):
-            # The node is gone: end every job, then exit.
             self.sel.unregister(self.chan)
-            self.running = False
-            for job in self.jobs.values():
-                kill_tree(job.pid, signal.SIGKILL)
+            self._orphan()
             return
         getattr(self, '_cmd_' + msg[0])(*msg[1:])
 
