@@ -327,8 +327,8 @@ def test_shared_job_cluster_via_dispyscheduler(node_factory, legacy_python, tmp_
 
 
 # ------------------------------------------------------------ node defects found
-# These document defects of our node found while writing the scenarios above;
-# each is strict-xfail so CI stays green now and turns red (XPASS) once the
+# Defects of our node found while writing the scenarios above.  A defect not
+# fixed yet is strict-xfail: CI stays green and turns red (XPASS) once the
 # fix lands, when the marker must go.
 
 def _collect_pongs(sock, seconds):
@@ -353,9 +353,6 @@ def _collect_pongs(sock, seconds):
     return pongs
 
 
-@pytest.mark.xfail(strict=True, reason='node bug: send_pongs answers unusable addresses '
-                                       '(0.0.0.0) with a PONG naming them as '
-                                       'scheduler_ip_addr')
 def test_pong_ignores_unspecified_address(node_factory):
     """A PING whose ip_addrs (or source address: a broadcast from a host
     without an address) is 0.0.0.0 must not produce a PONG that names
@@ -420,9 +417,6 @@ def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, t
         frozen.close()
 
 
-@pytest.mark.xfail(strict=True, reason='node bug: sign_of_life() of the RESEND_JOB_RESULTS '
-                                       'request pushes stored results before the handler '
-                                       'counts them')
 def test_resend_count_matches_replies(node_factory):
     """RESEND_JOB_RESULTS answers with the number of JOB_REPLYs the client
     will get; the legacy recover_jobs decrements that count per reply and
