@@ -60,6 +60,7 @@ PICKLE_PROTOCOL = 4
 MAX_FRAME = int(os.environ.get('DISPYNODE_MAX_FRAME', 256 * 1024 * 1024))
 AUTH_LEN = 40
 _LEN = struct.Struct('>L')
+_GROW = 1024 * 1024
 
 
 class ProtocolError(Exception):
@@ -285,23 +286,34 @@ def recv_exact(sock, size, deadline=None):
     """Read exactly ``size`` bytes or raise ProtocolError.  With a
     ``deadline`` (time.monotonic() value) the whole read must finish by
     then, so a peer trickling one byte at a time is still dropped."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
+    # Memory grows with what actually arrives, never with what a peer claims.
+    parts, got = [], 0
     while got < size:
+        block = bytearray(min(size - got, _GROW))
+        _fill(sock, block, deadline, got, size)
+        parts.append(block)
+        got += len(block)
+    return bytes(parts[0]) if len(parts) == 1 else b''.join(parts)
+
+
+def _fill(sock, block, deadline, before, size):
+    view = memoryview(block)
+    got = 0
+    while got < len(block):
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ProtocolError('timed out after %d of %d bytes' % (got, size))
+                raise ProtocolError('timed out after %d of %d bytes' % (before + got, size))
             sock.settimeout(remaining)
         try:
-            n = sock.recv_into(view[got:], size - got)
+            n = sock.recv_into(view[got:])
         except socket.timeout:
-            raise ProtocolError('timed out after %d of %d bytes' % (got, size)) from None
+            raise ProtocolError('timed out after %d of %d bytes'
+                                % (before + got, size)) from None
         if not n:
-            raise ProtocolError('connection closed after %d of %d bytes' % (got, size))
+            raise ProtocolError('connection closed after %d of %d bytes'
+                                % (before + got, size))
         got += n
-    return bytes(buf)
 
 
 def send_msg(sock, data):

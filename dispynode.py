@@ -83,6 +83,7 @@ DEFAULT_ZOMBIE_MINUTES = 60.0
 DEFAULT_PULSE_SECONDS = 600.0
 MAX_CONNECTIONS = 64          # concurrent TCP requests; the excess is refused
 UDP_MAX = 8192                # longer datagrams are ignored
+UNAUTH_FRAME_LIMIT = 65536    # largest request read from an unauthenticated peer
 CHUNK = 1024 * 1024           # file streaming block
 REPLY_PREFIX = '_dispy_job_reply_'
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
@@ -101,6 +102,17 @@ def is_ipv4(text):
     except (ValueError, TypeError):
         return False
     return True
+
+
+def brief(value):
+    """A short, safe rendering of a client-supplied value for logs and
+    refusals: its own text for small ints and strings, else its type
+    (the repr of a deeply nested object could recurse without end)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** 30:
+        return str(value)
+    if isinstance(value, str) and len(value) <= 80:
+        return repr(value)
+    return '<%s>' % type(value).__name__
 
 
 def valid_port(value):
@@ -480,7 +492,8 @@ class Worker:
 
     def _cmd_close(self, run_cleanup):
         text = ''
-        if run_cleanup:
+        # Load the computation (user objects) only when there is a cleanup to run.
+        if run_cleanup and self.cfg['has_cleanup']:
             try:
                 self._load_namespace()      # cleanup runs even if no job ran here
                 cleanup = self.compute.cleanup
@@ -626,6 +639,7 @@ class Computation:
         self.dest_path = dest_path
         self.keep_files = compute.cleanup is False
         self.has_setup = isinstance(compute.setup, dc.Function)
+        self.has_cleanup = isinstance(compute.cleanup, dc.Function)
         self.pulse_interval = compute.pulse_interval
         self.sign = sign
         self.program = None
@@ -962,6 +976,7 @@ class WorkerHandle:
         self.send(('init', {
             'compute_id': comp.id, 'name': comp.name, 'type': comp.type, 'code': code,
             'program': comp.program, 'compute_bytes': compute_bytes,
+            'has_cleanup': comp.has_cleanup,
             'ip_addr': cfg.ext_ip_addr, 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size}))
@@ -1128,7 +1143,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
                 sock = self.request = self.node.tls_server.wrap_socket(sock, server_side=True)
             deadline = time.monotonic() + self.cfg.msg_timeout
             auth = dc.recv_exact(sock, dc.AUTH_LEN, deadline)
-            msg = dc.recv_msg(sock, None, deadline)
+            # Before authentication only a PING makes sense: keep it small.
+            limit = None if self.node.auth_ok(auth, True) else UNAUTH_FRAME_LIMIT
+            msg = dc.recv_msg(sock, limit, deadline)
         except (OSError, ProtocolError, ssl.SSLError) as exc:
             logger.debug('dropping request from %s: %s', self.peer, exc)
             return
@@ -1205,7 +1222,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def _handle_setup(self, compute_id):
         comp = self.node.state.find(compute_id)
         if comp is None or comp.scheduler_ip != self.peer or comp.worker is None:
-            self.reply(b'NAK (invalid computation %s)' % str(compute_id).encode())
+            self.reply(b'NAK (invalid computation %s)' % brief(compute_id).encode())
             return
         self.reply(self.node.run_setup(comp))
 
@@ -1236,7 +1253,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.state.find(info.get('compute_id'), info.get('auth'),
                                     include_detached=True)
         if comp is None:
-            logger.warning('CLOSE for unknown computation %r', info.get('compute_id'))
+            logger.warning('CLOSE for unknown computation %s', brief(info.get('compute_id')))
             return
         self.node.close_computation(comp, bool(info.get('terminate_pending')))
 
@@ -1806,7 +1823,7 @@ class Node:
         comp = self.state.find(job.compute_id)
         if comp is None or comp.scheduler_ip != peer or comp.worker is None \
                 or not comp.worker.alive:
-            return None, None, b'NAK (invalid computation %s)' % str(job.compute_id).encode()
+            return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
         limit = self.config.max_file_size
         files = []
         for xf in job.xfer_files or []:
@@ -1831,7 +1848,7 @@ class Node:
 
     def terminate_job(self, comp, uid):
         if not any(e.uid == uid for e in self.state.jobs_of(comp.id)):
-            logger.debug('TERMINATE_JOB for unknown job %s', uid)
+            logger.debug('TERMINATE_JOB for unknown job %s', brief(uid))
             return
         logger.info('terminating job %s of computation %s', uid, comp.id)
         try:
