@@ -86,6 +86,7 @@ UDP_MAX = 8192                # longer datagrams are ignored
 UNAUTH_FRAME_LIMIT = 65536    # largest request read from an unauthenticated peer
 CHUNK = 1024 * 1024           # file streaming block
 REPLY_PREFIX = '_dispy_job_reply_'
+LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
 KILL_GRACE = 0.5              # SIGTERM -> SIGKILL for a cancelled job
 CLEANUP_TIMEOUT = 30.0        # for a computation's cleanup function
@@ -776,13 +777,20 @@ class NodeState:
         with self.lock:
             return [e for e in self.jobs.values() if e.compute_id == compute_id]
 
-    def touch(self, scheduler_ip):
+    def touch(self, scheduler_ip, port=None):
+        """Refresh the active computations of the client at
+        ``scheduler_ip`` (matched by address alone, as the original does);
+        returns them, plus the detached ones of that exact client when its
+        ``port`` is known."""
         now = time.monotonic()
         with self.lock:
             comps = [c for c in self.active.values() if c.scheduler_ip == scheduler_ip]
             for comp in comps:
                 comp.last_pulse = now
-            return comps + [c for c in self.detached.values() if c.scheduler_ip == scheduler_ip]
+            if port is not None:
+                comps += [c for c in self.detached.values()
+                          if (c.scheduler_ip, c.scheduler_port) == (scheduler_ip, port)]
+            return comps
 
     def mark_zombie(self, comp):
         with self.lock:
@@ -1038,48 +1046,76 @@ class Delivery:
             comp, uid, job_hash, reply, resend
 
 
-class Courier(threading.Thread):
-    """Sends JOB_REPLY frames to clients, one at a time.  A reply that
-    cannot be delivered is stored; a client address that failed is not
-    tried again for new replies until it shows signs of life."""
+class Courier:
+    """Sends JOB_REPLY frames to clients.  Each reply address has its own
+    lane (a queue and a thread that ends when idle), so replies to one
+    client stay in order and a client that stalls delays only itself.  A
+    reply that cannot be delivered is stored."""
 
     def __init__(self, node):
-        super().__init__(name='courier', daemon=True)
         self.node = node
-        self.queue = queue.Queue()
         self.lock = threading.Lock()
+        self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
         self.in_flight = set()       # (compute id, uid)
+        self.closing = False
 
     def submit(self, delivery):
         key = (delivery.comp.id, delivery.uid)
+        addr = delivery.comp.reply_addr
         with self.lock:
-            if key in self.in_flight:
-                return
-            self.in_flight.add(key)
-        self.queue.put(delivery)
+            closing = self.closing
+            if key in self.in_flight or closing:
+                lane = None
+            else:
+                self.in_flight.add(key)
+                lane = self.lanes.get(addr)
+                if lane is None:
+                    lane = (queue.Queue(), threading.Thread(
+                        target=self._lane, args=(addr,), daemon=True,
+                        name='courier-%s:%s' % addr))
+                    self.lanes[addr] = lane
+                    lane[1].start()
+                lane[0].put(delivery)   # under the lock: the lane cannot retire meanwhile
+        if closing and not delivery.resend:
+            self.node.reply_undelivered(delivery)
 
     def revive(self, addr):
         with self.lock:
             self.down.pop(addr, None)
 
-    def run(self):
+    def _lane(self, addr):
+        lane = self.lanes[addr][0]
         while True:
-            item = self.queue.get()
+            try:
+                item = lane.get(timeout=LANE_IDLE_SECONDS)
+            except queue.Empty:
+                with self.lock:
+                    if lane.empty():
+                        del self.lanes[addr]
+                        return
+                continue
             if item is None:
-                break
+                return
             try:
                 self._deliver(item)
-            except Exception:  # one bad delivery must not stop the courier
+            except Exception:  # one bad delivery must not stop the lane
                 logger.exception('delivering the reply of job %s failed', item.uid)
             finally:
                 with self.lock:
                     self.in_flight.discard((item.comp.id, item.uid))
 
     def drain(self, timeout):
-        """Stop after the queued deliveries (bounded by ``timeout``)."""
-        self.queue.put(None)
-        self.join(timeout)
+        """Finish the queued deliveries (bounded by ``timeout``); later
+        replies go straight to the store."""
+        with self.lock:
+            self.closing = True
+            lanes = list(self.lanes.values())
+        deadline = time.monotonic() + timeout
+        for lane, thread in lanes:
+            lane.put(None)
+        for lane, thread in lanes:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _deliver(self, item):
         addr = item.comp.reply_addr
@@ -1096,8 +1132,8 @@ class Courier(threading.Thread):
         if not skip:
             with self.lock:
                 self.down[addr] = time.monotonic()
-            logger.warning('could not deliver the reply of job %s to %s:%s; storing it',
-                           item.uid, addr[0], addr[1])
+            logger.warning('could not deliver the reply of job %s to %s:%s%s', item.uid,
+                           addr[0], addr[1], '' if item.resend else '; storing it')
         if not item.resend:
             self.node.reply_undelivered(item)
 
@@ -1233,10 +1269,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
             logger.warning('refusing job from %s: %s', self.peer, refusal.decode())
             self.reply(refusal)
             return
-        if not self.reply(b'ACK'):
-            self.node.state.finish_job(entry.uid)
-            return
+        # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
+        # CLOSE the client sends right after it finds the job there.
         self.node.launch_job(comp, job)
+        if not self.reply(b'ACK'):
+            self.node.terminate_job(comp, entry.uid)
 
     @handles(b'TERMINATE_JOB')
     def _handle_terminate_job(self, job):
@@ -1357,7 +1394,6 @@ class Node:
     # -- start and stop
     def start(self):
         self._started = True
-        self.courier.start()
         for target, name in ((self.tcp.serve_forever, 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -1523,12 +1559,15 @@ class Node:
             else:
                 logger.debug('ignoring malformed PING from %s', addr[0])
         elif isinstance(info, dict) and is_ipv4(info.get('ip_addr')):
-            self.sign_of_life(info['ip_addr'])
+            port = info.get('port')
+            self.sign_of_life(info['ip_addr'], port if valid_port(port) else None)
 
-    def sign_of_life(self, scheduler_ip, resend=True):
+    def sign_of_life(self, scheduler_ip, port=None, resend=True):
         """A client was heard from: refresh its computations and retry
-        whatever results we hold for it."""
-        for comp in self.state.touch(scheduler_ip):
+        whatever results we hold for it.  Without the client's port (a TCP
+        request) only its active computations count: several clients may
+        share an address, and an old one may be frozen."""
+        for comp in self.state.touch(scheduler_ip, port):
             self.courier.revive(comp.reply_addr)
             if resend and comp.stored:
                 self.resend(comp)

@@ -381,9 +381,6 @@ def test_pong_ignores_unspecified_address(node_factory):
     assert [p['scheduler_ip_addr'] for p in pongs] == ['127.0.0.1'], pongs
 
 
-@pytest.mark.xfail(strict=True, reason='node bug: one Courier thread; a client that '
-                                       'accepts but never ACKs stalls every other '
-                                       "client's replies by msg_timeout per attempt")
 def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, tmp_path):
     """A frozen client (its port accepts connections but it never reads, like
     a SIGSTOPped process) holds a result the node must deliver; after the
