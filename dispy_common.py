@@ -317,9 +317,14 @@ def _fill(sock, block, deadline, before, size):
 
 
 def send_msg(sock, data):
-    """Write one length-prefixed frame (one syscall for small frames)."""
+    """Write one length-prefixed frame (one syscall for small plain frames).
+
+    Over TLS the length goes in a record of its own: asyncoro (the legacy
+    client) reads the 4 length bytes, then waits for the socket to become
+    readable, which never happens if the body already sits in OpenSSL's
+    buffer from the same record."""
     header = _LEN.pack(len(data))
-    if len(data) < 65536:
+    if len(data) < 65536 and not isinstance(sock, ssl.SSLSocket):
         sock.sendall(header + data)
     else:
         sock.sendall(header)
