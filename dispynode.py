@@ -51,6 +51,7 @@ import os
 import pickle
 import queue
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -84,6 +85,7 @@ DEFAULT_PULSE_SECONDS = 600.0
 MAX_CONNECTIONS = 64          # concurrent TCP requests; the excess is refused
 UDP_MAX = 8192                # longer datagrams are ignored
 UNAUTH_FRAME_LIMIT = 65536    # largest request read from an unauthenticated peer
+MAX_PENDING = 4096            # connections still sending their request
 CHUNK = 1024 * 1024           # file streaming block
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
@@ -1164,7 +1166,8 @@ def handles(tag, recovery=False):
 
 
 class RequestHandler(socketserver.BaseRequestHandler):
-    """One TCP request: auth prefix, one frame, dispatch by tag."""
+    """One TCP request, whose auth prefix and frame the Reception has
+    already read: dispatch by tag to a ``_handle_<message>`` method."""
 
     def setup(self):
         self.node = self.server.node
@@ -1172,19 +1175,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.peer = self.client_address[0]
 
     def handle(self):
-        sock = self.request
-        sock.settimeout(self.cfg.msg_timeout)
-        try:
-            if self.node.tls_server is not None:
-                sock = self.request = self.node.tls_server.wrap_socket(sock, server_side=True)
-            deadline = time.monotonic() + self.cfg.msg_timeout
-            auth = dc.recv_exact(sock, dc.AUTH_LEN, deadline)
-            # Before authentication only a PING makes sense: keep it small.
-            limit = None if self.node.auth_ok(auth, True) else UNAUTH_FRAME_LIMIT
-            msg = dc.recv_msg(sock, limit, deadline)
-        except (OSError, ProtocolError, ssl.SSLError) as exc:
-            logger.debug('dropping request from %s: %s', self.peer, exc)
-            return
+        self.sock = self.request.sock
+        self.sock.settimeout(self.cfg.msg_timeout)
+        auth, msg = self.request.auth, self.request.msg
         tag, payload = dc.split_tag(msg)
         self.payload = payload
         handler, recovery = HANDLERS.get(tag, (None, False))
@@ -1213,7 +1206,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     def reply(self, data):
         try:
-            dc.send_msg(self.request, data)
+            dc.send_msg(self.sock, data)
             return True
         except (OSError, ssl.SSLError):
             return False
@@ -1252,7 +1245,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self.reply(b'ACK')
             return
         self.reply(b'NAK')
-        self.reply(self.node.receive_file(self.request, comp, target, xf))
+        self.reply(self.node.receive_file(self.sock, comp, target, xf))
 
     @handles(b'SETUP')
     def _handle_setup(self, compute_id):
@@ -1321,7 +1314,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if rec is None or rec['hash'] != info.get('hash'):  # info is a dict when rec is set
             self.reply(dc.dumps(None))
             return
-        if self.reply(rec['reply']) and dc.recv_msg(self.request, 1024) == b'ACK':
+        if self.reply(rec['reply']) and dc.recv_msg(self.sock, 1024) == b'ACK':
             self.node.reply_delivered(Delivery(comp, uid, rec['hash'], None, True))
 
     @handles(b'JOBS')
@@ -1332,8 +1325,194 @@ class RequestHandler(socketserver.BaseRequestHandler):
                                    for e in jobs]))
 
 
+class Request:
+    """A connection whose auth prefix and first frame have arrived."""
+    __slots__ = ('sock', 'auth', 'msg')
+
+    def __init__(self, sock, auth, msg):
+        self.sock, self.auth, self.msg = sock, auth, msg
+
+
+class _Arrival:
+    """A connection still sending its auth prefix and frame."""
+    __slots__ = ('sock', 'addr', 'deadline', 'handshaking', 'stage', 'need', 'buf', 'auth',
+                 'limit')
+
+    def __init__(self, sock, addr, deadline, tls):
+        self.sock, self.addr, self.deadline, self.handshaking = sock, addr, deadline, tls
+        self.stage, self.need, self.buf = 'auth', dc.AUTH_LEN, bytearray()
+        self.auth = b''
+        self.limit = UNAUTH_FRAME_LIMIT
+
+
+class Reception(threading.Thread):
+    """Reads every new connection's TLS handshake, auth prefix and frame in
+    one selector loop.  Idle or trickling peers cost a descriptor here, not
+    a handler thread, and are dropped at their ``--msg_timeout`` deadline;
+    only complete requests reach the handler threads."""
+
+    def __init__(self, server):
+        super().__init__(name='reception', daemon=True)
+        self.server = server
+        self.node = server.node
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.lock = threading.Lock()
+        self.incoming = []
+        self.count = 0               # arrivals pending (for the cap)
+        # Stay well inside the descriptor limit, or accept() would fail
+        # (and the accept loop spin) before the cap ever refused anyone.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY \
+            else max(32, min(MAX_PENDING, soft - 256))
+        self.stopped = False
+
+    def add(self, sock, addr):
+        with self.lock:
+            if self.stopped or self.count >= self.max_pending:
+                refused = True
+            else:
+                refused = False
+                self.count += 1
+                self.incoming.append((sock, addr))
+        if refused:
+            logger.warning('too many pending connections; refusing %s', addr[0])
+            _close(sock)
+            return
+        self.wake_w.send(b'x')
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+        self.wake_w.send(b'x')
+
+    def run(self):
+        while True:
+            with self.lock:
+                if self.stopped:
+                    break
+            try:
+                self._cycle()
+            except Exception:  # the reception must keep serving
+                logger.exception('reception loop failed')
+        for key in list(self.sel.get_map().values()):
+            if key.data is not None:
+                _close(key.data.sock)
+        self.sel.close()
+
+    def _cycle(self):
+        arrivals = [k.data for k in self.sel.get_map().values() if k.data is not None]
+        now = time.monotonic()
+        timeout = min([a.deadline for a in arrivals], default=now + 1.0) - now
+        for key, _ in self.sel.select(max(0.0, timeout)):
+            if key.data is None:
+                self._accept_incoming()
+            else:
+                self._advance(key.data)
+        now = time.monotonic()
+        for arrival in arrivals:
+            if arrival.deadline <= now and arrival.sock.fileno() >= 0 \
+                    and arrival.sock in self.sel.get_map():
+                logger.debug('dropping %s: request not complete within %ss',
+                             arrival.addr[0], self.node.config.msg_timeout)
+                self._drop(arrival)
+
+    def _accept_incoming(self):
+        try:
+            self.wake_r.recv(4096)
+        except BlockingIOError:
+            pass
+        with self.lock:
+            incoming, self.incoming = self.incoming, []
+        deadline = time.monotonic() + self.node.config.msg_timeout
+        for sock, addr in incoming:
+            try:
+                sock.setblocking(False)
+                tls = self.node.tls_server
+                if tls is not None:
+                    sock = tls.wrap_socket(sock, server_side=True,
+                                           do_handshake_on_connect=False)
+                arrival = _Arrival(sock, addr, deadline, tls is not None)
+                self.sel.register(sock, selectors.EVENT_READ, arrival)
+            except OSError as exc:
+                logger.debug('dropping %s: %s', addr[0], exc)
+                self._forget(sock)
+                continue
+            self._advance(arrival)
+
+    def _advance(self, a):
+        """Read as far as the data allows; hand over a complete request."""
+        try:
+            if a.handshaking:
+                a.sock.do_handshake()
+                a.handshaking = False
+            while True:
+                chunk = a.sock.recv(min(a.need - len(a.buf), CHUNK))
+                if not chunk:
+                    raise ProtocolError('closed after %d bytes' % len(a.buf))
+                a.buf += chunk
+                if len(a.buf) == a.need and self._next_stage(a):
+                    return
+        except ssl.SSLWantWriteError:
+            self.sel.modify(a.sock, selectors.EVENT_WRITE, a)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            self.sel.modify(a.sock, selectors.EVENT_READ, a)
+        except (OSError, ProtocolError) as exc:
+            logger.debug('dropping request from %s: %s', a.addr[0], exc)
+            self._drop(a)
+
+    def _next_stage(self, a):
+        """Move past a completed stage; True once the request is whole."""
+        data, a.buf = bytes(a.buf), bytearray()
+        if a.stage == 'auth':
+            a.auth = data
+            # Before authentication only a PING makes sense: keep it small.
+            if self.node.auth_ok(data, True):
+                a.limit = dc.MAX_FRAME
+            a.stage, a.need = 'length', 4
+            return False
+        if a.stage == 'length':
+            (size,) = struct.unpack('>L', data)
+            if size > a.limit:
+                raise ProtocolError('frame of %d bytes exceeds the limit of %d'
+                                    % (size, a.limit))
+            if size:
+                a.stage, a.need = 'body', size
+                return False
+            data = b''
+        self.sel.unregister(a.sock)
+        self._forget(None)
+        a.sock.setblocking(True)
+        self.server.start_handler(Request(a.sock, a.auth, data), a.addr)
+        return True
+
+    def _drop(self, a):
+        try:
+            self.sel.unregister(a.sock)
+        except (KeyError, ValueError):
+            pass
+        self._forget(a.sock)
+
+    def _forget(self, sock):
+        with self.lock:
+            self.count -= 1
+        if sock is not None:
+            _close(sock)
+
+
+def _close(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Threading TCP server with a cap on concurrent requests."""
+    """The listening socket: accepted connections go to the Reception;
+    complete requests run in handler threads, at most --max_connections
+    at once (the excess is refused at once)."""
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
@@ -1343,11 +1522,15 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.node = node
         self.slots = threading.BoundedSemaphore(node.config.max_connections)
         super().__init__(addr, RequestHandler)
+        self.reception = Reception(self)
 
     def process_request(self, request, client_address):
+        self.reception.add(request, client_address)
+
+    def start_handler(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            logger.warning('too many connections; refusing %s', client_address[0])
-            self.shutdown_request(request)
+            logger.warning('too many requests at once; refusing %s', client_address[0])
+            _close(request.sock)
             return
         super().process_request(request, client_address)
 
@@ -1356,6 +1539,9 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request.sock if isinstance(request, Request) else request)
 
     def handle_error(self, request, client_address):
         logger.exception('request from %s failed', client_address[0])
@@ -1394,6 +1580,7 @@ class Node:
     # -- start and stop
     def start(self):
         self._started = True
+        self.tcp.reception.start()
         for target, name in ((self.tcp.serve_forever, 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -1411,6 +1598,7 @@ class Node:
         self.stopping.set()
         if self._started:
             self.tcp.shutdown()
+            self.tcp.reception.stop()
         self.tcp.server_close()
         active, _ = self.state.snapshot()
         for comp in active:
@@ -2093,6 +2281,17 @@ def _resolve_local(host, option):
     return addr
 
 
+def _raise_fd_limit():
+    """Many idle peers should cost descriptors, not refusals."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < min(target, 65536):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 65536), hard))
+        except (ValueError, OSError):
+            pass
+
+
 def prepare_prefix(cfg):
     if cfg.clean and os.path.isdir(cfg.dest_path_prefix):
         for name in os.listdir(cfg.dest_path_prefix):
@@ -2110,6 +2309,7 @@ def main(argv=None):
         worker_main(int(argv[1]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    _raise_fd_limit()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
     try:
