@@ -29,22 +29,33 @@ to exist in the node.
 
 import collections
 import copyreg
-import hashlib
-import hmac
 import io
 import os
 import pickle
 import socket
-import ssl
 import struct
+import sys
 import time
+
+# hashlib and hmac load OpenSSL's libcrypto, and ssl loads libssl: several
+# MB of resident memory in the node and in every worker it forks jobs from.
+# The builtin SHA-1 and constant-time comparison need neither; ssl is
+# imported only when TLS is configured.
+try:
+    from _sha1 import sha1 as _sha1
+except ImportError:  # an interpreter without the builtin module
+    from hashlib import sha1 as _sha1
+try:
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
 
 __all__ = [
     'PROTOCOL_VERSION', 'PICKLE_PROTOCOL', 'MAX_FRAME', 'ProtocolError',
     'DispyJob', 'Compute', 'XferFile', 'DispyJobRecord', 'JobReply', 'Function',
     'Opaque', 'dumps', 'dumps_plain', 'loads_plain', 'loads_records',
     'loads_full', 'auth_code', 'new_sign', 'auth_matches', 'send_msg',
-    'recv_exact', 'recv_msg', 'split_tag', 'server_tls_context',
+    'recv_exact', 'recv_msg', 'split_tag', 'server_tls_context', 'compare_digest',
     'client_tls_context', 'parse_size',
 ]
 
@@ -183,8 +194,31 @@ class _LegacyPickler(pickle._Pickler):
         self.memoize(obj)
 
 
+def _record_header(cls):
+    # PROTO 4; 'dispy' '<name>' STACK_GLOBAL; () NEWOBJ  -> an empty record
+    name = cls._legacy_name.encode()
+    return (b'\x80\x04\x8c\x05dispy\x8c' + bytes([len(name)]) + name
+            + pickle.STACK_GLOBAL + pickle.EMPTY_TUPLE + pickle.NEWOBJ)
+
+
+# Only records whose state never holds another record: the C pickler would
+# write a nested record's class under this module's name.
+_RECORD_HEADERS = {cls: _record_header(cls) for cls in (JobReply, XferFile)}
+
+
 def dumps(obj):
-    """Pickle ``obj`` for a legacy peer: protocol 4, records as ``dispy.*``."""
+    """Pickle ``obj`` for a legacy peer: protocol 4, records as ``dispy.*``.
+
+    A reply or file record (the hot path: they hold no other records)
+    takes a fast path:
+    our own few opcodes for the record, then its state dict pickled by the
+    C pickler, with that pickle's STOP turned into BUILD.  The byte count is
+    unchanged, so any frame the C pickler opened stays exact.  Anything
+    else goes through the pure-Python pickler subclass."""
+    header = _RECORD_HEADERS.get(type(obj))
+    if header is not None:
+        state = pickle.dumps(dict(obj.__dict__), PICKLE_PROTOCOL)
+        return header + state[2:-1] + pickle.BUILD + pickle.STOP
     buf = io.BytesIO()
     _LegacyPickler(buf, PICKLE_PROTOCOL).dump(obj)
     return buf.getvalue()
@@ -268,7 +302,7 @@ def loads_full(data, namespace=None):
 
 def auth_code(secret, sign):
     """The 40-byte token a client sends first: sha1 of secret + sign."""
-    return hashlib.sha1((secret + sign).encode('utf-8')).hexdigest().encode('ascii')
+    return _sha1((secret + sign).encode('utf-8')).hexdigest().encode('ascii')
 
 
 def new_sign():
@@ -277,7 +311,7 @@ def new_sign():
 
 
 def auth_matches(received, expected):
-    return len(received) == len(expected) and hmac.compare_digest(received, expected)
+    return len(received) == len(expected) and compare_digest(received, expected)
 
 
 # ---------------------------------------------------------------- framing
@@ -324,7 +358,8 @@ def send_msg(sock, data):
     readable, which never happens if the body already sits in OpenSSL's
     buffer from the same record."""
     header = _LEN.pack(len(data))
-    if len(data) < 65536 and not isinstance(sock, ssl.SSLSocket):
+    ssl = sys.modules.get('ssl')   # no ssl module loaded: no TLS socket either
+    if len(data) < 65536 and not (ssl and isinstance(sock, ssl.SSLSocket)):
         sock.sendall(header + data)
     else:
         sock.sendall(header)
@@ -358,6 +393,7 @@ _TLS12_CIPHERS = 'ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS'
 
 
 def _harden(ctx):
+    import ssl
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
@@ -368,6 +404,7 @@ def _harden(ctx):
 
 def server_tls_context(certfile, keyfile=None):
     """Context for the node's TCP server (clients present no certificate)."""
+    import ssl
     ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.load_cert_chain(certfile, keyfile)
     return ctx
@@ -376,6 +413,7 @@ def server_tls_context(certfile, keyfile=None):
 def client_tls_context(certfile):
     """Context for connections the node makes to clients: the peer must
     present the shared certificate; there is no host name check."""
+    import ssl
     ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -406,6 +444,6 @@ def connect(addr, timeout, tls_context=None):
         return sock
     try:
         return tls_context.wrap_socket(sock)
-    except (OSError, ssl.SSLError):
+    except OSError:  # ssl.SSLError included
         sock.close()
         raise

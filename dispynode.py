@@ -57,7 +57,6 @@ import shutil
 import signal
 import socket
 import socketserver
-import ssl
 import stat
 import struct
 import subprocess
@@ -320,7 +319,7 @@ def dispy_provisional_result(result, timeout=None):
         with _job_connect(timeout or _JOB.msg_timeout) as sock:
             dc.send_msg(sock, data)
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
-    except (OSError, ProtocolError, ssl.SSLError, pickle.PicklingError):
+    except (OSError, ProtocolError, pickle.PicklingError):
         return -1
     finally:
         reply.status, reply.result, reply.end_time = saved
@@ -355,7 +354,7 @@ def dispy_send_file(path, timeout=None):
             if sent != stat_buf.st_size:
                 return -1
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
-    except (OSError, ProtocolError, ssl.SSLError):
+    except (OSError, ProtocolError):
         return -1
 
 
@@ -1146,7 +1145,7 @@ class Courier:
                 sock.settimeout(cfg.msg_timeout)
                 dc.send_msg(sock, b'JOB_REPLY:' + reply)
                 return dc.recv_msg(sock, 1024) == b'ACK'
-        except (OSError, ProtocolError, ssl.SSLError) as exc:
+        except (OSError, ProtocolError) as exc:
             logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
             return False
 
@@ -1201,14 +1200,14 @@ class RequestHandler(socketserver.BaseRequestHandler):
             return
         try:
             handler(self, body)
-        except (OSError, ProtocolError, ssl.SSLError) as exc:
+        except (OSError, ProtocolError) as exc:
             logger.debug('%s from %s ended early: %s', tag.decode(), self.peer, exc)
 
     def reply(self, data):
         try:
             dc.send_msg(self.sock, data)
             return True
-        except (OSError, ssl.SSLError):
+        except OSError:
             return False
 
     # -- discovery
@@ -1362,6 +1361,11 @@ class Reception(threading.Thread):
         self.lock = threading.Lock()
         self.incoming = []
         self.count = 0               # arrivals pending (for the cap)
+        self.want_read, self.want_write = (BlockingIOError,), ()
+        if self.node.tls_server is not None:
+            import ssl  # only a TLS node pays for the module
+            self.want_read = (ssl.SSLWantReadError, BlockingIOError)
+            self.want_write = (ssl.SSLWantWriteError,)
         # Stay well inside the descriptor limit, or accept() would fail
         # (and the accept loop spin) before the cap ever refused anyone.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -1455,9 +1459,9 @@ class Reception(threading.Thread):
                 a.buf += chunk
                 if len(a.buf) == a.need and self._next_stage(a):
                     return
-        except ssl.SSLWantWriteError:
+        except self.want_write:
             self.sel.modify(a.sock, selectors.EVENT_WRITE, a)
-        except (ssl.SSLWantReadError, BlockingIOError):
+        except self.want_read:
             self.sel.modify(a.sock, selectors.EVENT_READ, a)
         except (OSError, ProtocolError) as exc:
             logger.debug('dropping request from %s: %s', a.addr[0], exc)
@@ -1682,7 +1686,7 @@ class Node:
         try:
             with dc.connect(addr, self.config.msg_timeout, self.tls_client) as sock:
                 dc.send_msg(sock, data)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             logger.debug('message to %s:%s failed: %s', addr[0], addr[1], exc)
 
     @staticmethod
@@ -2030,7 +2034,7 @@ class Node:
                 raise ProtocolError('read only %d of %d bytes' % (got, size))
             os.utime(tmp, (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
             os.replace(tmp, target)
-        except (OSError, ProtocolError, ssl.SSLError) as exc:
+        except (OSError, ProtocolError) as exc:
             try:
                 os.unlink(tmp)
             except OSError:
@@ -2241,7 +2245,7 @@ def resolve_config(args):
     if args.certfile:
         try:
             dc.server_tls_context(args.certfile, args.keyfile)
-        except (ssl.SSLError, OSError) as exc:
+        except OSError as exc:
             raise ValueError('TLS certificate/key not usable: %s' % exc)
     prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     args.dest_path_prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
