@@ -358,12 +358,19 @@ def dispy_send_file(path, timeout=None):
         return -1
 
 
+_REPLY_LEN = struct.Struct('>Q')   # job process -> worker: length, then the reply
+
+
 class _WorkerJob:
-    __slots__ = ('uid', 'hash', 'pid', 'fd', 'chunks', 'start', 'kill_at', 'terminated')
+    __slots__ = ('uid', 'hash', 'pid', 'fd', 'chunks', 'got', 'size', 'replied', 'start',
+                 'kill_at', 'terminated')
 
     def __init__(self, uid, job_hash, pid, fd, start):
         self.uid, self.hash, self.pid, self.fd, self.start = uid, job_hash, pid, fd, start
         self.chunks = []
+        self.got = 0
+        self.size = None         # header + reply, once the header is in
+        self.replied = False
         self.kill_at = None
         self.terminated = False
 
@@ -518,7 +525,9 @@ class Worker:
             self.sel.close()
             self.chan.close()
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
-            view = memoryview(data)
+            # Length first, so the worker can forward the reply without
+            # waiting for this process to finish exiting.
+            view = memoryview(_REPLY_LEN.pack(len(data)) + data)
             while view:
                 view = view[os.write(wfd, view):]
             status = 0
@@ -580,17 +589,25 @@ class Worker:
         block = os.read(job.fd, CHUNK)
         if block:
             job.chunks.append(block)
+            job.got += len(block)
+            if job.size is None and job.got >= _REPLY_LEN.size:
+                head = b''.join(job.chunks)
+                job.chunks = [head]
+                job.size = _REPLY_LEN.size + _REPLY_LEN.unpack_from(head)[0]
+            if job.size is not None and job.got == job.size and not job.replied:
+                job.replied = True
+                self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:]))
+                job.chunks = []
             return
         self.sel.unregister(job.fd)
         os.close(job.fd)
         _, status = os.waitpid(job.pid, 0)
         del self.jobs[job.uid]
-        data = b''.join(job.chunks)
-        if data and not job.terminated:
-            self.send(('done', job.uid, data))
-            return
         if job.terminated:
             kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
+        if job.replied:
+            return
+        if job.terminated:
             why = 'job terminated on request'
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
