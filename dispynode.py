@@ -411,13 +411,18 @@ class Worker:
             kill_tree(job.pid, signal.SIGKILL)
 
     def serve(self):
-        tag, self.cfg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+        try:
+            tag, self.cfg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+        except (ProtocolError, OSError):
+            return      # a spare worker the node no longer needs
         _JOB.reply_addr = tuple(self.cfg['reply_addr'])
         _JOB.certfile = self.cfg['certfile']
         _JOB.compute_id = self.cfg['compute_id']
         _JOB.msg_timeout = self.cfg['msg_timeout']
         _JOB.max_file_size = self.cfg['max_file_size']
-        sys.path.insert(0, os.getcwd())
+        # A single-threaded process: changing directory is safe here.
+        os.chdir(self.cfg['cwd'])
+        sys.path.insert(0, self.cfg['cwd'])
         self.sel.register(self.chan, selectors.EVENT_READ, None)
         while self.running or self.jobs:
             timeout = self._next_deadline()
@@ -982,11 +987,13 @@ def _stray_temp_files(directory):
 # ---------------------------------------------------------------- worker handle
 
 class WorkerHandle:
-    """The node's end of one worker process."""
+    """The node's end of one worker process.  Workers are started ahead of
+    need (Node keeps a spare), because a fresh interpreter takes tens of
+    milliseconds to start; ``attach`` gives one its computation."""
 
-    def __init__(self, node, comp, compute_bytes, code):
+    def __init__(self, node):
         self.node = node
-        self.comp = comp
+        self.comp = None
         self.replies = queue.Queue()        # setup/closed answers
         self.send_lock = threading.Lock()
         self.alive = True
@@ -994,15 +1001,26 @@ class WorkerHandle:
         self.chan = ours
         cmd = [sys.executable, os.path.abspath(__file__), '--_worker', str(theirs.fileno())]
         try:
-            self.proc = subprocess.Popen(cmd, cwd=comp.dest_path, pass_fds=(theirs.fileno(),),
+            self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
+                                         pass_fds=(theirs.fileno(),),
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        cfg = node.config
+
+    def usable(self):
+        return self.proc.poll() is None
+
+    def attach(self, comp, compute_bytes, code):
+        """Give this worker its computation (it moves into comp.dest_path)."""
+        self.comp = comp
+        cfg = self.node.config
         self.send(('init', {
             'compute_id': comp.id, 'name': comp.name, 'type': comp.type, 'code': code,
             'program': comp.program, 'compute_bytes': compute_bytes,
-            'has_cleanup': comp.has_cleanup,
+            'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': cfg.ext_ip_addr, 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size}))
@@ -1587,6 +1605,8 @@ class Node:
         self.courier = Courier(self)
         self.stopping = threading.Event()
         self._closed = self._started = False
+        self.spare = None                   # a started worker awaiting a computation
+        self.spare_lock = threading.Lock()
         # Creating, pruning and storing into computation directories.
         self.dirs_lock = threading.Lock()
         self._close_lock = threading.Lock()
@@ -1602,6 +1622,7 @@ class Node:
     def start(self):
         self._started = True
         self.tcp.reception.start()
+        self.spawn(self._refill_spare)
         for target, name in ((self.tcp.serve_forever, 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -1640,6 +1661,10 @@ class Node:
                 self.store.remove_computation(comp)
                 self._remove_computation_files(comp)
             self.send_terminated(comp)
+        with self.spare_lock:
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.stop(2.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
 
@@ -1887,7 +1912,8 @@ class Node:
             return None, refusal
         try:
             self.store.save_computation(comp)
-            comp.worker = WorkerHandle(self, comp, raw, compute.code)
+            comp.worker = self.take_worker()
+            comp.worker.attach(comp, raw, compute.code)
         except OSError as exc:
             logger.error('could not start computation %s: %s', comp.id, exc)
             self.drop_computation(comp)
@@ -1895,6 +1921,25 @@ class Node:
         logger.info('computation %s (%s) from %s:%s in %s', comp.id, comp.name,
                     comp.scheduler_ip, comp.scheduler_port, dest)
         return comp, None
+
+    def take_worker(self):
+        """The spare worker if it is alive (else a new one); a new spare
+        starts in the background."""
+        with self.spare_lock:
+            worker, self.spare = self.spare, None
+        if worker is None or not worker.usable():
+            worker = WorkerHandle(self)
+        if not self.stopping.is_set():
+            self.spawn(self._refill_spare)
+        return worker
+
+    def _refill_spare(self):
+        worker = WorkerHandle(self)
+        with self.spare_lock:
+            if self.spare is None and not self.stopping.is_set():
+                self.spare, worker = worker, None
+        if worker is not None:
+            worker.stop(2.0)
 
     def drop_computation(self, comp):
         """Undo add_computation (the client never got our ACK)."""
