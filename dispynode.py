@@ -23,16 +23,22 @@ see dispy_common for framing and records)::
 Threads and processes::
 
     main thread ........ waits for SIGINT/SIGTERM, then Node.close()
-    tcp-server ......... socketserver accept loop; one thread per request
+    tcp-server ......... socketserver accept loop; hands sockets to reception
+    reception .......... one selector loop: TLS handshake, auth, first frame
+                         of every connection (idle peers cost no thread)
+    request threads .... one per complete request, at most --max_connections
     udp-listener ....... PING and PULSE datagrams
-    timer .............. pulses, zombie detection, resends
-    courier ............ delivers JOB_REPLY bytes to clients, stores failures
+    timer .............. pulses, zombie detection, retries of stored results
+    courier-<addr> ..... one lane per client address: JOB_REPLY delivery,
+                         storing what cannot be delivered
     worker-<id> reader . one per computation: results from its worker
 
     node (threads) --socketpair--> worker process (one per computation,
-        single-threaded, started fresh with cwd = computation directory)
-        runs setup once, then forks one child per job (own process group)
-        job child --pipe--> worker --socketpair--> node --TCP--> client
+        single-threaded, started ahead of need, then moved into the
+        computation directory): runs the code and setup once, then forks
+        one child per job, each in its own process group
+    job child --pipe: length + pickled _JobReply--> worker --socketpair-->
+        node --TCP JOB_REPLY (same bytes)--> client
 
 The node never forks itself and never unpickles user objects: a job pickles
 its own ``_JobReply`` (protocol 4) and the node forwards those bytes.  Data
@@ -285,7 +291,346 @@ def kill_tree(pid, sig):
             pass
 
 
-# ---------------------------------------------------------------- job runtime
+# ---------------------------------------------------------------- state
+
+class Computation:
+    """The node's view of one computation.  Changed only by NodeState
+    methods (under its lock) and, before registration, by the handler
+    that builds it."""
+
+    def __init__(self, compute, dest_path, sign):
+        self.id = compute.id
+        self.auth = compute.auth
+        self.name = compute.name
+        self.type = compute.type
+        self.scheduler_ip = compute.scheduler_ip_addr
+        self.scheduler_port = compute.scheduler_port
+        self.result_port = compute.job_result_port
+        self.dest_path = dest_path
+        self.keep_files = compute.cleanup is False
+        self.has_setup = isinstance(compute.setup, dc.Function)
+        self.has_cleanup = isinstance(compute.cleanup, dc.Function)
+        self.pulse_interval = compute.pulse_interval
+        self.sign = sign
+        self.program = None
+        if compute.type == dc.Compute.prog_type:
+            self.program = os.path.join(dest_path, safe_basename(compute.name) or 'program')
+        self.xfer_names = [safe_basename(xf.name, xf.sep) for xf in compute.xfer_files]
+        self.last_pulse = time.monotonic()
+        self.zombie = False
+        self.timed_out = False     # a zombie because the client fell silent
+        self.retiring = False
+        self.running = set()       # uids of running jobs
+        self.stored = set()        # uids with a stored, undelivered reply
+        self.file_uses = collections.Counter()
+        self.worker = None
+
+    @property
+    def reply_addr(self):
+        return (self.scheduler_ip, self.result_port)
+
+    def record(self):
+        """Plain data written to the store (never the secret)."""
+        return {'id': self.id, 'auth': self.auth, 'name': self.name, 'type': self.type,
+                'scheduler_ip': self.scheduler_ip, 'scheduler_port': self.scheduler_port,
+                'result_port': self.result_port, 'dest_path': self.dest_path,
+                'keep_files': self.keep_files, 'sign': self.sign}
+
+    @classmethod
+    def from_record(cls, rec):
+        comp = cls.__new__(cls)
+        comp.__init__(dc.Compute(id=rec['id'], auth=rec['auth'], name=rec['name'],
+                                 type=rec['type'], scheduler_ip_addr=rec['scheduler_ip'],
+                                 scheduler_port=rec['scheduler_port'],
+                                 job_result_port=rec['result_port'],
+                                 cleanup=not rec['keep_files'], xfer_files=[]),
+                      rec['dest_path'], rec['sign'])
+        comp.zombie = comp.retiring = True
+        return comp
+
+
+class JobEntry:
+    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start')
+
+    def __init__(self, uid, job_hash, compute_id, files):
+        self.uid, self.hash, self.compute_id, self.files = uid, job_hash, compute_id, files
+        self.start = time.time()
+
+
+class NodeState:
+    """All mutable node state, guarded by one lock.  No I/O happens while
+    the lock is held; methods return what the caller must then do."""
+
+    def __init__(self, cpus):
+        self.lock = threading.Lock()
+        self.cpus = cpus
+        self.avail_cpus = cpus
+        self.scheduler = None        # (ip, port) of the one client served
+        self.active = {}             # compute id -> Computation
+        self.detached = {}           # closed or restored, with stored results
+        self.jobs = {}               # uid -> JobEntry
+
+    def is_free(self):
+        with self.lock:
+            return self.scheduler is None and self.avail_cpus == self.cpus
+
+    def busy_cpus(self):
+        with self.lock:
+            return self.cpus - self.avail_cpus
+
+    def claim(self, comp):
+        """Register a new computation; returns None or a refusal."""
+        with self.lock:
+            if self.scheduler not in (None, (comp.scheduler_ip, comp.scheduler_port)):
+                return b'Busy'
+            if comp.id in self.active:
+                return b'NAK (computation %s already exists)' % str(comp.id).encode()
+            self.scheduler = (comp.scheduler_ip, comp.scheduler_port)
+            self.active[comp.id] = comp
+            return None
+
+    def unclaim(self, comp):
+        with self.lock:
+            if self.active.get(comp.id) is comp:
+                del self.active[comp.id]
+            if not self.active:
+                self.scheduler = None
+
+    def find(self, compute_id, auth=None, include_detached=False):
+        if not isinstance(compute_id, int):
+            return None
+        with self.lock:
+            comp = self.active.get(compute_id)
+            if comp is None and include_detached:
+                comp = self.detached.get(compute_id)
+        if comp is not None and auth is not None and comp.auth != auth:
+            return None
+        return comp
+
+    def start_job(self, comp, entry):
+        with self.lock:
+            if self.avail_cpus <= 0:
+                return b'NAK (all cpus busy)'
+            if self.active.get(comp.id) is not comp or comp.zombie:
+                return b'NAK (invalid computation %s)' % str(comp.id).encode()
+            if entry.uid in self.jobs:
+                return b'NAK (duplicate job %s)' % str(entry.uid).encode()
+            self.avail_cpus -= 1
+            self.jobs[entry.uid] = entry
+            comp.running.add(entry.uid)
+            for name in entry.files:
+                comp.file_uses[name] += 1
+            return None
+
+    def finish_job(self, uid):
+        """Free the job's CPU.  Returns (entry, comp, files to delete)."""
+        with self.lock:
+            entry = self.jobs.pop(uid, None)
+            if entry is None:
+                return None, None, []
+            self.avail_cpus += 1
+            comp = self.active.get(entry.compute_id) or self.detached.get(entry.compute_id)
+            unused = []
+            if comp is not None:
+                comp.running.discard(uid)
+                for name in entry.files:
+                    comp.file_uses[name] -= 1
+                    if comp.file_uses[name] <= 0 and name not in comp.xfer_names:
+                        del comp.file_uses[name]
+                        unused.append(name)
+                if comp.keep_files:
+                    unused = []
+            return entry, comp, unused
+
+    def jobs_of(self, compute_id):
+        with self.lock:
+            return [e for e in self.jobs.values() if e.compute_id == compute_id]
+
+    def touch(self, scheduler_ip, port=None):
+        """Refresh the active computations of the client at
+        ``scheduler_ip`` (matched by address alone, as the original does);
+        returns them, plus the detached ones of that exact client when its
+        ``port`` is known."""
+        now = time.monotonic()
+        with self.lock:
+            comps = [c for c in self.active.values() if c.scheduler_ip == scheduler_ip]
+            for comp in comps:
+                comp.last_pulse = now
+            if port is not None:
+                comps += [c for c in self.detached.values()
+                          if (c.scheduler_ip, c.scheduler_port) == (scheduler_ip, port)]
+            return comps
+
+    def mark_zombie(self, comp):
+        with self.lock:
+            comp.zombie = True
+
+    def begin_retire(self, comp):
+        """True once, when ``comp`` is a zombie with no running job."""
+        with self.lock:
+            if comp.retiring or not comp.zombie or comp.running:
+                return False
+            comp.retiring = True
+            return True
+
+    def detach(self, comp, keep):
+        """Drop ``comp`` from the active set (keeping it for its stored
+        results if ``keep``).  Returns True if the node became free."""
+        with self.lock:
+            if self.active.get(comp.id) is comp:
+                del self.active[comp.id]
+            if keep:
+                self.detached[comp.id] = comp
+            else:
+                self.detached.pop(comp.id, None)
+            was_busy = self.scheduler is not None
+            if not self.active:
+                self.scheduler = None
+            return was_busy and self.scheduler is None
+
+    def add_stored(self, comp, uid):
+        """Note a stored reply; a computation already retired stays
+        reachable for recovery as a detached one."""
+        with self.lock:
+            comp.stored.add(uid)
+            if self.active.get(comp.id) is not comp:
+                self.detached[comp.id] = comp
+
+    def is_detached(self, comp):
+        with self.lock:
+            return self.detached.get(comp.id) is comp
+
+    def drop_stored(self, comp, uid):
+        """Forget a delivered result.  True if ``comp`` is now finished
+        with: detached and holding nothing more."""
+        with self.lock:
+            comp.stored.discard(uid)
+            return (not comp.stored and self.detached.get(comp.id) is comp)
+
+    def zombies(self, interval):
+        now = time.monotonic()
+        with self.lock:
+            found = [c for c in self.active.values()
+                     if not c.zombie and now - c.last_pulse > interval]
+            for comp in found:
+                comp.zombie = comp.timed_out = True
+            return found
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.active.values()), list(self.detached.values())
+
+
+# ---------------------------------------------------------------- result store
+
+class ResultStore:
+    """Computation records and undelivered replies on disk.
+
+    ``<prefix>/<compute_id>_<auth>``: a computation's record (plain data).
+    ``<dest_path>/_dispy_job_reply_<uid>``: ``{'uid','hash','reply'}`` where
+    ``reply`` is the job's pickled ``_JobReply``, forwarded as is.
+    Every write is atomic; unreadable files are moved aside, not fatal.
+    """
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def record_path(self, compute_id, auth):
+        if not isinstance(compute_id, int) or not isinstance(auth, str) \
+                or not _HEX_RE.match(auth):
+            return None
+        return os.path.join(self.prefix, '%d_%s' % (compute_id, auth))
+
+    def save_computation(self, comp):
+        atomic_write(self.record_path(comp.id, comp.auth), dc.dumps_plain(comp.record()))
+
+    def remove_computation(self, comp):
+        path = self.record_path(comp.id, comp.auth)
+        try:
+            os.unlink(path)
+            fsync_dir(self.prefix)
+        except OSError:
+            pass
+
+    def reply_path(self, comp, uid):
+        return os.path.join(comp.dest_path, '%s%d' % (REPLY_PREFIX, uid))
+
+    def save_reply(self, comp, uid, job_hash, reply):
+        os.makedirs(comp.dest_path, exist_ok=True)
+        atomic_write(self.reply_path(comp, uid),
+                     dc.dumps_plain({'uid': uid, 'hash': job_hash, 'reply': reply}))
+
+    def load_reply(self, comp, uid):
+        path = self.reply_path(comp, uid)
+        try:
+            with open(path, 'rb') as fh:
+                rec = dc.loads_plain(fh.read())
+            if not isinstance(rec, dict) or rec.get('uid') != uid \
+                    or not isinstance(rec.get('reply'), bytes):
+                raise ProtocolError('malformed reply record')
+            return rec
+        except FileNotFoundError:
+            return None
+        except (OSError, ProtocolError) as exc:
+            self.quarantine(path, exc)
+            return None
+
+    def remove_reply(self, comp, uid):
+        try:
+            os.unlink(self.reply_path(comp, uid))
+        except FileNotFoundError:
+            pass
+
+    def stored_uids(self, comp):
+        try:
+            names = os.listdir(comp.dest_path)
+        except OSError:
+            return set()
+        return {int(n[len(REPLY_PREFIX):]) for n in names
+                if n.startswith(REPLY_PREFIX) and n[len(REPLY_PREFIX):].isdigit()}
+
+    def quarantine(self, path, why):
+        aside = '%s.corrupt-%d' % (path, int(time.time()))
+        logger.warning('moving unreadable store file %s aside to %s (%s)', path, aside, why)
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            logger.warning('could not move %s aside: %s', path, exc)
+
+    def restore(self):
+        """Computation records left by an earlier run, as Computations."""
+        found = []
+        for name in sorted(os.listdir(self.prefix)):
+            path = os.path.join(self.prefix, name)
+            if name.startswith('.tmp-'):
+                os.unlink(path)     # a write that a crash interrupted
+                continue
+            if not re.match(r'^\d+_[0-9a-fA-F]+$', name) or not os.path.isfile(path):
+                continue
+            try:
+                with open(path, 'rb') as fh:
+                    comp = Computation.from_record(dc.loads_plain(fh.read()))
+                if not comp.dest_path.startswith(self.prefix + os.sep):
+                    raise ProtocolError('record points outside the prefix')
+            except (OSError, ProtocolError, KeyError, TypeError, AttributeError) as exc:
+                self.quarantine(path, exc)
+                continue
+            for stray in _stray_temp_files(comp.dest_path):
+                os.unlink(stray)
+            comp.stored = self.stored_uids(comp)
+            found.append(comp)
+        return found
+
+
+def _stray_temp_files(directory):
+    try:
+        return [os.path.join(directory, n) for n in os.listdir(directory)
+                if n.startswith('.tmp-')]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------- workers
 # Everything in this section runs in worker processes and their job
 # children, never in the node process.
 
@@ -643,345 +988,6 @@ def worker_main(fd):
     finally:
         chan.close()
     os._exit(0)
-
-
-# ---------------------------------------------------------------- state
-
-class Computation:
-    """The node's view of one computation.  Changed only by NodeState
-    methods (under its lock) and, before registration, by the handler
-    that builds it."""
-
-    def __init__(self, compute, dest_path, sign):
-        self.id = compute.id
-        self.auth = compute.auth
-        self.name = compute.name
-        self.type = compute.type
-        self.scheduler_ip = compute.scheduler_ip_addr
-        self.scheduler_port = compute.scheduler_port
-        self.result_port = compute.job_result_port
-        self.dest_path = dest_path
-        self.keep_files = compute.cleanup is False
-        self.has_setup = isinstance(compute.setup, dc.Function)
-        self.has_cleanup = isinstance(compute.cleanup, dc.Function)
-        self.pulse_interval = compute.pulse_interval
-        self.sign = sign
-        self.program = None
-        if compute.type == dc.Compute.prog_type:
-            self.program = os.path.join(dest_path, safe_basename(compute.name) or 'program')
-        self.xfer_names = [safe_basename(xf.name, xf.sep) for xf in compute.xfer_files]
-        self.last_pulse = time.monotonic()
-        self.zombie = False
-        self.timed_out = False     # a zombie because the client fell silent
-        self.retiring = False
-        self.running = set()       # uids of running jobs
-        self.stored = set()        # uids with a stored, undelivered reply
-        self.file_uses = collections.Counter()
-        self.worker = None
-
-    @property
-    def reply_addr(self):
-        return (self.scheduler_ip, self.result_port)
-
-    def record(self):
-        """Plain data written to the store (never the secret)."""
-        return {'id': self.id, 'auth': self.auth, 'name': self.name, 'type': self.type,
-                'scheduler_ip': self.scheduler_ip, 'scheduler_port': self.scheduler_port,
-                'result_port': self.result_port, 'dest_path': self.dest_path,
-                'keep_files': self.keep_files, 'sign': self.sign}
-
-    @classmethod
-    def from_record(cls, rec):
-        comp = cls.__new__(cls)
-        comp.__init__(dc.Compute(id=rec['id'], auth=rec['auth'], name=rec['name'],
-                                 type=rec['type'], scheduler_ip_addr=rec['scheduler_ip'],
-                                 scheduler_port=rec['scheduler_port'],
-                                 job_result_port=rec['result_port'],
-                                 cleanup=not rec['keep_files'], xfer_files=[]),
-                      rec['dest_path'], rec['sign'])
-        comp.zombie = comp.retiring = True
-        return comp
-
-
-class JobEntry:
-    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start')
-
-    def __init__(self, uid, job_hash, compute_id, files):
-        self.uid, self.hash, self.compute_id, self.files = uid, job_hash, compute_id, files
-        self.start = time.time()
-
-
-class NodeState:
-    """All mutable node state, guarded by one lock.  No I/O happens while
-    the lock is held; methods return what the caller must then do."""
-
-    def __init__(self, cpus):
-        self.lock = threading.Lock()
-        self.cpus = cpus
-        self.avail_cpus = cpus
-        self.scheduler = None        # (ip, port) of the one client served
-        self.active = {}             # compute id -> Computation
-        self.detached = {}           # closed or restored, with stored results
-        self.jobs = {}               # uid -> JobEntry
-
-    def is_free(self):
-        with self.lock:
-            return self.scheduler is None and self.avail_cpus == self.cpus
-
-    def busy_cpus(self):
-        with self.lock:
-            return self.cpus - self.avail_cpus
-
-    def claim(self, comp):
-        """Register a new computation; returns None or a refusal."""
-        with self.lock:
-            if self.scheduler not in (None, (comp.scheduler_ip, comp.scheduler_port)):
-                return b'Busy'
-            if comp.id in self.active:
-                return b'NAK (computation %s already exists)' % str(comp.id).encode()
-            self.scheduler = (comp.scheduler_ip, comp.scheduler_port)
-            self.active[comp.id] = comp
-            return None
-
-    def unclaim(self, comp):
-        with self.lock:
-            if self.active.get(comp.id) is comp:
-                del self.active[comp.id]
-            if not self.active:
-                self.scheduler = None
-
-    def find(self, compute_id, auth=None, include_detached=False):
-        if not isinstance(compute_id, int):
-            return None
-        with self.lock:
-            comp = self.active.get(compute_id)
-            if comp is None and include_detached:
-                comp = self.detached.get(compute_id)
-        if comp is not None and auth is not None and comp.auth != auth:
-            return None
-        return comp
-
-    def start_job(self, comp, entry):
-        with self.lock:
-            if self.avail_cpus <= 0:
-                return b'NAK (all cpus busy)'
-            if self.active.get(comp.id) is not comp or comp.zombie:
-                return b'NAK (invalid computation %s)' % str(comp.id).encode()
-            if entry.uid in self.jobs:
-                return b'NAK (duplicate job %s)' % str(entry.uid).encode()
-            self.avail_cpus -= 1
-            self.jobs[entry.uid] = entry
-            comp.running.add(entry.uid)
-            for name in entry.files:
-                comp.file_uses[name] += 1
-            return None
-
-    def finish_job(self, uid):
-        """Free the job's CPU.  Returns (entry, comp, files to delete)."""
-        with self.lock:
-            entry = self.jobs.pop(uid, None)
-            if entry is None:
-                return None, None, []
-            self.avail_cpus += 1
-            comp = self.active.get(entry.compute_id) or self.detached.get(entry.compute_id)
-            unused = []
-            if comp is not None:
-                comp.running.discard(uid)
-                for name in entry.files:
-                    comp.file_uses[name] -= 1
-                    if comp.file_uses[name] <= 0 and name not in comp.xfer_names:
-                        del comp.file_uses[name]
-                        unused.append(name)
-                if comp.keep_files:
-                    unused = []
-            return entry, comp, unused
-
-    def jobs_of(self, compute_id):
-        with self.lock:
-            return [e for e in self.jobs.values() if e.compute_id == compute_id]
-
-    def touch(self, scheduler_ip, port=None):
-        """Refresh the active computations of the client at
-        ``scheduler_ip`` (matched by address alone, as the original does);
-        returns them, plus the detached ones of that exact client when its
-        ``port`` is known."""
-        now = time.monotonic()
-        with self.lock:
-            comps = [c for c in self.active.values() if c.scheduler_ip == scheduler_ip]
-            for comp in comps:
-                comp.last_pulse = now
-            if port is not None:
-                comps += [c for c in self.detached.values()
-                          if (c.scheduler_ip, c.scheduler_port) == (scheduler_ip, port)]
-            return comps
-
-    def mark_zombie(self, comp):
-        with self.lock:
-            comp.zombie = True
-
-    def begin_retire(self, comp):
-        """True once, when ``comp`` is a zombie with no running job."""
-        with self.lock:
-            if comp.retiring or not comp.zombie or comp.running:
-                return False
-            comp.retiring = True
-            return True
-
-    def detach(self, comp, keep):
-        """Drop ``comp`` from the active set (keeping it for its stored
-        results if ``keep``).  Returns True if the node became free."""
-        with self.lock:
-            if self.active.get(comp.id) is comp:
-                del self.active[comp.id]
-            if keep:
-                self.detached[comp.id] = comp
-            else:
-                self.detached.pop(comp.id, None)
-            was_busy = self.scheduler is not None
-            if not self.active:
-                self.scheduler = None
-            return was_busy and self.scheduler is None
-
-    def add_stored(self, comp, uid):
-        """Note a stored reply; a computation already retired stays
-        reachable for recovery as a detached one."""
-        with self.lock:
-            comp.stored.add(uid)
-            if self.active.get(comp.id) is not comp:
-                self.detached[comp.id] = comp
-
-    def is_detached(self, comp):
-        with self.lock:
-            return self.detached.get(comp.id) is comp
-
-    def drop_stored(self, comp, uid):
-        """Forget a delivered result.  True if ``comp`` is now finished
-        with: detached and holding nothing more."""
-        with self.lock:
-            comp.stored.discard(uid)
-            return (not comp.stored and self.detached.get(comp.id) is comp)
-
-    def zombies(self, interval):
-        now = time.monotonic()
-        with self.lock:
-            found = [c for c in self.active.values()
-                     if not c.zombie and now - c.last_pulse > interval]
-            for comp in found:
-                comp.zombie = comp.timed_out = True
-            return found
-
-    def snapshot(self):
-        with self.lock:
-            return list(self.active.values()), list(self.detached.values())
-
-
-# ---------------------------------------------------------------- result store
-
-class ResultStore:
-    """Computation records and undelivered replies on disk.
-
-    ``<prefix>/<compute_id>_<auth>``: a computation's record (plain data).
-    ``<dest_path>/_dispy_job_reply_<uid>``: ``{'uid','hash','reply'}`` where
-    ``reply`` is the job's pickled ``_JobReply``, forwarded as is.
-    Every write is atomic; unreadable files are moved aside, not fatal.
-    """
-
-    def __init__(self, prefix):
-        self.prefix = prefix
-
-    def record_path(self, compute_id, auth):
-        if not isinstance(compute_id, int) or not isinstance(auth, str) \
-                or not _HEX_RE.match(auth):
-            return None
-        return os.path.join(self.prefix, '%d_%s' % (compute_id, auth))
-
-    def save_computation(self, comp):
-        atomic_write(self.record_path(comp.id, comp.auth), dc.dumps_plain(comp.record()))
-
-    def remove_computation(self, comp):
-        path = self.record_path(comp.id, comp.auth)
-        try:
-            os.unlink(path)
-            fsync_dir(self.prefix)
-        except OSError:
-            pass
-
-    def reply_path(self, comp, uid):
-        return os.path.join(comp.dest_path, '%s%d' % (REPLY_PREFIX, uid))
-
-    def save_reply(self, comp, uid, job_hash, reply):
-        os.makedirs(comp.dest_path, exist_ok=True)
-        atomic_write(self.reply_path(comp, uid),
-                     dc.dumps_plain({'uid': uid, 'hash': job_hash, 'reply': reply}))
-
-    def load_reply(self, comp, uid):
-        path = self.reply_path(comp, uid)
-        try:
-            with open(path, 'rb') as fh:
-                rec = dc.loads_plain(fh.read())
-            if not isinstance(rec, dict) or rec.get('uid') != uid \
-                    or not isinstance(rec.get('reply'), bytes):
-                raise ProtocolError('malformed reply record')
-            return rec
-        except FileNotFoundError:
-            return None
-        except (OSError, ProtocolError) as exc:
-            self.quarantine(path, exc)
-            return None
-
-    def remove_reply(self, comp, uid):
-        try:
-            os.unlink(self.reply_path(comp, uid))
-        except FileNotFoundError:
-            pass
-
-    def stored_uids(self, comp):
-        try:
-            names = os.listdir(comp.dest_path)
-        except OSError:
-            return set()
-        return {int(n[len(REPLY_PREFIX):]) for n in names
-                if n.startswith(REPLY_PREFIX) and n[len(REPLY_PREFIX):].isdigit()}
-
-    def quarantine(self, path, why):
-        aside = '%s.corrupt-%d' % (path, int(time.time()))
-        logger.warning('moving unreadable store file %s aside to %s (%s)', path, aside, why)
-        try:
-            os.replace(path, aside)
-        except OSError as exc:
-            logger.warning('could not move %s aside: %s', path, exc)
-
-    def restore(self):
-        """Computation records left by an earlier run, as Computations."""
-        found = []
-        for name in sorted(os.listdir(self.prefix)):
-            path = os.path.join(self.prefix, name)
-            if name.startswith('.tmp-'):
-                os.unlink(path)     # a write that a crash interrupted
-                continue
-            if not re.match(r'^\d+_[0-9a-fA-F]+$', name) or not os.path.isfile(path):
-                continue
-            try:
-                with open(path, 'rb') as fh:
-                    comp = Computation.from_record(dc.loads_plain(fh.read()))
-                if not comp.dest_path.startswith(self.prefix + os.sep):
-                    raise ProtocolError('record points outside the prefix')
-            except (OSError, ProtocolError, KeyError, TypeError, AttributeError) as exc:
-                self.quarantine(path, exc)
-                continue
-            for stray in _stray_temp_files(comp.dest_path):
-                os.unlink(stray)
-            comp.stored = self.stored_uids(comp)
-            found.append(comp)
-        return found
-
-
-def _stray_temp_files(directory):
-    try:
-        return [os.path.join(directory, n) for n in os.listdir(directory)
-                if n.startswith('.tmp-')]
-    except OSError:
-        return []
 
 
 # ---------------------------------------------------------------- worker handle
@@ -1358,6 +1364,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.reply(dc.dumps_plain([{'uid': e.uid, 'hash': e.hash, 'start_time': e.start}
                                    for e in jobs]))
 
+
+# ---------------------------------------------------------------- servers
 
 class Request:
     """A connection whose auth prefix and first frame have arrived."""
