@@ -12,7 +12,8 @@ Stable API (other test modules import these names):
   interpreter, or None.
 - ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
 - ``Node``: ``Node.start(impl='ours'|'original', port=None, prefix=None, args=(),
-  python=None, env=None, cwd=None, debug=True)``; ``wait_ready()``, ``stop()``,
+  python=None, env=None, cwd=None, debug=True, script=None)`` (``script``: another
+  copy of dispynode.py to run); ``wait_ready()``, ``stop()``,
   ``kill()``, ``log()``, ``alive()``; attributes ``port, prefix, proc, pid,
   log_path, impl``; usable as a context manager.
 - ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
@@ -282,7 +283,7 @@ class Node:
 
     @classmethod
     def start(cls, impl='ours', port=None, prefix=None, args=(), python=None, env=None,
-              cwd=None, debug=True):
+              cwd=None, debug=True, script=None):
         if impl not in ('ours', 'original'):
             raise ValueError('impl must be "ours" or "original"')
         if port is None:
@@ -296,7 +297,7 @@ class Node:
         if debug and '-d' not in args and '--debug' not in args:
             opts.append('-d')
         if impl == 'ours':
-            cmd = [str(python or sys.executable), str(REPO / 'dispynode.py')] + opts + args
+            cmd = [str(python or sys.executable), str(script or REPO / 'dispynode.py')] + opts + args
         else:
             cmd = [str(python or ensure_legacy_venv()), '-m', 'dispy.dispynode'] + opts + args
         log_path = prefix.parent / ('node-%s-%d.log' % (impl, port))

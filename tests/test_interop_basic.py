@@ -7,6 +7,7 @@ reference). Tests marked ``ours_only`` are scenarios the original fails.
 
 import hashlib
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -240,3 +241,35 @@ def test_smoke_other_pythons(version, node_factory, legacy_python, tmp_path):
         pytest.skip(reason)
     node = node_factory('ours', python=py)
     _run_basic(node, legacy_python, tmp_path)
+
+
+# ---------------------------------------------------------------- deployment
+
+@pytest.fixture
+def two_file_factory(node_factory, tmp_path):
+    """Nodes run from a folder holding only dispynode.py and dispy_common.py,
+    started by hand as the README says (with --clean), from that folder."""
+    deploy = tmp_path / 'deploy'
+    deploy.mkdir()
+    from legacy import REPO
+    for name in ('dispynode.py', 'dispy_common.py'):
+        shutil.copy(str(REPO / name), str(deploy / name))
+
+    def start(impl='ours', args=(), **kw):
+        assert impl == 'ours'
+        return node_factory(impl, args=tuple(args) + ('--clean',),
+                            script=deploy / 'dispynode.py', cwd=deploy, **kw)
+    start.deploy = deploy
+    return start
+
+
+@pytest.mark.parametrize('scenario', [
+    test_function_jobs, test_job_exception, test_example_node_setup,
+    test_example_node_shvars, test_example_obj_instances,
+    test_return_depends_class_instance, test_depends_removed_after_close,
+], ids=lambda f: f.__name__[len('test_'):])
+def test_two_file_deployment(scenario, two_file_factory, legacy_python, tmp_path):
+    """The basic scenarios against a node copied as two files into a folder."""
+    scenario('ours', two_file_factory, legacy_python, tmp_path)
+    left = sorted(n for n in os.listdir(str(two_file_factory.deploy)) if n != '__pycache__')
+    assert left == ['dispy_common.py', 'dispynode.py'], left
