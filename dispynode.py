@@ -980,7 +980,7 @@ class Worker:
 
 
 def worker_main(fd):
-    """Entry point of a worker process (``dispynode.py --_worker FD``)."""
+    """Entry point of a worker process (see WorkerHandle for how it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
     chan = socket.socket(fileno=fd)
     try:
@@ -1005,7 +1005,11 @@ class WorkerHandle:
         self.alive = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
-        cmd = [sys.executable, os.path.abspath(__file__), '--_worker', str(theirs.fileno())]
+        # Import the module (from its cached bytecode) rather than run the
+        # file as a script, which would compile it anew in every worker.
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = [sys.executable, '-c', 'import sys; sys.path.insert(0, %r); '
+               'import dispynode; dispynode.worker_main(%d)' % (here, theirs.fileno())]
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
                                          pass_fds=(theirs.fileno(),),
@@ -2379,8 +2383,6 @@ def prepare_prefix(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['--_worker']:
-        worker_main(int(argv[1]))
     parser = build_parser()
     args = parser.parse_args(argv)
     _raise_fd_limit()
