@@ -281,8 +281,23 @@ class Bench:
         self.ours_script = snap / 'dispynode.py'
         # Node.start runs [python, REPO/dispynode.py, options...]: a launcher
         # that drops the second word and runs the snapshot instead
-        self.ours_launcher = self.launcher('python-ours', [sys.executable,
+        self.ours_python = self.ours_interpreter(opts.ours_python)
+        self.ours_launcher = self.launcher('python-ours', [self.ours_python,
                                                           str(self.ours_script)])
+
+    def ours_interpreter(self, choice):
+        """The interpreter our node runs on.  By default a plain venv of this
+        CPython (no pip, no site packages), just as the original runs from
+        its venv: the base interpreter here processes a site-packages .pth
+        that imports certifi, zipfile and more into every process (+5 MB of
+        RSS), which is this machine's, not the node's."""
+        if choice == 'system':
+            return sys.executable
+        if choice != 'venv':
+            return choice
+        venv = self.tmp / 'venv-ours'
+        subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+        return str(venv / 'bin' / 'python')
 
     def launcher(self, name, words):
         path = self.tmp / name
@@ -844,7 +859,8 @@ def report(bench, cmdline, netns, profile_lines):
          '%s; original: legacy venv (Python 3.6, dispy 4.5.5, asyncoro 4.3.4); client: '
          'legacy dispy 4.5.5' % (
              commit, ', '.join('%s %s' % kv for kv in sorted(bench.ours_sha.items())),
-             '.'.join(map(str, sys.version_info[:3]))),
+             '%s (%s)' % ('.'.join(map(str, sys.version_info[:3])),
+                          'a plain venv' if o.ours_python == 'venv' else o.ours_python)),
          '- machine: %d CPUs; load average %s at start, %s at end; took %.0f s; %s' % (
              os.cpu_count() or 0, bench.load_start, bench.load_end, bench.elapsed, netns),
          '', 'Medians over rounds (successful rounds / rounds in brackets); '
@@ -963,6 +979,10 @@ def parse_args(argv):
                    help='smaller runs to validate the harness (200 tiny jobs, 50 MB file, '
                         '1,000-job leak run)')
     p.add_argument('--only', choices=IMPLS, help='measure one node only')
+    p.add_argument('--ours-python', default='venv',
+                   help="interpreter for our node: 'venv' (default: a plain venv of this "
+                        "python, as the original runs from its venv), 'system' (this "
+                        "python itself) or a path")
     p.add_argument('--profile', action='store_true',
                    help='add one profiled tiny-job run of our node and print the top functions')
     p.add_argument('--profile-tool', choices=('auto', 'py-spy', 'cprofile'), default='auto')
