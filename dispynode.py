@@ -2329,6 +2329,8 @@ def resolve_config(args):
 
 
 def _read_secret(args):
+    # Workers and jobs inherit the environment; they have no use for the secret.
+    env_secret = os.environ.pop('DISPYNODE_SECRET', '')
     if args.secret_file:
         try:
             with open(args.secret_file) as fh:
@@ -2337,7 +2339,7 @@ def _read_secret(args):
             raise ValueError('--secret_file: %s' % exc.strerror)
     if args.secret is not None:
         return args.secret
-    return os.environ.get('DISPYNODE_SECRET', '')
+    return env_secret
 
 
 def _resolve(host, option):

@@ -725,3 +725,21 @@ def test_pulses_keep_a_computation_alive(unit_nodes):
     assert d.job(compute.id, 1, (2,)) == b'ACK'
     assert d.server.wait_reply(1).result == 4
 
+
+
+ENV_PROBE = ('def probe(name):\n'
+             '    import os\n'
+             '    return os.environ.get(name)\n')
+
+
+def test_env_secret_does_not_reach_jobs(unit_nodes):
+    """DISPYNODE_SECRET authenticates clients, then leaves the environment
+    that workers and jobs inherit."""
+    node = unit_nodes(env={'DISPYNODE_SECRET': 'sesame'})
+    d = new_driver(node, unit_nodes, secret='sesame')
+    answer, compute = d.compute(ENV_PROBE, 'probe')
+    assert answer == b'ACK'
+    assert d.job(compute.id, 1, ('DISPYNODE_SECRET',)) == b'ACK'
+    assert d.job(compute.id, 2, ('PATH',)) == b'ACK'
+    assert d.server.wait_reply(1).result is None
+    assert d.server.wait_reply(2).result          # the rest of the environment is kept
