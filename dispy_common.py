@@ -238,9 +238,16 @@ class _PlainUnpickler(pickle.Unpickler):
 _SAFE_GLOBALS = {
     ('os', 'stat_result'), ('posix', 'stat_result'), ('nt', 'stat_result'),
     ('builtins', 'set'), ('builtins', 'frozenset'), ('builtins', 'complex'),
-    ('builtins', 'bytearray'), ('builtins', 'slice'), ('builtins', 'range'),
-    ('collections', 'OrderedDict'),
+    ('builtins', 'slice'), ('builtins', 'range'), ('collections', 'OrderedDict'),
 }
+
+
+def _bytearray_from_data(data=b'', *encoding):
+    """bytearray for the record loader: only from data that arrived, never
+    ``bytearray(10**10)`` (a size the node would have to allocate)."""
+    if not isinstance(data, (bytes, str)):
+        raise ProtocolError('refused bytearray(%s)' % type(data).__name__)
+    return bytearray(data, *encoding)
 
 
 class _RecordUnpickler(pickle.Unpickler):
@@ -249,6 +256,8 @@ class _RecordUnpickler(pickle.Unpickler):
             return _RECORDS[name]
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ('builtins', 'bytearray'):
+            return _bytearray_from_data
         return Opaque
 
 

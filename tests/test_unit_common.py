@@ -521,6 +521,17 @@ def test_loads_records_allows_safe_builtins():
     assert dc.loads_records(pickle.dumps(value, 4)) == value
 
 
+class _HugeBytearray:
+    def __reduce__(self):
+        return (bytearray, (10 ** 12,))
+
+
+def test_loads_records_refuses_bytearray_of_a_size():
+    # an authenticated peer must not make the node allocate a terabyte
+    with pytest.raises(dc.ProtocolError):
+        dc.loads_records(pickle.dumps(_HugeBytearray(), 4))
+
+
 def test_loads_full_resolves_main_classes_in_namespace():
     ns = {}
     exec('class Point:\n    def __init__(self, x):\n        self.x = x\n', ns)
