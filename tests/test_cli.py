@@ -11,7 +11,7 @@ import time
 import pytest
 
 import driver
-from driver import Driver, NodeProcess, free_port
+from driver import Driver, NodeProcess, ReplyServer, free_port
 import dispy_common as dc
 import dispynode as dn
 
@@ -182,6 +182,28 @@ def test_sigterm_with_running_job(tmp_path):
         terminated = d.server.wait('TERMINATED', 5)
         assert terminated is not None and terminated.obj['port'] == node.port
         assert 'Traceback' not in node.log()
+    finally:
+        d.close_server()
+        node.stop()
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """A clean shutdown that is slow (here: a client that takes 20 s to ACK
+    the terminated job's reply) is cut short by a second signal."""
+    node = NodeProcess.start(tmp_path, args=['--msg_timeout', '30'])
+    d = Driver('127.0.0.1', node.port, server=ReplyServer(ack_delay=20.0))
+    try:
+        d.ping_tcp()
+        _, compute = d.compute('import time\ndef f():\n    time.sleep(60)\n', 'f')
+        assert d.job(compute.id, 1) == b'ACK'
+        time.sleep(0.2)
+        node.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)                     # now waiting on the slow client
+        assert node.proc.poll() is None, 'the first signal alone should still be at work'
+        start = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(5) == 1
+        assert time.monotonic() - start < 2
     finally:
         d.close_server()
         node.stop()
