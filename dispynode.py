@@ -162,7 +162,7 @@ def atomic_write(path, data):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # whatever failed: no temp file left behind, then re-raise
         try:
             os.unlink(tmp)
         except OSError:
