@@ -350,11 +350,14 @@ class Computation:
 
 
 class JobEntry:
-    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start')
+    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start', 'unacknowledged')
 
     def __init__(self, uid, job_hash, compute_id, files):
         self.uid, self.hash, self.compute_id, self.files = uid, job_hash, compute_id, files
         self.start = time.time()
+        # The client never got our ACK: it will run the job elsewhere, and
+        # a reply from here would only be stored for nobody.
+        self.unacknowledged = False
 
 
 class NodeState:
@@ -1310,6 +1313,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         # CLOSE the client sends right after it finds the job there.
         self.node.launch_job(comp, job)
         if not self.reply(b'ACK'):
+            entry.unacknowledged = True
             self.node.terminate_job(comp, entry.uid)
 
     @handles(b'TERMINATE_JOB')
@@ -2176,7 +2180,8 @@ class Node:
                 os.unlink(os.path.join(comp.dest_path, name))
             except OSError:
                 pass
-        self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
+        if not entry.unacknowledged:
+            self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
         if comp.zombie and not comp.running and not self.stopping.is_set():
             self.spawn(self.retire, comp)
 
