@@ -56,7 +56,7 @@ __all__ = [
     'Opaque', 'dumps', 'dumps_plain', 'loads_plain', 'loads_records',
     'loads_full', 'auth_code', 'new_sign', 'auth_matches', 'send_msg',
     'recv_exact', 'recv_msg', 'split_tag', 'server_tls_context', 'compare_digest',
-    'client_tls_context', 'parse_size',
+    'client_tls_context', 'parse_size', 'connect',
 ]
 
 # ---------------------------------------------------------------- constants

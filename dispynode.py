@@ -308,7 +308,6 @@ class Computation:
         self.result_port = compute.job_result_port
         self.dest_path = dest_path
         self.keep_files = compute.cleanup is False
-        self.has_setup = isinstance(compute.setup, dc.Function)
         self.has_cleanup = isinstance(compute.cleanup, dc.Function)
         self.pulse_interval = compute.pulse_interval
         self.sign = sign
@@ -2172,7 +2171,7 @@ class Node:
 
     def job_done(self, comp, uid, reply):
         """A worker finished job ``uid`` with ``reply`` (pickled bytes)."""
-        entry, comp_now, unused = self.state.finish_job(uid)
+        entry, _, unused = self.state.finish_job(uid)
         if entry is None:
             return
         for name in unused:
