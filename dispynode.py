@@ -2196,8 +2196,11 @@ class Node:
     def reply_delivered(self, item):
         comp = item.comp
         if item.resend or item.uid in comp.stored:
+            # Forget it in memory first: once the file is gone, a RESEND count
+            # must not include it (a crash in between only re-sends it).
+            forget = self.state.drop_stored(comp, item.uid)
             self.store.remove_reply(comp, item.uid)
-            if self.state.drop_stored(comp, item.uid):
+            if forget:
                 self._forget(comp)
 
     def reply_undelivered(self, item):
