@@ -489,8 +489,11 @@ def check_client(res, node=None, expect_closed=True):
 
 def files_under(path):
     """Sorted relative paths of the regular files (and symlinks) below path."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return sorted(str(p.relative_to(path)) for p in path.rglob('*')
-                  if p.is_symlink() or not p.is_dir())
+    # os.walk, not Path.rglob: the node may be removing (empty) directories
+    # meanwhile, and os.walk skips one that vanishes instead of raising.
+    found = []
+    for top, dirs, files in os.walk(str(path)):
+        found += [os.path.relpath(os.path.join(top, f), str(path)) for f in files]
+        found += [os.path.relpath(os.path.join(top, d), str(path)) for d in dirs
+                  if os.path.islink(os.path.join(top, d))]
+    return sorted(found)
