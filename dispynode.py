@@ -92,6 +92,8 @@ UDP_MAX = 8192                # longer datagrams are ignored
 UNAUTH_FRAME_LIMIT = 65536    # largest request read from an unauthenticated peer
 MAX_PENDING = 4096            # connections still sending their request
 CHUNK = 1024 * 1024           # file streaming block
+TASK_THREADS = 8              # background task pool: threads, queued tasks
+TASK_QUEUE = 256
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
@@ -289,6 +291,138 @@ def kill_tree(pid, sig):
             os.kill(target, sig)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- thread pools, counters, logs
+
+class TaskPool:
+    """A named, capped pool of helper threads with a bounded queue.
+
+    Like execnet's ``WorkerPool``: threads start only when no idle one is
+    waiting, never more than ``max_threads``; an idle thread ends after
+    ``idle_seconds``.  ``submit`` refuses (returns False) when the pool is
+    closing, its queue is full, or a task with the same ``key`` is already
+    queued or running, so work triggered from outside can be deduplicated
+    and can never grow threads or memory without bound.
+    """
+
+    def __init__(self, name, max_threads, max_queued, idle_seconds=10.0):
+        self.name, self.max_threads, self.max_queued = name, max_threads, max_queued
+        self.idle_seconds = idle_seconds
+        self.cond = threading.Condition(threading.Lock())
+        self.tasks = collections.deque()
+        self.keys = set()
+        self.threads = set()
+        self.idle = 0
+        self.closed = False
+        self._serial = 0
+
+    def submit(self, func, *args, key=None):
+        with self.cond:
+            if self.closed or len(self.tasks) >= self.max_queued \
+                    or (key is not None and key in self.keys):
+                return False
+            self.tasks.append((func, args, key))
+            if key is not None:
+                self.keys.add(key)
+            if self.idle > len(self.tasks) - 1 or len(self.threads) >= self.max_threads:
+                self.cond.notify()
+                return True
+            self._serial += 1
+            thread = threading.Thread(target=self._run, daemon=True,
+                                      name='%s-%d' % (self.name, self._serial))
+            self.threads.add(thread)
+        thread.start()
+        return True
+
+    def _run(self):
+        me = threading.current_thread()
+        while True:
+            with self.cond:
+                while not self.tasks and not self.closed:
+                    self.idle += 1
+                    woken = self.cond.wait(self.idle_seconds)
+                    self.idle -= 1
+                    if not woken and not self.tasks:
+                        break
+                if not self.tasks:
+                    self.threads.discard(me)
+                    return
+                func, args, key = self.tasks.popleft()
+            try:
+                func(*args)
+            except Exception:  # a task logs and ends; the pool goes on
+                logger.exception('%s: %s failed', self.name, getattr(func, '__name__', func))
+            finally:
+                if key is not None:
+                    with self.cond:
+                        self.keys.discard(key)
+
+    def close(self, timeout):
+        """Refuse new tasks, let queued ones finish (bounded by ``timeout``)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            threads = list(self.threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def thread_count(self):
+        with self.cond:
+            return len(self.threads)
+
+
+class Counters:
+    """Monotonic event counters (refusals, drops, bytes, jobs by outcome),
+    read by the status query and the metrics endpoint."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values = collections.Counter()
+
+    def add(self, name, amount=1):
+        with self.lock:
+            self.values[name] += amount
+
+    def snapshot(self):
+        with self.lock:
+            return dict(self.values)
+
+
+class LogLimiter:
+    """At most one log line per kind of event per ``interval`` seconds; the
+    events suppressed meanwhile are summarised in the next line (or by
+    ``flush``, which the timer calls), never logged one by one."""
+
+    def __init__(self, interval=60.0):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.windows = {}        # kind -> [window start, suppressed count]
+
+    def log(self, kind, level, msg, *args):
+        now = time.monotonic()
+        with self.lock:
+            window = self.windows.get(kind)
+            if window is not None and now - window[0] < self.interval:
+                window[1] += 1
+                return
+            suppressed = window[1] if window else 0
+            self.windows[kind] = [now, 0]
+        if suppressed:
+            msg += ' (and %d more like this in the last %ds)' % (suppressed, self.interval)
+        logger.log(level, msg, *args)
+
+    def flush(self):
+        now = time.monotonic()
+        with self.lock:
+            due = [(kind, w[1]) for kind, w in self.windows.items()
+                   if w[1] and now - w[0] >= self.interval]
+            for kind, _ in due:
+                self.windows[kind] = [now, 0]
+        for kind, count in due:
+            logger.warning('%s: %d more in the last %ds', kind, count, self.interval)
 
 
 # ---------------------------------------------------------------- state
@@ -1618,6 +1752,10 @@ class Node:
             self.tls_client = dc.client_tls_context(config.certfile)
         self.store = ResultStore(config.dest_path_prefix)
         self.courier = Courier(self)
+        # Background work (retirements, notifications, spare workers).
+        self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
+        self.counters = Counters()
+        self.logs = LogLimiter()
         self.stopping = threading.Event()
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
@@ -1680,18 +1818,18 @@ class Node:
             spare, self.spare = self.spare, None
         if spare is not None:
             spare.stop(2.0)
+        self.tasks.close(3.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
 
-    def spawn(self, func, *args):
-        threading.Thread(target=self._guarded, args=(func,) + args, daemon=True).start()
-
-    @staticmethod
-    def _guarded(func, *args):
-        try:
-            func(*args)
-        except Exception:  # a helper thread logs and ends; the node goes on
-            logger.exception('%s failed', getattr(func, '__name__', func))
+    def spawn(self, func, *args, key=None):
+        """Run ``func(*args)`` on the bounded task pool; False if refused."""
+        if not self.tasks.submit(func, *args, key=key):
+            self.logs.log('task refused', logging.WARNING,
+                          'background task %s refused (pool closing or full)',
+                          getattr(func, '__name__', func))
+            return False
+        return True
 
     def _restore(self):
         for comp in self.store.restore():
@@ -1827,6 +1965,7 @@ class Node:
         while not self.stopping.wait(0.25):
             try:
                 last_pulse = self._tick(last_pulse)
+                self.logs.flush()
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
