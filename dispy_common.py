@@ -46,6 +46,10 @@ try:
 except ImportError:  # an interpreter without the builtin module
     from hashlib import sha1 as _sha1
 try:
+    from _sha256 import sha256 as _sha256
+except ImportError:  # an interpreter without the builtin module
+    from hashlib import sha256 as _sha256
+try:
     from _operator import _compare_digest as compare_digest
 except ImportError:
     from hmac import compare_digest
@@ -54,7 +58,8 @@ __all__ = [
     'PROTOCOL_VERSION', 'PICKLE_PROTOCOL', 'MAX_FRAME', 'ProtocolError',
     'DispyJob', 'Compute', 'XferFile', 'DispyJobRecord', 'JobReply', 'Function',
     'Opaque', 'dumps', 'dumps_plain', 'loads_plain', 'loads_records',
-    'loads_full', 'auth_code', 'new_sign', 'auth_matches', 'send_msg',
+    'loads_full', 'loads_unauth', 'auth_code', 'new_sign', 'is_node_sign',
+    'valid_peer_sign', 'auth_matches', 'send_msg',
     'recv_exact', 'recv_msg', 'split_tag', 'server_tls_context', 'compare_digest',
     'client_tls_context', 'parse_size', 'connect',
 ]
@@ -297,6 +302,183 @@ def loads_plain(data):
     return _checked_load(_PlainUnpickler, data)
 
 
+# A decoder for data from peers that have not authenticated (UDP PING and
+# PULSE, TCP PING).  It interprets the binary pickle opcodes that plain data
+# needs, in one pass, so its cost is linear in the input whatever the bytes:
+# - dict keys must be str (a tuple key built through the memo, A_k =
+#   (A_k-1, A_k-1), hashes in 2**k steps: the "hash bomb");
+# - the memo may hand back only scalars, so containers cannot be shared
+#   and the result is a tree no larger than the input;
+# - ints are at most 16 bytes long, nesting at most UNAUTH_DEPTH deep.
+
+UNAUTH_MAX_BYTES = 65536
+UNAUTH_DEPTH = 8
+_SCALARS = (str, bytes, int, float, bool, type(None))
+_MARK = object()
+
+
+class _Unauth:
+    __slots__ = ('data', 'pos', 'stack', 'memo')
+
+    def __init__(self, data):
+        self.data, self.pos, self.stack, self.memo = data, 0, [], {}
+
+    def take(self, count):
+        end = self.pos + count
+        if count < 0 or end > len(self.data):
+            raise ProtocolError('truncated pickle')
+        chunk, self.pos = self.data[self.pos:end], end
+        return chunk
+
+    def number(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def pop_mark(self):
+        for index in range(len(self.stack) - 1, -1, -1):
+            if self.stack[index] is _MARK:
+                items = self.stack[index + 1:]
+                del self.stack[index:]
+                return items
+        raise ProtocolError('no mark in pickle')
+
+    def top(self, kind):
+        if not self.stack or not isinstance(self.stack[-1], kind):
+            raise ProtocolError('bad pickle structure')
+        return self.stack[-1]
+
+    def set_items(self, items):
+        if len(items) % 2:
+            raise ProtocolError('odd number of dict items')
+        target = self.top(dict)
+        for key, value in zip(items[::2], items[1::2]):
+            if not isinstance(key, str):
+                raise ProtocolError('dict key of type %s refused' % type(key).__name__)
+            target[key] = value
+
+    def memo_get(self, index):
+        if index not in self.memo:
+            raise ProtocolError('memo key %d missing' % index)
+        value = self.memo[index]
+        if not isinstance(value, _SCALARS):
+            raise ProtocolError('shared container refused')
+        self.stack.append(value)
+
+    def memo_put(self, index):
+        if not self.stack or self.stack[-1] is _MARK:
+            raise ProtocolError('nothing to memoize')
+        self.memo[index] = self.stack[-1]
+
+    def text(self, length_fmt):
+        try:
+            return str(self.take(self.number(length_fmt)), 'utf-8', 'surrogatepass')
+        except UnicodeDecodeError:
+            raise ProtocolError('bad utf-8 in pickle') from None
+
+    def tuple_of(self, count):
+        if len(self.stack) < count or _MARK in self.stack[len(self.stack) - count:]:
+            raise ProtocolError('bad tuple')
+        items = tuple(self.stack[len(self.stack) - count:])
+        del self.stack[len(self.stack) - count:]
+        self.stack.append(items)
+
+    def long1(self):
+        size = self.take(1)[0]
+        if size > 16:
+            raise ProtocolError('integer of %d bytes refused' % size)
+        self.stack.append(int.from_bytes(self.take(size), 'little', signed=True))
+
+    def run(self):
+        ops = _UNAUTH_OPS
+        while True:
+            code = self.take(1)[0]
+            if code == 0x2e:                                  # STOP
+                if len(self.stack) != 1 or self.stack[0] is _MARK:
+                    raise ProtocolError('bad pickle stack at STOP')
+                return self.stack[0]
+            handler = ops.get(code)
+            if handler is None:
+                raise ProtocolError('pickle opcode 0x%02x refused' % code)
+            handler(self)
+
+
+def _op_append(u):
+    if len(u.stack) < 2 or u.stack[-1] is _MARK:
+        raise ProtocolError('bad append')
+    value = u.stack.pop()
+    u.top(list).append(value)
+
+
+def _op_appends(u):
+    items = u.pop_mark()
+    u.top(list).extend(items)
+
+
+def _op_setitem(u):
+    if len(u.stack) < 3 or _MARK in u.stack[-2:]:
+        raise ProtocolError('bad setitem')
+    value, key = u.stack.pop(), u.stack.pop()
+    u.set_items([key, value])
+
+
+_UNAUTH_OPS = {
+    0x80: lambda u: u.take(1),                                # PROTO
+    0x95: lambda u: u.take(8),                                # FRAME
+    0x28: lambda u: u.stack.append(_MARK),                    # MARK
+    0x7d: lambda u: u.stack.append({}),                       # EMPTY_DICT
+    0x5d: lambda u: u.stack.append([]),                       # EMPTY_LIST
+    0x29: lambda u: u.stack.append(()),                       # EMPTY_TUPLE
+    0x73: _op_setitem,                                        # SETITEM
+    0x75: lambda u: u.set_items(u.pop_mark()),                # SETITEMS
+    0x61: _op_append,                                         # APPEND
+    0x65: _op_appends,                                        # APPENDS
+    0x74: lambda u: u.stack.append(tuple(u.pop_mark())),      # TUPLE
+    0x85: lambda u: u.tuple_of(1),                            # TUPLE1
+    0x86: lambda u: u.tuple_of(2),                            # TUPLE2
+    0x87: lambda u: u.tuple_of(3),                            # TUPLE3
+    0x4e: lambda u: u.stack.append(None),                     # NONE
+    0x88: lambda u: u.stack.append(True),                     # NEWTRUE
+    0x89: lambda u: u.stack.append(False),                    # NEWFALSE
+    0x4a: lambda u: u.stack.append(u.number('<i')),           # BININT
+    0x4b: lambda u: u.stack.append(u.take(1)[0]),             # BININT1
+    0x4d: lambda u: u.stack.append(u.number('<H')),           # BININT2
+    0x8a: _Unauth.long1,                                      # LONG1
+    0x47: lambda u: u.stack.append(u.number('>d')),           # BINFLOAT
+    0x8c: lambda u: u.stack.append(u.text('<B')),             # SHORT_BINUNICODE
+    0x58: lambda u: u.stack.append(u.text('<I')),             # BINUNICODE
+    0x8d: lambda u: u.stack.append(u.text('<Q')),             # BINUNICODE8
+    0x43: lambda u: u.stack.append(bytes(u.take(u.number('<B')))),  # SHORT_BINBYTES
+    0x42: lambda u: u.stack.append(bytes(u.take(u.number('<I')))),  # BINBYTES
+    0x94: lambda u: u.memo_put(len(u.memo)),                  # MEMOIZE
+    0x71: lambda u: u.memo_put(u.number('<B')),               # BINPUT
+    0x72: lambda u: u.memo_put(u.number('<I')),               # LONG_BINPUT
+    0x68: lambda u: u.memo_get(u.number('<B')),               # BINGET
+    0x6a: lambda u: u.memo_get(u.number('<I')),               # LONG_BINGET
+}
+
+
+def _check_depth(obj):
+    todo = [(obj, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth >= UNAUTH_DEPTH:
+                raise ProtocolError('nesting deeper than %d refused' % UNAUTH_DEPTH)
+            values = item.values() if isinstance(item, dict) else item
+            todo.extend((value, depth + 1) for value in values)
+
+
+def loads_unauth(data):
+    """Decode plain data from a peer that has not authenticated, in time
+    and memory linear in ``len(data)`` (at most UNAUTH_MAX_BYTES): dicts
+    with str keys, lists, tuples, str, bytes, small ints, floats, bools and
+    None.  Anything else raises ProtocolError."""
+    if len(data) > UNAUTH_MAX_BYTES:
+        raise ProtocolError('%d bytes of unauthenticated data refused' % len(data))
+    obj = _Unauth(memoryview(data)).run()
+    _check_depth(obj)
+    return obj
+
+
 def loads_records(data):
     """Decode an authenticated request: plain data and our records."""
     return _checked_load(_RecordUnpickler, data)
@@ -314,9 +496,57 @@ def auth_code(secret, sign):
     return _sha1((secret + sign).encode('utf-8')).hexdigest().encode('ascii')
 
 
-def new_sign():
-    """A node's signature: 20 random hex characters, new at every start."""
-    return os.urandom(10).hex()
+def _hmac_sha256(key, message):
+    """RFC 2104 HMAC-SHA256 on the builtin hash (hmac would load OpenSSL)."""
+    block = 64
+    key = key.encode('utf-8') if isinstance(key, str) else key
+    if len(key) > block:
+        key = _sha256(key).digest()
+    key = key.ljust(block, b'\0')
+    inner = _sha256(bytes(b ^ 0x36 for b in key) + message).digest()
+    return _sha256(bytes(b ^ 0x5c for b in key) + inner).hexdigest()
+
+
+_NONCE_HEX = 8          # a node sign: 8 hex of nonce + 12 hex of tag = 20 hex,
+_TAG_HEX = 12           # the length and alphabet of a legacy client's sign
+
+
+def _sign_tag(secret, nonce):
+    return _hmac_sha256(secret, b'dispynode-sign:' + nonce.encode('ascii'))[:_TAG_HEX]
+
+
+def new_sign(secret=''):
+    """A node's signature, new at every start: 20 hex characters like a
+    legacy sign, but self-authenticating: a random nonce and a tag keyed by
+    the secret.  Any node holding the secret recognises a node's sign
+    (:func:`is_node_sign`) and never answers a PING naming one, because
+    ``auth_code(secret, node_sign)`` is that node's request token."""
+    nonce = os.urandom(_NONCE_HEX // 2).hex()
+    return nonce + _sign_tag(secret, nonce)
+
+
+def is_node_sign(secret, sign):
+    """True if ``sign`` was made by :func:`new_sign` with ``secret``."""
+    if not isinstance(sign, str) or len(sign) != _NONCE_HEX + _TAG_HEX:
+        return False
+    nonce, tag = sign[:_NONCE_HEX], sign[_NONCE_HEX:]
+    try:
+        expected = _sign_tag(secret, nonce)
+    except UnicodeEncodeError:
+        return False
+    return compare_digest(tag.encode('ascii', 'replace'), expected.encode('ascii'))
+
+
+_SIGN_CHARS = frozenset('0123456789abcdefABCDEF')
+
+
+def valid_peer_sign(sign):
+    """A client's or scheduler's sign as dispy 4.5 makes it: 10 to 20 hex
+    characters (``hex(byte)[2:]`` of 10 random bytes).  Empty, long or
+    other signs are refused: an empty one would make the PONG carry
+    ``sha1(secret)`` itself."""
+    return (isinstance(sign, str) and 8 <= len(sign) <= 64
+            and all(c in _SIGN_CHARS for c in sign))
 
 
 def auth_matches(received, expected):

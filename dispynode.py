@@ -94,6 +94,15 @@ MAX_PENDING = 4096            # connections still sending their request
 CHUNK = 1024 * 1024           # file streaming block
 TASK_THREADS = 8              # background task pool: threads, queued tasks
 TASK_QUEUE = 256
+PONG_THREADS = 2              # pool answering unauthenticated PINGs
+PONG_QUEUE = 16
+PONG_TARGETS = 2              # addresses one PING can make us connect to
+PONG_CONNECT_TIMEOUT = 0.9    # below TCP's 1 s SYN retransmit: one SYN per target
+PING_SOURCE_INTERVAL = 1.0    # one PONG round per (source, port, sign) per interval
+PING_RATE, PING_BURST = 20.0, 40   # PONG rounds per second for all sources together
+MAX_COMPUTATIONS = 16         # active computations (each holds a worker process)
+MAX_LANES = 16                # courier lanes (threads) at once
+MAX_XFER_FILES = 10000        # files one computation may announce
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
@@ -114,6 +123,17 @@ def is_ipv4(text):
     return True
 
 
+def unicast_ipv4(text):
+    """An IPv4 address a PONG may go to: not unspecified, broadcast or
+    multicast."""
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except (ValueError, TypeError):
+        return False
+    return not (addr.is_unspecified or addr.is_multicast or addr.is_reserved
+                or text == '255.255.255.255')
+
+
 def brief(value):
     """A short, safe rendering of a client-supplied value for logs and
     refusals: its own text for small ints and strings, else its type
@@ -123,6 +143,19 @@ def brief(value):
     if isinstance(value, str) and len(value) <= 80:
         return repr(value)
     return '<%s>' % type(value).__name__
+
+
+def small_int(value):
+    """An id as dispy makes them (``int(1000 * time)``, ``id(obj)``): a
+    non-negative int below 2**64, never a bool or a 5,000-digit number."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 64
+
+
+def valid_xfer(xf):
+    """A file announcement with a usable name and a sane size."""
+    size = getattr(getattr(xf, 'stat_buf', None), 'st_size', None)
+    return (isinstance(xf, dc.XferFile) and bool(safe_basename(xf.name, xf.sep))
+            and isinstance(size, int) and 0 <= size < 2 ** 63)
 
 
 def valid_port(value):
@@ -374,6 +407,36 @@ class TaskPool:
             return len(self.threads)
 
 
+class RateGate:
+    """Admits an event from ``key`` at most once per ``interval`` seconds,
+    and all events together at ``rate`` per second (bursts of ``burst``).
+    Its memory is bounded: keys older than the interval are forgotten."""
+
+    MAX_KEYS = 4096
+
+    def __init__(self, interval, rate, burst):
+        self.interval, self.rate, self.burst = interval, rate, burst
+        self.lock = threading.Lock()
+        self.last = collections.OrderedDict()    # key -> last admitted time
+        self.tokens, self.filled = float(burst), time.monotonic()
+
+    def allow(self, key):
+        now = time.monotonic()
+        with self.lock:
+            while self.last and (now - next(iter(self.last.values())) >= self.interval
+                                 or len(self.last) >= self.MAX_KEYS):
+                self.last.popitem(last=False)
+            if key in self.last:
+                return False
+            self.tokens = min(self.burst, self.tokens + (now - self.filled) * self.rate)
+            self.filled = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            self.last[key] = now
+            return True
+
+
 class Counters:
     """Monotonic event counters (refusals, drops, bytes, jobs by outcome),
     read by the status query and the metrics endpoint."""
@@ -450,6 +513,7 @@ class Computation:
             self.program = os.path.join(dest_path, safe_basename(compute.name) or 'program')
         self.xfer_names = [safe_basename(xf.name, xf.sep) for xf in compute.xfer_files]
         self.last_pulse = time.monotonic()
+        self.last_resend = float('-inf')
         self.zombie = False
         self.timed_out = False     # a zombie because the client fell silent
         self.retiring = False
@@ -519,6 +583,8 @@ class NodeState:
         with self.lock:
             if self.scheduler not in (None, (comp.scheduler_ip, comp.scheduler_port)):
                 return b'Busy'
+            if len(self.active) >= MAX_COMPUTATIONS:
+                return b'NAK (too many computations: at most %d at once)' % MAX_COMPUTATIONS
             if comp.id in self.active:
                 return b'NAK (computation %s already exists)' % str(comp.id).encode()
             self.scheduler = (comp.scheduler_ip, comp.scheduler_port)
@@ -539,7 +605,9 @@ class NodeState:
             comp = self.active.get(compute_id)
             if comp is None and include_detached:
                 comp = self.detached.get(compute_id)
-        if comp is not None and auth is not None and comp.auth != auth:
+        if comp is not None and auth is not None and not (
+                isinstance(auth, str) and isinstance(comp.auth, str)
+                and dc.compare_digest(comp.auth.encode(), auth.encode('utf-8', 'replace'))):
             return None
         return comp
 
@@ -642,6 +710,16 @@ class NodeState:
         with self.lock:
             comp.stored.discard(uid)
             return (not comp.stored and self.detached.get(comp.id) is comp)
+
+    def resend_due(self, comp, interval):
+        """True (and the clock restarted) if ``comp``'s stored results were
+        last resent at least ``interval`` seconds ago."""
+        now = time.monotonic()
+        with self.lock:
+            if now - comp.last_resend < interval:
+                return False
+            comp.last_resend = now
+            return True
 
     def zombies(self, interval):
         now = time.monotonic()
@@ -1246,7 +1324,10 @@ class Courier:
         key = (delivery.comp.id, delivery.uid)
         addr = delivery.comp.reply_addr
         with self.lock:
-            closing = self.closing
+            # Past MAX_LANES client addresses at once, a reply waits in the
+            # store for the next retry rather than costing another thread.
+            closing = self.closing or (addr not in self.lanes
+                                       and len(self.lanes) >= MAX_LANES)
             if key in self.in_flight or closing:
                 lane = None
             else:
@@ -1361,22 +1442,23 @@ class RequestHandler(socketserver.BaseRequestHandler):
         tag, payload = dc.split_tag(msg)
         self.payload = payload
         handler, recovery = HANDLERS.get(tag, (None, False))
-        if handler is None:
-            logger.warning('refusing unknown request %r from %s', msg[:16], self.peer)
-            self.reply(b'NAK (invalid command: %s)' % msg[:16])
+        # The run whose token this is (None: not ours; PING needs none).
+        self.token_sign = self.node.token_sign(auth, recovery)
+        if handler is None or (tag != b'PING' and self.token_sign is None):
+            self.node.refuse('request without a valid token' if handler
+                             else 'unknown request', self.peer)
+            if handler is None and self.token_sign is not None:
+                self.reply(b'NAK (invalid command: %s)' % msg[:16])
             return
         if tag != b'PING':
-            if not self.node.auth_ok(auth, recovery):
-                logger.warning('ignoring %s from %s: invalid authentication',
-                               tag.decode(), self.peer)
-                return
             # RESEND_JOB_RESULTS counts stored results before resending them.
             self.node.sign_of_life(self.peer, resend=(tag != b'RESEND_JOB_RESULTS'))
         try:
-            # PING may come from anyone, so it gets the plain-data loader.
-            body = dc.loads_plain(payload) if tag == b'PING' else dc.loads_records(payload)
+            # PING may come from anyone: the bounded plain-data decoder.
+            body = dc.loads_unauth(payload) if tag == b'PING' else dc.loads_records(payload)
         except ProtocolError as exc:
-            logger.debug('undecodable %s from %s: %s', tag.decode(), self.peer, exc)
+            self.node.logs.log('undecodable request', logging.INFO,
+                               'undecodable %s from %s: %s', tag.decode(), self.peer, exc)
             self.reply(b'NAK (invalid request)')
             return
         try:
@@ -1398,7 +1480,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if pong is None:
             return
         self.reply(dc.dumps_plain(pong))
-        self.node.spawn(self.node.send_pongs, info, self.peer)
+        self.node.queue_pongs(info, self.peer)
 
     # -- computation lifecycle
     @handles(b'COMPUTE')
@@ -1461,17 +1543,16 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def _handle_close(self, info):
         if not isinstance(info, dict):
             return
-        comp = self.node.state.find(info.get('compute_id'), info.get('auth'),
-                                    include_detached=True)
+        comp = self.node.lookup(info, self.token_sign)
         if comp is None:
-            logger.warning('CLOSE for unknown computation %s', brief(info.get('compute_id')))
+            self.node.refuse('CLOSE for an unknown computation', self.peer)
             return
         self.node.close_computation(comp, bool(info.get('terminate_pending')))
 
     # -- results and recovery
     @handles(b'RESEND_JOB_RESULTS', recovery=True)
     def _handle_resend_job_results(self, info):
-        comp = self.node.lookup(info)
+        comp = self.node.lookup(info, self.token_sign)
         if comp is None:
             self.reply(dc.dumps_plain(0))
             return
@@ -1481,7 +1562,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     @handles(b'PENDING_JOBS', recovery=True)
     def _handle_pending_jobs(self, info):
-        comp = self.node.lookup(info)
+        comp = self.node.lookup(info, self.token_sign)
         reply = {'done': [], 'pending': 0}
         if comp is not None:
             reply = {'done': sorted(comp.stored)[:50], 'pending': len(comp.running)}
@@ -1489,7 +1570,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     @handles(b'RETRIEVE_JOB', recovery=True)
     def _handle_retrieve_job(self, info):
-        comp = self.node.lookup(info)
+        comp = self.node.lookup(info, self.token_sign)
         uid = info.get('uid') if isinstance(info, dict) else None
         rec = self.node.store.load_reply(comp, uid) if comp and isinstance(uid, int) else None
         if rec is None or rec['hash'] != info.get('hash'):  # info is a dict when rec is set
@@ -1500,7 +1581,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     @handles(b'JOBS')
     def _handle_jobs(self, info):
-        comp = self.node.lookup(info)
+        comp = self.node.lookup(info, self.token_sign)
         jobs = self.node.state.jobs_of(comp.id) if comp else []
         self.reply(dc.dumps_plain([{'uid': e.uid, 'hash': e.hash, 'start_time': e.start}
                                    for e in jobs]))
@@ -1743,9 +1824,11 @@ class Node:
     def __init__(self, config):
         self.config = config
         self.state = NodeState(config.cpus)
-        self.sign = dc.new_sign()
+        self.sign = dc.new_sign(config.secret)
         self.auth = dc.auth_code(config.secret, self.sign)
-        self.old_auths = set()
+        # Tokens of earlier runs (restored computations): auth -> that run's sign.
+        self.old_auths = {}
+        self.old_signs = set()
         self.tls_server = self.tls_client = None
         if config.certfile:
             self.tls_server = dc.server_tls_context(config.certfile, config.keyfile)
@@ -1754,6 +1837,8 @@ class Node:
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
+        self.pongs = TaskPool('pong', PONG_THREADS, PONG_QUEUE, idle_seconds=2.0)
+        self.ping_gate = RateGate(PING_SOURCE_INTERVAL, PING_RATE, PING_BURST)
         self.counters = Counters()
         self.logs = LogLimiter()
         self.stopping = threading.Event()
@@ -1819,6 +1904,7 @@ class Node:
         if spare is not None:
             spare.stop(2.0)
         self.tasks.close(3.0)
+        self.pongs.close(1.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
 
@@ -1838,14 +1924,25 @@ class Node:
                 self.store.remove_computation(comp)
                 continue
             self.state.detached[comp.id] = comp
-            self.old_auths.add(dc.auth_code(self.config.secret, comp.sign))
+            self.old_auths[dc.auth_code(self.config.secret, comp.sign)] = comp.sign
+            self.old_signs.add(comp.sign)
             logger.info('restored %d stored result(s) of computation %s for %s',
                         len(comp.stored), comp.id, comp.scheduler_ip)
 
-    def auth_ok(self, received, recovery=False):
+    def token_sign(self, received, recovery=False):
+        """The sign of the run whose token ``received`` is: this run's, or
+        (for ``recovery`` messages only) an earlier run's whose computations
+        were restored.  None if it is no token of ours."""
         if dc.auth_matches(received, self.auth):
-            return True
-        return recovery and any(dc.auth_matches(received, a) for a in self.old_auths)
+            return self.sign
+        if recovery:
+            for auth, sign in self.old_auths.items():
+                if dc.auth_matches(received, auth):
+                    return sign
+        return None
+
+    def auth_ok(self, received, recovery=False):
+        return self.token_sign(received, recovery) is not None
 
     # -- discovery
     def ping_info(self, scheduler_ip=None):
@@ -1876,10 +1973,11 @@ class Node:
         finally:
             sock.close()
 
-    def _tcp_notify(self, addr, data):
+    def _tcp_notify(self, addr, data, timeout=None):
         """Send one unauthenticated message to a client's TCP server."""
         try:
-            with dc.connect(addr, self.config.msg_timeout, self.tls_client) as sock:
+            with dc.connect(addr, timeout or self.config.msg_timeout, self.tls_client) as sock:
+                sock.settimeout(self.config.msg_timeout)
                 dc.send_msg(sock, data)
         except OSError as exc:
             logger.debug('message to %s:%s failed: %s', addr[0], addr[1], exc)
@@ -1888,32 +1986,76 @@ class Node:
     def _valid_ping(info):
         return (isinstance(info, dict) and info.get('version') == dc.PROTOCOL_VERSION
                 and valid_port(info.get('port'))
-                and isinstance(info.get('sign', ''), str) and len(info.get('sign', '')) <= 64
                 and isinstance(info.get('ip_addrs', []), list))
 
+    def sign_refusal(self, sign):
+        """Why a PONG must not carry ``sha1(secret + sign)``, or None.
+
+        That hash is the request token of whichever node made ``sign``: our
+        own sign (announced in every PONG), an earlier run's, or any other
+        node's with our secret.  An empty sign would give ``sha1(secret)``
+        for offline guessing.  Only the signs dispy 4.5 clients and
+        schedulers make are answered."""
+        if not dc.valid_peer_sign(sign):
+            return 'malformed or empty sign'
+        if sign == self.sign or sign in self.old_signs:
+            return "this node's own sign"
+        if dc.is_node_sign(self.config.secret, sign):
+            return "a node's sign"
+        return None
+
     def pong_for(self, info, peer):
-        if not self._valid_ping(info) or not isinstance(info.get('sign'), str):
-            logger.debug('ignoring malformed PING from %s', peer)
+        if not self._valid_ping(info):
+            self.refuse('malformed PING', peer)
+            return None
+        why = self.sign_refusal(info.get('sign'))
+        if why:
+            self.refuse('PING with %s' % why, peer)
             return None
         return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'name': self.config.name,
                 'cpus': self.config.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
                 'scheduler_ip_addr': peer}
 
+    def refuse(self, what, peer, level=logging.WARNING):
+        """Count and log (rate-limited, never once per packet) a refusal."""
+        self.counters.add('refused')
+        self.logs.log(what, level, 'refused %s from %s', what, peer)
+
+    def queue_pongs(self, info, peer):
+        """Answer a PING from an unauthenticated peer, within bounds: one
+        round per (source, port, sign) per PING_SOURCE_INTERVAL (two clients
+        on one machine differ in port and sign), PING_RATE rounds a second
+        in all, on the capped pong pool, at most PONG_TARGETS addresses."""
+        key = (peer, info.get('port'), info.get('sign'))
+        if not self.ping_gate.allow(key):
+            self.counters.add('dropped_packets')
+            self.logs.log('PING over the rate limit', logging.INFO,
+                          'dropped PING from %s: over the rate limit', peer)
+            return
+        if not self.pongs.submit(self.send_pongs, info, peer, key=key):
+            self.counters.add('dropped_packets')
+
+    def pong_targets(self, info, peer):
+        """The PING's source first, then the addresses it lists (a client
+        behind NAT or on several interfaces), at most PONG_TARGETS."""
+        # 0.0.0.0 is what a broadcast sent before the sender had an address
+        # carries; a PONG there would register the client under it.
+        listed = [a for a in info.get('ip_addrs', [])[:PONG_TARGETS] if unicast_ipv4(a)]
+        return list(dict.fromkeys(listed + [peer] if unicast_ipv4(peer) else listed))[
+            :PONG_TARGETS]
+
     def send_pongs(self, info, peer):
-        """Answer a client's PING with PONG to each of its addresses."""
+        """Answer a client's PING with a PONG to its addresses."""
         if not self.state.is_free():
             logger.debug('busy; not answering PING from %s', peer)
             return
-        addrs = [a for a in info.get('ip_addrs', [])[:8] if is_ipv4(a)] + [peer]
-        # 0.0.0.0 is what a broadcast sent before the sender had an address
-        # carries; a PONG there would register the client under it.
-        for ip in dict.fromkeys(a for a in addrs if a != '0.0.0.0'):
-            if info.get('sign'):
-                pong = self.pong_for(info, ip)
-                self._tcp_notify((ip, info['port']), b'PONG:' + dc.dumps_plain(pong))
-            else:
-                self._udp_send(b'PING:' + dc.dumps_plain(self.ping_info(ip)), (ip, info['port']))
+        for ip in self.pong_targets(info, peer):
+            pong = self.pong_for(info, ip)
+            if pong is None:
+                return
+            self._tcp_notify((ip, info['port']), b'PONG:' + dc.dumps_plain(pong),
+                             timeout=PONG_CONNECT_TIMEOUT)
 
     def _udp_loop(self):
         while not self.stopping.is_set():
@@ -1931,23 +2073,29 @@ class Node:
                 logger.exception('UDP datagram from %s failed', addr[0])
 
     def _udp_datagram(self, data, addr):
+        self.counters.add('bytes_in', len(data))
         tag, payload = dc.split_tag(data)
         if tag not in (b'PING', b'PULSE') or len(data) > UDP_MAX:
-            logger.debug('ignoring datagram from %s', addr[0])
+            self.counters.add('dropped_packets')
+            self.logs.log('junk datagram', logging.DEBUG, 'ignoring datagram from %s', addr[0])
             return
         try:
-            info = dc.loads_plain(payload)
+            info = dc.loads_unauth(payload)
         except ProtocolError as exc:
-            logger.debug('ignoring %s from %s: %s', tag.decode(), addr[0], exc)
+            self.counters.add('dropped_packets')
+            self.logs.log('undecodable datagram', logging.INFO,
+                          'ignoring %s from %s: %s', tag.decode(), addr[0], exc)
             return
         if tag == b'PING':
-            if self._valid_ping(info):
-                self.spawn(self.send_pongs, info, addr[0])
+            if self._valid_ping(info) and not self.sign_refusal(info.get('sign')):
+                self.queue_pongs(info, addr[0])
             else:
-                logger.debug('ignoring malformed PING from %s', addr[0])
+                self.pong_for(info, addr[0])    # counts and logs the refusal
         elif isinstance(info, dict) and is_ipv4(info.get('ip_addr')):
             port = info.get('port')
             self.sign_of_life(info['ip_addr'], port if valid_port(port) else None)
+        else:
+            self.counters.add('dropped_packets')
 
     def sign_of_life(self, scheduler_ip, port=None, resend=True):
         """A client was heard from: refresh its computations and retry
@@ -1956,7 +2104,9 @@ class Node:
         share an address, and an old one may be frozen."""
         for comp in self.state.touch(scheduler_ip, port):
             self.courier.revive(comp.reply_addr)
-            if resend and comp.stored:
+            # Pulses are unauthenticated: whatever they say, stored results
+            # are re-read and sent at most once per retry interval.
+            if resend and comp.stored and self.state.resend_due(comp, RETRY_SECONDS):
                 self.resend(comp)
 
     # -- timer: pulses, zombies, resends
@@ -1975,7 +2125,7 @@ class Node:
     def _retry_stored(self):
         active, _ = self.state.snapshot()
         for comp in active:
-            if comp.stored and not comp.zombie:
+            if comp.stored and not comp.zombie and self.state.resend_due(comp, RETRY_SECONDS):
                 self.resend(comp)
 
     def pulse_interval(self, active):
@@ -2006,19 +2156,22 @@ class Node:
         if not isinstance(c, dc.Compute):
             return b'NAK (invalid computation request)'
         checks = (
-            (isinstance(c.id, int), 'id'), (c.type in (1, 2), 'type'),
-            (isinstance(c.name, str) and c.name, 'name'),
+            (small_int(c.id), 'id'), (c.type in (1, 2), 'type'),
+            (isinstance(c.name, str) and 0 < len(c.name) <= 1024 and '\0' not in c.name,
+             'name'),
             (isinstance(c.auth, str) and _HEX_RE.match(c.auth or ''), 'auth'),
             (is_ipv4(c.scheduler_ip_addr), 'scheduler address'),
             (valid_port(c.scheduler_port) and valid_port(c.job_result_port), 'port'),
             (isinstance(c.code, str), 'code'),
-            (isinstance(c.xfer_files, list)
-             and all(isinstance(x, dc.XferFile) and safe_basename(x.name, x.sep)
-                     and isinstance(getattr(x.stat_buf, 'st_size', None), int)
-                     for x in c.xfer_files), 'files'),
-            (c.dest_path is None or isinstance(c.dest_path, str), 'dest_path'),
-            (c.pulse_interval is None or isinstance(c.pulse_interval, (int, float)),
-             'pulse_interval'))
+            (isinstance(c.xfer_files, list) and len(c.xfer_files) <= MAX_XFER_FILES
+             and all(valid_xfer(x) for x in c.xfer_files), 'files'),
+            (c.dest_path is None or isinstance(c.dest_path, str) and len(c.dest_path) <= 1024,
+             'dest_path'),
+            (c.pulse_interval is None or isinstance(c.pulse_interval, (int, float))
+             and not isinstance(c.pulse_interval, bool)
+             and 0 < c.pulse_interval < 10 ** 7, 'pulse_interval'),
+            (c.setup is None or isinstance(c.setup, dc.Function), 'setup'),
+            (c.cleanup is None or isinstance(c.cleanup, (bool, dc.Function)), 'cleanup'))
         for ok, what in checks:
             if not ok:
                 return b'NAK (invalid %s)' % what.encode()
@@ -2051,9 +2204,18 @@ class Node:
         return tempfile.mkdtemp(prefix=stem + '_', dir=base)
 
     def add_computation(self, compute, raw):
+        """Claim the node for a validated computation; whatever fails
+        afterwards undoes the claim, so a bad COMPUTE leaves the node free."""
         if not self.state.is_free() and self.state.scheduler != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
+        try:
+            return self._add_computation(compute, raw)
+        except Exception as exc:  # validated input should never get here
+            logger.exception('could not add computation %s', brief(compute.id))
+            return None, b'NAK (could not start computation: %s)' % type(exc).__name__.encode()
+
+    def _add_computation(self, compute, raw):
         try:
             dest = self.computation_dir(compute)
         except OSError as exc:
@@ -2068,7 +2230,7 @@ class Node:
             self.store.save_computation(comp)
             comp.worker = self.take_worker()
             comp.worker.attach(comp, raw, compute.code)
-        except OSError as exc:
+        except Exception as exc:  # nothing may leave the node claimed
             logger.error('could not start computation %s: %s', comp.id, exc)
             self.drop_computation(comp)
             return None, b'NAK (could not start computation: %s)' % str(exc).encode()
@@ -2103,10 +2265,17 @@ class Node:
         self.store.remove_computation(comp)
         self._remove_computation_files(comp)
 
-    def lookup(self, info):
-        if not isinstance(info, dict):
+    def lookup(self, info, token_sign):
+        """The computation a request dict names, if the dict carries that
+        computation's auth and the request came with the token of the run
+        the computation belongs to (an earlier run's token reaches only the
+        computations restored from that run)."""
+        if not isinstance(info, dict) or not isinstance(info.get('auth'), str):
             return None
-        return self.state.find(info.get('compute_id'), info.get('auth'), include_detached=True)
+        comp = self.state.find(info.get('compute_id'), info['auth'], include_detached=True)
+        if comp is None or comp.sign != token_sign:
+            return None
+        return comp
 
     def run_setup(self, comp):
         answer = comp.worker.request(('setup',), SETUP_TIMEOUT)
@@ -2261,8 +2430,8 @@ class Node:
 
     # -- jobs
     def admit_job(self, job, peer):
-        if not isinstance(job, dc.DispyJobRecord) or not isinstance(job.uid, int) \
-                or not isinstance(job.hash, str) \
+        if not isinstance(job, dc.DispyJobRecord) or not small_int(job.uid) \
+                or not isinstance(job.hash, str) or len(job.hash) > 256 \
                 or not isinstance(job.args, bytes) or not isinstance(job.kwargs, bytes) \
                 or not isinstance(job.code or '', str) \
                 or not isinstance(job.xfer_files or [], list):
