@@ -84,6 +84,8 @@ logger = logging.getLogger('dispynode')
 DEFAULT_NODE_PORT = 51348
 DEFAULT_SCHEDULER_PORT = 51347
 DEFAULT_MAX_FILE_SIZE = '10m'
+DEFAULT_MAX_REQUEST = '1g'          # the original ran jobs with 300 MB of arguments
+DEFAULT_REQUEST_MEMORY = '1g'
 DEFAULT_MSG_TIMEOUT = 5.0
 DEFAULT_ZOMBIE_MINUTES = 60.0
 DEFAULT_PULSE_SECONDS = 600.0
@@ -1590,23 +1592,27 @@ class RequestHandler(socketserver.BaseRequestHandler):
 # ---------------------------------------------------------------- servers
 
 class Request:
-    """A connection whose auth prefix and first frame have arrived."""
-    __slots__ = ('sock', 'auth', 'msg')
+    """A connection whose auth prefix and first frame have arrived;
+    ``reserved`` bytes of the request memory budget are held until its
+    handler is done with it."""
+    __slots__ = ('sock', 'auth', 'msg', 'reserved')
 
-    def __init__(self, sock, auth, msg):
-        self.sock, self.auth, self.msg = sock, auth, msg
+    def __init__(self, sock, auth, msg, reserved=0):
+        self.sock, self.auth, self.msg, self.reserved = sock, auth, msg, reserved
 
 
 class _Arrival:
     """A connection still sending its auth prefix and frame."""
     __slots__ = ('sock', 'addr', 'deadline', 'handshaking', 'stage', 'need', 'buf', 'auth',
-                 'limit')
+                 'trusted', 'reserved', 'refusal')
 
     def __init__(self, sock, addr, deadline, tls):
         self.sock, self.addr, self.deadline, self.handshaking = sock, addr, deadline, tls
         self.stage, self.need, self.buf = 'auth', dc.AUTH_LEN, bytearray()
         self.auth = b''
-        self.limit = UNAUTH_FRAME_LIMIT
+        self.trusted = False     # sent one of our tokens
+        self.reserved = 0        # bytes of the request memory budget held
+        self.refusal = None      # set when the body is read only to be dropped
 
 
 class Reception(threading.Thread):
@@ -1637,6 +1643,7 @@ class Reception(threading.Thread):
         self.max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY \
             else max(32, min(MAX_PENDING, soft - 256))
         self.stopped = False
+        self.buffered = 0            # request bytes reserved (under self.lock)
 
     def add(self, sock, addr):
         with self.lock:
@@ -1647,10 +1654,24 @@ class Reception(threading.Thread):
                 self.count += 1
                 self.incoming.append((sock, addr))
         if refused:
-            logger.warning('too many pending connections; refusing %s', addr[0])
+            self.node.refuse('connection: too many pending', addr[0])
             _close(sock)
             return
         self.wake_w.send(b'x')
+
+    def reserve(self, size):
+        """Hold ``size`` bytes of the request memory budget; False if the
+        requests already being received and handled hold too much."""
+        with self.lock:
+            if self.buffered + size > self.node.config.max_request_memory:
+                return False
+            self.buffered += size
+            return True
+
+    def release(self, size):
+        if size:
+            with self.lock:
+                self.buffered -= size
 
     def stop(self):
         with self.lock:
@@ -1684,8 +1705,8 @@ class Reception(threading.Thread):
         for arrival in arrivals:
             if arrival.deadline <= now and arrival.sock.fileno() >= 0 \
                     and arrival.sock in self.sel.get_map():
-                logger.debug('dropping %s: request not complete within %ss',
-                             arrival.addr[0], self.node.config.msg_timeout)
+                self.node.refuse('request not complete in time', arrival.addr[0],
+                                 logging.INFO)
                 self._drop(arrival)
 
     def _accept_incoming(self):
@@ -1718,10 +1739,17 @@ class Reception(threading.Thread):
                 a.sock.do_handshake()
                 a.handshaking = False
             while True:
+                if a.refusal is not None:
+                    self._discard(a)
+                    return
                 chunk = a.sock.recv(min(a.need - len(a.buf), CHUNK))
                 if not chunk:
                     raise ProtocolError('closed after %d bytes' % len(a.buf))
                 a.buf += chunk
+                if a.trusted:
+                    # A token holder's big request may take longer than one
+                    # --msg_timeout in all, as long as it keeps coming.
+                    a.deadline = time.monotonic() + self.node.config.msg_timeout
                 if len(a.buf) == a.need and self._next_stage(a):
                     return
         except self.want_write:
@@ -1729,24 +1757,41 @@ class Reception(threading.Thread):
         except self.want_read:
             self.sel.modify(a.sock, selectors.EVENT_READ, a)
         except (OSError, ProtocolError) as exc:
-            logger.debug('dropping request from %s: %s', a.addr[0], exc)
+            self.node.logs.log('dropped request', logging.DEBUG,
+                               'dropping request from %s: %s', a.addr[0], exc)
+            self.node.counters.add('refused')
             self._drop(a)
+
+    def _discard(self, a):
+        """Read and drop the body of a refused request (costing no memory),
+        then tell the client why: the legacy client logs a NAK's text."""
+        while a.need > 0:
+            got = len(a.sock.recv(min(a.need, CHUNK)))
+            if not got:
+                raise ProtocolError('closed while its refused body was read')
+            a.need -= got
+            a.deadline = time.monotonic() + self.node.config.msg_timeout
+        self.sel.unregister(a.sock)
+        self._forget(None)
+        try:
+            a.sock.settimeout(1.0)
+            dc.send_msg(a.sock, a.refusal)
+        except OSError:
+            pass
+        _close(a.sock)
 
     def _next_stage(self, a):
         """Move past a completed stage; True once the request is whole."""
         data, a.buf = bytes(a.buf), bytearray()
         if a.stage == 'auth':
             a.auth = data
-            # Before authentication only a PING makes sense: keep it small.
-            if self.node.auth_ok(data, True):
-                a.limit = dc.MAX_FRAME
+            a.trusted = self.node.auth_ok(data, True)
             a.stage, a.need = 'length', 4
             return False
         if a.stage == 'length':
             (size,) = struct.unpack('>L', data)
-            if size > a.limit:
-                raise ProtocolError('frame of %d bytes exceeds the limit of %d'
-                                    % (size, a.limit))
+            if size and not self._admit_size(a, size):
+                return False
             if size:
                 a.stage, a.need = 'body', size
                 return False
@@ -1754,14 +1799,42 @@ class Reception(threading.Thread):
         self.sel.unregister(a.sock)
         self._forget(None)
         a.sock.setblocking(True)
-        self.server.start_handler(Request(a.sock, a.auth, data), a.addr)
+        request, a.reserved = Request(a.sock, a.auth, data, a.reserved), 0
+        self.server.start_handler(request, a.addr)
         return True
+
+    def _admit_size(self, a, size):
+        """Check a frame length before reading the frame: a peer without
+        a token may send only a small PING; a token holder gets a clear
+        refusal (after its body is read and dropped) when the frame is over
+        --max_request_size or the budget of --max_request_memory is spent."""
+        cfg = self.node.config
+        if not a.trusted:
+            if size > UNAUTH_FRAME_LIMIT:
+                raise ProtocolError('unauthenticated frame of %d bytes' % size)
+            return True
+        if size > cfg.max_request_size:
+            a.refusal = (b'NAK (request of %d bytes is over the limit of %d bytes: '
+                         b'--max_request_size)' % (size, cfg.max_request_size))
+        elif not self.reserve(size):
+            a.refusal = (b'NAK (node is receiving too much data; %d bytes refused '
+                         b'for now: --max_request_memory)' % size)
+        else:
+            a.reserved = size
+            return True
+        self.node.counters.add('refused')
+        self.node.logs.log('request too large', logging.WARNING, 'refused a request of '
+                           '%d bytes from %s: %s', size, a.addr[0], a.refusal[5:-1].decode())
+        a.stage, a.need = 'discard', size
+        return False
 
     def _drop(self, a):
         try:
             self.sel.unregister(a.sock)
         except (KeyError, ValueError):
             pass
+        self.release(a.reserved)
+        a.reserved = 0
         self._forget(a.sock)
 
     def _forget(self, sock):
@@ -1798,7 +1871,8 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def start_handler(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            logger.warning('too many requests at once; refusing %s', client_address[0])
+            self.node.refuse('request: too many at once', client_address[0])
+            self.reception.release(request.reserved)
             _close(request.sock)
             return
         super().process_request(request, client_address)
@@ -1807,6 +1881,7 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.reception.release(request.reserved)
             self.slots.release()
 
     def shutdown_request(self, request):
@@ -2581,6 +2656,12 @@ def build_parser():
                    help='remove everything under --dest_path_prefix at start')
     p.add_argument('--max_connections', type=int, default=MAX_CONNECTIONS,
                    help='concurrent TCP requests served (default %(default)s)')
+    p.add_argument('--max_request_size', default=DEFAULT_MAX_REQUEST,
+                   help='largest request (e.g. a job with its arguments) accepted, with '
+                        'k/m/g suffix; larger ones get a NAK (default %(default)s)')
+    p.add_argument('--max_request_memory', default=DEFAULT_REQUEST_MEMORY,
+                   help='memory all requests being received may hold together, with '
+                        'k/m/g suffix (default %(default)s)')
     p.add_argument('--version', action='version',
                    version='dispynode %s (dispy protocol %s)' % (__version__,
                                                                dc.PROTOCOL_VERSION))
@@ -2605,6 +2686,16 @@ def resolve_config(args):
         raise ValueError('--zombie_interval must be 0 (off) or positive')
     if args.max_connections < 1:
         raise ValueError('--max_connections must be at least 1')
+    for opt in ('max_request_size', 'max_request_memory'):
+        try:
+            value = dc.parse_size(getattr(args, opt))
+        except ValueError as exc:
+            raise ValueError('--%s: %s' % (opt, exc))
+        if not 0 < value < 2 ** 32:
+            raise ValueError('--%s must be between 1 and 4g (the frame length field)' % opt)
+        setattr(args, opt, value)
+    if args.max_request_memory < args.max_request_size:
+        raise ValueError('--max_request_memory must be at least --max_request_size')
     override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     args.secret = _read_secret(args)
