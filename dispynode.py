@@ -189,6 +189,27 @@ def safe_basename(name, sep='/'):
     return base
 
 
+def make_dirs_confined(base, parts, mode, owner=None):
+    """Create ``base/part1/part2...`` one level at a time; an existing
+    level must be a real directory (``lstat``: a symlink is refused, never
+    followed).  New levels get ``mode`` and, with ``owner`` (a JobUser),
+    that owner.  Returns the path, or None if a level is unusable."""
+    path = base
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        else:
+            if owner is not None:
+                os.chown(path, owner.uid, owner.gid)
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            logger.warning('refusing %s: not a directory (a symlink?)', path)
+            return None
+    return path
+
+
 def atomic_write(path, data):
     """Write ``data`` to ``path`` so a crash leaves the old or the new file."""
     directory = os.path.dirname(path)
@@ -1208,6 +1229,22 @@ def worker_main(fd):
 
 # ---------------------------------------------------------------- worker handle
 
+_HERE = os.path.abspath(__file__)
+
+
+def worker_command(statement):
+    """A Python command line that loads this very file (whatever it is
+    named: a renamed copy works) as module ``node`` and runs ``statement``.
+    It loads the file's cached bytecode, rather than running it as a
+    script, which would compile it anew in every worker."""
+    directory, filename = os.path.split(_HERE)
+    loader = ('import sys, importlib.util as u; sys.path.insert(0, %r); '
+              's = u.spec_from_file_location("dispynode_worker", %r); '
+              'node = u.module_from_spec(s); s.loader.exec_module(node); '
+              % (directory, _HERE))
+    return [sys.executable, '-c', loader + statement]
+
+
 class WorkerHandle:
     """The node's end of one worker process.  Workers are started ahead of
     need (Node keeps a spare), because a fresh interpreter takes tens of
@@ -1221,15 +1258,12 @@ class WorkerHandle:
         self.alive = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
-        # Import the module (from its cached bytecode) rather than run the
-        # file as a script, which would compile it anew in every worker.
-        here = os.path.dirname(os.path.abspath(__file__))
-        cmd = [sys.executable, '-c', 'import sys; sys.path.insert(0, %r); '
-               'import dispynode; dispynode.worker_main(%d)' % (here, theirs.fileno())]
+        cmd = worker_command('node.worker_main(%d)' % theirs.fileno())
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
                                          pass_fds=(theirs.fileno(),),
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         **job_user_args(node.config.job_user))
         except OSError:
             ours.close()
             raise
@@ -2265,18 +2299,27 @@ class Node:
             return self._make_computation_dir(compute)
 
     def _make_computation_dir(self, compute):
-        base = os.path.join(self.config.dest_path_prefix, compute.scheduler_ip_addr)
-        os.makedirs(base, mode=0o700, exist_ok=True)
+        """``<prefix>/<client ip>/<dest_path or a new temp dir>``, created one
+        level at a time without following a symlink anywhere (a job may have
+        planted one), so nothing is ever created outside the prefix."""
+        cfg = self.config
+        prefix = cfg.dest_path_prefix
+        # The job user may traverse, not list, the client level.
+        base = make_dirs_confined(prefix, [compute.scheduler_ip_addr],
+                                  0o711 if cfg.job_user else 0o700)
+        if base is None:
+            return None
         if compute.dest_path:
             path = confined_join(base, compute.dest_path)
             if path is None:
                 return None
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            if not os.path.realpath(path).startswith(os.path.realpath(base) + os.sep):
-                return None
-            return path
+            parts = os.path.relpath(path, base).split(os.sep)
+            return make_dirs_confined(base, parts, 0o700, cfg.job_user)
         stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
-        return tempfile.mkdtemp(prefix=stem + '_', dir=base)
+        path = tempfile.mkdtemp(prefix=stem + '_', dir=base)
+        if cfg.job_user:
+            os.chown(path, cfg.job_user.uid, cfg.job_user.gid)
+        return path
 
     def add_computation(self, compute, raw):
         """Claim the node for a validated computation; whatever fails
@@ -2490,6 +2533,8 @@ class Node:
                     fh.write(view[:n])
                     got += n
                 os.fchmod(fh.fileno(), _safe_mode(xf.stat_buf.st_mode, target == comp.program))
+                if self.config.job_user:
+                    os.fchown(fh.fileno(), self.config.job_user.uid, self.config.job_user.gid)
             if got < size:
                 raise ProtocolError('read only %d of %d bytes' % (got, size))
             os.utime(tmp, (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
@@ -2656,6 +2701,10 @@ def build_parser():
                    help='remove everything under --dest_path_prefix at start')
     p.add_argument('--max_connections', type=int, default=MAX_CONNECTIONS,
                    help='concurrent TCP requests served (default %(default)s)')
+    p.add_argument('--job_user', default=None,
+                   help='run workers and jobs as this unprivileged user (the node must '
+                        'start as root), so that jobs cannot read stored results, other '
+                        "clients' files or the node's environment")
     p.add_argument('--max_request_size', default=DEFAULT_MAX_REQUEST,
                    help='largest request (e.g. a job with its arguments) accepted, with '
                         'k/m/g suffix; larger ones get a NAK (default %(default)s)')
@@ -2696,6 +2745,7 @@ def resolve_config(args):
         setattr(args, opt, value)
     if args.max_request_memory < args.max_request_size:
         raise ValueError('--max_request_memory must be at least --max_request_size')
+    args.job_user = _job_user(args.job_user)
     override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     args.secret = _read_secret(args)
@@ -2732,6 +2782,53 @@ def resolve_config(args):
     for level, note in notes:
         logger.log(level, note)
     return args
+
+
+JobUser = collections.namedtuple('JobUser', 'name uid gid')
+
+
+def _job_user(name):
+    """--job_user NAME as a JobUser (None without the option)."""
+    if name is None:
+        return None
+    import pwd
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError('--job_user %s: no such user' % name) from None
+    if entry.pw_uid == 0:
+        raise ValueError('--job_user %s: must be an unprivileged user, not root' % name)
+    if os.geteuid() != 0:
+        raise ValueError('--job_user needs the node to start as root')
+    if sys.version_info < (3, 9):
+        raise ValueError('--job_user needs Python 3.9 or later')
+    return JobUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def check_job_user(cfg):
+    """Start the worker program as the job user once, so that a user who
+    cannot read the node's files or its Python fails here, not at the
+    first job."""
+    if not cfg.job_user:
+        return
+    cmd = worker_command('pass')
+    try:
+        proc = subprocess.run(cmd, cwd=cfg.dest_path_prefix, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
+                              **job_user_args(cfg.job_user))
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ValueError('--job_user %s: cannot start workers: %s' % (cfg.job_user.name, exc))
+    if proc.returncode != 0:
+        last = (proc.stdout.decode('utf-8', 'replace').strip().splitlines() or ['?'])[-1]
+        raise ValueError('--job_user %s cannot run %s with %s: %s'
+                         % (cfg.job_user.name, _HERE, sys.executable, last))
+
+
+def job_user_args(job_user):
+    """subprocess arguments that drop to ``job_user`` (none without it)."""
+    if not job_user:
+        return {}
+    return {'user': job_user.uid, 'group': job_user.gid, 'extra_groups': []}
 
 
 def _read_secret(args):
@@ -2778,15 +2875,60 @@ def _raise_fd_limit():
             pass
 
 
+def check_prefix_path(prefix):
+    """Refuse a prefix that another local user could redirect: the
+    prefix itself, and every level below a world-writable directory (such
+    as /tmp), must be a real directory (not a symlink) owned by us or root.
+    Levels that do not exist yet are fine (we create them).  Raises
+    ValueError."""
+    trusted = {os.geteuid(), 0}
+    current, exposed = os.sep, False
+    for part in prefix.strip(os.sep).split(os.sep):
+        if os.stat(current).st_mode & stat.S_IWOTH:
+            exposed = True
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        if exposed or current == prefix:
+            if stat.S_ISLNK(st.st_mode):
+                raise ValueError('--dest_path_prefix: %s is a symlink; refusing to use it'
+                                 % current)
+            if st.st_uid not in trusted:
+                raise ValueError('--dest_path_prefix: %s is owned by another user (uid %d); '
+                                 'refusing to use it' % (current, st.st_uid))
+        if not os.path.isdir(current):
+            raise ValueError('--dest_path_prefix: %s is not a directory' % current)
+
+
 def prepare_prefix(cfg):
-    if cfg.clean and os.path.isdir(cfg.dest_path_prefix):
-        for name in os.listdir(cfg.dest_path_prefix):
-            full = os.path.join(cfg.dest_path_prefix, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
+    """Check, create (mode 0700; 0711 with --job_user so that the job
+    user can reach its own directories) and, with --clean, empty the
+    prefix.  Nothing under it is followed through a symlink."""
+    prefix = cfg.dest_path_prefix
+    mode = 0o711 if cfg.job_user else 0o700
+    check_prefix_path(prefix)
+    missing = []
+    probe = prefix
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+    check_prefix_path(prefix)     # nobody swapped a level in meanwhile
+    if os.stat(prefix).st_uid == os.geteuid():
+        os.chmod(prefix, mode)
+    if cfg.clean:
+        for name in os.listdir(prefix):
+            full = os.path.join(prefix, name)
+            if stat.S_ISDIR(os.lstat(full).st_mode):
+                shutil.rmtree(full, ignore_errors=True)   # never follows symlinks
             else:
                 os.unlink(full)
-    os.makedirs(cfg.dest_path_prefix, mode=0o700, exist_ok=True)
 
 
 def main(argv=None):
@@ -2799,6 +2941,7 @@ def main(argv=None):
     try:
         cfg = resolve_config(args)
         prepare_prefix(cfg)
+        check_job_user(cfg)
         node = Node(cfg)
     except ValueError as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
