@@ -97,7 +97,7 @@ CHUNK = 1024 * 1024           # file streaming block
 TASK_THREADS = 8              # background task pool: threads, queued tasks
 TASK_QUEUE = 256
 PONG_THREADS = 2              # pool answering unauthenticated PINGs
-PONG_QUEUE = 16
+PONG_QUEUE = 4                # full: the oldest waiting PING is dropped
 PONG_TARGETS = 2              # addresses one PING can make us connect to
 PONG_CONNECT_TIMEOUT = 0.9    # below TCP's 1 s SYN retransmit: one SYN per target
 PING_SOURCE_INTERVAL = 1.0    # one PONG round per (source, port, sign) per interval
@@ -359,12 +359,16 @@ class TaskPool:
     ``idle_seconds``.  ``submit`` refuses (returns False) when the pool is
     closing, its queue is full, or a task with the same ``key`` is already
     queued or running, so work triggered from outside can be deduplicated
-    and can never grow threads or memory without bound.
+    and can never grow threads or memory without bound.  With
+    ``drop_oldest`` a full queue drops its oldest task instead: after a
+    flood of unauthenticated requests the newest ones (a real client's)
+    are served first.
     """
 
-    def __init__(self, name, max_threads, max_queued, idle_seconds=10.0):
+    def __init__(self, name, max_threads, max_queued, idle_seconds=10.0, drop_oldest=False):
         self.name, self.max_threads, self.max_queued = name, max_threads, max_queued
         self.idle_seconds = idle_seconds
+        self.drop_oldest = drop_oldest
         self.cond = threading.Condition(threading.Lock())
         self.tasks = collections.deque()
         self.keys = set()
@@ -375,9 +379,13 @@ class TaskPool:
 
     def submit(self, func, *args, key=None):
         with self.cond:
-            if self.closed or len(self.tasks) >= self.max_queued \
-                    or (key is not None and key in self.keys):
+            if self.closed or (key is not None and key in self.keys):
                 return False
+            if len(self.tasks) >= self.max_queued:
+                if not self.drop_oldest:
+                    return False
+                dropped_key = self.tasks.popleft()[2]
+                self.keys.discard(dropped_key)
             self.tasks.append((func, args, key))
             if key is not None:
                 self.keys.add(key)
@@ -1946,7 +1954,8 @@ class Node:
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
-        self.pongs = TaskPool('pong', PONG_THREADS, PONG_QUEUE, idle_seconds=2.0)
+        self.pongs = TaskPool('pong', PONG_THREADS, PONG_QUEUE, idle_seconds=2.0,
+                              drop_oldest=True)
         self.ping_gate = RateGate(PING_SOURCE_INTERVAL, PING_RATE, PING_BURST)
         self.counters = Counters()
         self.logs = LogLimiter()
