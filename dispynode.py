@@ -20,18 +20,29 @@ see dispy_common for framing and records)::
       RETRIEVE_JOB, JOBS: see the handlers below
       UDP PULSE  <-->  (node: every pulse interval; client echoes)
 
-Threads and processes::
+Threads and processes (every thread is named and comes from a capped pool,
+so the node never runs more than 5 + TASK_THREADS + PONG_THREADS +
+--max_connections + MAX_LANES + MAX_COMPUTATIONS threads; 109 by default)::
 
-    main thread ........ waits for SIGINT/SIGTERM, then Node.close()
+    thread               touches
+    main ............... waits for SIGINT/SIGTERM, then Node.close()
     tcp-server ......... socketserver accept loop; hands sockets to reception
-    reception .......... one selector loop: TLS handshake, auth, first frame
-                         of every connection (idle peers cost no thread)
-    request threads .... one per complete request, at most --max_connections
-    udp-listener ....... PING and PULSE datagrams
-    timer .............. pulses, zombie detection, retries of stored results
-    courier-<addr> ..... one lane per client address: JOB_REPLY delivery,
-                         storing what cannot be delivered
-    worker-<id> reader . one per computation: results from its worker
+    reception .......... one selector loop: TLS handshake, auth and first
+                         frame of every connection (idle peers cost no
+                         thread); the request memory budget
+    request threads .... one per complete request, at most --max_connections:
+                         NodeState through its methods, the store, workers
+    udp-listener ....... PING and PULSE datagrams: decodes them (bounded) and
+                         queues PONGs; refreshes computations
+    pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
+    timer .............. pulses, zombie detection, retries of stored results,
+                         log summaries
+    task-N ............. at most TASK_THREADS: retirements, spare workers,
+                         notifications
+    courier-<addr> ..... one lane per client address (at most MAX_LANES):
+                         JOB_REPLY delivery, storing what cannot be delivered
+    worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
+                         results from its worker
 
     node (threads) --socketpair--> worker process (one per computation,
         single-threaded, started ahead of need, then moved into the
