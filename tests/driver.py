@@ -23,6 +23,7 @@ import pickle
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -71,6 +72,51 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
 
 def random_hex(nbytes=10):
     return os.urandom(nbytes).hex()
+
+
+# ---------------------------------------------------------------- raw wire helpers
+
+def frame(data):
+    """One length-prefixed frame."""
+    return struct.pack('>L', len(data)) + data
+
+
+def parse_frame(data):
+    """The payload of the first whole frame in ``data``, or None."""
+    if len(data) < 4:
+        return None
+    size = struct.unpack('>L', data[:4])[0]
+    return data[4:4 + size] if len(data) >= 4 + size else None
+
+
+def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
+    """Send ``raw`` on a fresh TCP connection, then read until the node
+    closes (or ``timeout``).  Returns the bytes received."""
+    got = b''
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(raw)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except OSError:     # a timeout or a reset ends the answer
+            pass
+    return got
+
+
+def raw_ping(port, sign='a' * 20, auth=JUNK_AUTH, reply_port=9, timeout=6.0):
+    """A TCP PING naming ``sign``, sent as raw bytes; the PONG dict or None."""
+    info = {'version': '4.5', 'sign': sign, 'port': reply_port, 'ip_addrs': []}
+    body = parse_frame(exchange(port, auth + frame(b'PING:' + pickle.dumps(info, 4)),
+                                timeout))
+    return pickle.loads(body) if body and body[:1] == b'\x80' else None
 
 
 # ---------------------------------------------------------------- node process

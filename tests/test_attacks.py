@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dispy_common as dc
-from driver import (JUNK_AUTH, REPO, Driver, NodeProcess, ReplyServer, free_port,
-                    random_hex, wait_for)
+from driver import (JUNK_AUTH, REPO, Driver, NodeProcess, ReplyServer, exchange, frame,
+                    free_port, random_hex, raw_ping, wait_for)
 from legacy import check_client, run_client
 
 SECRET = 'attack-s3cret'
@@ -42,37 +42,6 @@ def node(tmp_path):
     n = start(tmp_path)
     yield n
     n.stop()
-
-
-def frame(data):
-    return struct.pack('>L', len(data)) + data
-
-
-def exchange(port, data, timeout=3.0):
-    """Send raw bytes, half-close, return everything the node answered."""
-    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        got = b''
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:
-            pass
-    return got
-
-
-def tcp_ping(port, sign, auth=JUNK_AUTH, reply_port=9):
-    """A TCP PING naming ``sign``; the decoded PONG dict, or None."""
-    info = {'version': '4.5', 'sign': sign, 'port': reply_port, 'ip_addrs': []}
-    got = exchange(port, auth + frame(b'PING:' + pickle.dumps(info, 4)))
-    if len(got) < 4:
-        return None
-    body = got[4:]
-    return pickle.loads(body) if body[:1] == b'\x80' else None
 
 
 def udp_send(port, data, source='127.0.0.1'):
@@ -106,11 +75,11 @@ def store_one_result(drv, tmp_path):
 
 def test_no_pong_names_the_nodes_own_an_empty_or_a_malformed_sign(node):
     client_sign = random_hex(10)
-    pong = tcp_ping(node.port, client_sign)
+    pong = raw_ping(node.port, client_sign)
     assert pong['auth'] == dc.auth_code(SECRET, client_sign)
     own = pong['sign']
     for sign in (own, '', 'a', 'zz' * 10, 'a' * 65, None, 5, ['x']):
-        assert tcp_ping(node.port, sign) is None, sign
+        assert raw_ping(node.port, sign) is None, sign
     # Nor over UDP, where the PONG would go to an address the PING names.
     server = ReplyServer()
     try:
@@ -129,12 +98,12 @@ def test_no_pong_names_another_nodes_sign(tmp_path):
     b = start(tmp_path / 'b')
     c = start(tmp_path / 'c', secret='another-secret')
     try:
-        sign_b = tcp_ping(b.port, random_hex(10))['sign']
-        sign_c = tcp_ping(c.port, random_hex(10))['sign']
+        sign_b = raw_ping(b.port, random_hex(10))['sign']
+        sign_c = raw_ping(c.port, random_hex(10))['sign']
         assert dc.is_node_sign(SECRET, sign_b) and not dc.is_node_sign(SECRET, sign_c)
-        assert tcp_ping(a.port, sign_b) is None          # b's token stays b's
+        assert raw_ping(a.port, sign_b) is None          # b's token stays b's
         # A node of another cluster is a stranger: its sign is a plain sign.
-        assert tcp_ping(a.port, sign_c)['auth'] == dc.auth_code(SECRET, sign_c)
+        assert raw_ping(a.port, sign_c)['auth'] == dc.auth_code(SECRET, sign_c)
     finally:
         for n in (a, b, c):
             n.stop()
@@ -154,7 +123,7 @@ def test_an_earlier_runs_sign_and_token(tmp_path):
     second = start(tmp_path, prefix=prefix, port=first.port)
     try:
         assert 'restored 1 stored result' in second.log()
-        assert tcp_ping(second.port, old.node_sign) is None
+        assert raw_ping(second.port, old.node_sign) is None
         new = Driver('127.0.0.1', second.port, secret=SECRET)
         new.ping_tcp()
         answer, comp = new.compute('def g(t):\n    import time\n    time.sleep(t)\n'
@@ -217,7 +186,7 @@ def test_hash_bomb_over_udp_and_tcp_leaves_the_node_answering(node):
         udp_send(node.port, bomb)
         exchange(node.port, JUNK_AUTH + frame(bomb), timeout=1)
     t0 = time.monotonic()
-    pong = tcp_ping(node.port, random_hex(10))
+    pong = raw_ping(node.port, random_hex(10))
     assert pong is not None and time.monotonic() - t0 < 1.0
 
 
@@ -360,7 +329,7 @@ def test_log_lines_for_refusals_are_rate_limited(node):
     for _ in range(1500):
         udp_send(node.port, b'PING:junk')
         udp_send(node.port, b'NOT-A-TAG')
-    assert wait_for(lambda: tcp_ping(node.port, random_hex(10)), 10)
+    assert wait_for(lambda: raw_ping(node.port, random_hex(10)), 10)
     new_lines = node.log().count('\n') - lines_before
     assert new_lines < 40, node.log()[-3000:]
 

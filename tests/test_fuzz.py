@@ -29,6 +29,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from driver import exchange, frame, raw_ping
 from legacy import REPO, free_port
 
 sys.path.insert(0, str(REPO))
@@ -295,47 +296,9 @@ def live_node(tmp_path_factory):
         log.setLevel(old_level)
 
 
-def _ping(port, timeout=5):
-    info = {'version': '4.5', 'port': 9, 'sign': 'a' * 20, 'ip_addrs': []}
-    data = b'PING:' + pickle.dumps(info, 4)
-    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
-        s.sendall(b'0' * 40 + struct.pack('>L', len(data)) + data)
-        s.shutdown(socket.SHUT_WR)
-        got = b''
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return pickle.loads(got[4:])
-
-
-def _exchange(port, raw, timeout=4):
-    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
-        try:
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            return b''
-        got = b''
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except (OSError, socket.timeout):
-            pass
-        return got
-
-
-def _frame(data):
-    return struct.pack('>L', len(data)) + data
-
-
 def _assert_clean(node, cap):
     assert cap.bad == [], 'node logged errors:\n' + '\n----\n'.join(cap.bad[:5])
-    assert _ping(node.port)['sign'] == node.sign
+    assert raw_ping(node.port)['sign'] == node.sign
 
 
 @FUZZ
@@ -348,7 +311,7 @@ def test_node_tcp_frames(live_node, tag, auth_kind, rnd_auth, payload, tail):
     node, cap = live_node
     good = hashlib.sha1((SECRET + node.sign).encode()).hexdigest().encode()
     auth = {'good': good, 'wrong': b'f' * 40, 'random': rnd_auth}[auth_kind]
-    _exchange(node.port, auth + _frame(tag + b':' + payload) + tail)
+    exchange(node.port, auth + frame(tag + b':' + payload) + tail)
     assert cap.bad == [], 'node logged errors:\n' + '\n----\n'.join(cap.bad[:5])
 
 

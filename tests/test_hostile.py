@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from driver import exchange, frame, parse_frame
 from legacy import CLIENTS, free_port, run_client, wait_for
 
 pytestmark = [pytest.mark.interop]
@@ -170,39 +171,6 @@ def deep_payloads(depth=100000):
 
 
 # ---------------------------------------------------------------- wire helpers
-
-def frame(data):
-    return struct.pack('>L', len(data)) + data
-
-
-def exchange(port, raw, timeout=6.0, half_close=True):
-    """Send ``raw`` on a fresh TCP connection, then read until the node
-    closes (or ``timeout``).  Returns the bytes received."""
-    got = b''
-    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
-        try:
-            sock.sendall(raw)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-    return got
-
-
-def parse_frame(data):
-    if len(data) < 4:
-        return None
-    size = struct.unpack('>L', data[:4])[0]
-    return data[4:4 + size] if len(data) >= 4 + size else None
-
 
 def ping_payload(reply_port):
     return pickle.dumps({'version': '4.5', 'port': reply_port, 'sign': 'a' * 20,
