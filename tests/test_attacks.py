@@ -537,10 +537,11 @@ def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
             assert answer == b'ACK'
             assert drv.job(comp.id, 1, (proc.pid,)) == b'ACK'      # its reply gets stored
             assert wait_for(lambda: list(prefix.rglob('_dispy_job_reply_1')), 10)
-            # Still no ACK, so job 1's reply stays in the store meanwhile.
+            # Still no ACK, so job 1's reply stays in the store meanwhile;
+            # job 2's is stored too, and fetched as recover_jobs would.
             assert drv.job(comp.id, 2, (proc.pid,)) == b'ACK'
-            replies = wait_for(lambda: [m.obj for m in drv.server.unacked if m.obj.uid == 2], 15)
-            reply = replies[0] if replies else None
+            assert wait_for(lambda: list(prefix.rglob('_dispy_job_reply_2')), 15)
+            reply = drv.retrieve(comp.id, 2)
             assert reply is not None and reply.status == FINISHED, reply and reply.exception
             found = reply.result
             assert found['uid'] == pwd.getpwnam('nobody').pw_uid
