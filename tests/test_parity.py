@@ -1,0 +1,33 @@
+"""Parity with the 4.5.5 node (issue 11): behaviours legacy users' code and
+scripts rely on, each shown with the real dispy 4.5.5 client.  Run side by
+side with the original node with ``DISPYTEST_IMPLS=ours,original``.
+"""
+
+import pytest
+
+from legacy import CLIENTS, check_client, describe, free_port, run_client
+
+pytestmark = [pytest.mark.interop]
+
+FINISHED, TERMINATED, CANCELLED = 11, 9, 8
+
+
+def test_multihomed_client(impl, node_factory, legacy_python, tmp_path):
+    """A client that announces 127.0.0.2 (where its servers listen) while its
+    requests come from 127.0.0.1: setup, file transfer, jobs and a cancel all
+    work, as on the original (the auth proves the client, not the address)."""
+    node = node_factory(impl)
+    res = run_client(CLIENTS / 'multihomed_jobs.py', node.port, free_port(),
+                     'ip_addr=127.0.0.2', 'jobs=4', 'cancel=1', timeout=90, cwd=tmp_path)
+    data = check_client(res, node)
+    assert not data['gave_up'] and data['all_final'], describe(res, node)
+    jobs = data['jobs']
+    for n, j in enumerate(jobs[:4]):
+        assert j['status'] == FINISHED, (j, describe(res, node))
+        assert j['result'] == [n * 3, True], j
+        assert j['ip_addr'] == '127.0.0.1', j
+    assert jobs[4]['status'] == CANCELLED, (jobs[4], describe(res, node))
+    if impl == 'ours':
+        log = node.log()
+        assert 'invalid computation' not in log, log
+        assert 'terminating job' in log, log
