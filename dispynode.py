@@ -839,6 +839,49 @@ def dispy_send_file(path, timeout=None):
         return -1
 
 
+# Job code on the 4.5.5 node saw every module its node process had imported
+# (it put sys.modules into the job globals), and legacy job code uses them
+# without importing them.  These are the public top-level names of that list
+# (measured on the original under Python 3.6; asyncoro and dispy left out).
+# Only standard library modules: none of the node's own state.
+IMPLICIT_MODULES = (
+    'abc', 'argparse', 'array', 'ast', 'atexit', 'base64', 'binascii', 'bisect',
+    'builtins', 'bz2', 'codecs', 'collections', 'contextlib', 'copy', 'copyreg',
+    'datetime', 'dis', 'encodings', 'enum', 'errno', 'fcntl', 'fnmatch', 'functools',
+    'genericpath', 'gettext', 'glob', 'grp', 'hashlib', 'heapq', 'importlib', 'inspect',
+    'io', 'ipaddress', 'itertools', 'keyword', 'linecache', 'locale', 'logging', 'lzma',
+    'marshal', 'math', 'multiprocessing', 'numbers', 'opcode', 'operator', 'os',
+    'pickle', 'pkgutil', 'platform', 'posix', 'posixpath', 'pwd', 'queue', 'random',
+    're', 'reprlib', 'runpy', 'select', 'selectors', 'shelve', 'shutil', 'signal', 'site',
+    'socket', 'sre_compile', 'sre_constants', 'sre_parse', 'ssl', 'stat', 'string',
+    'stringprep', 'struct', 'subprocess', 'sys', 'sysconfig', 'tempfile', 'textwrap',
+    'threading', 'time', 'token', 'tokenize', 'traceback', 'types', 'unicodedata',
+    'warnings', 'weakref', 'zipimport', 'zlib')
+# Submodules the original had loaded, so e.g. os.path or importlib.util work.
+IMPLICIT_SUBMODULES = (
+    'collections.abc', 'importlib.abc', 'importlib.machinery', 'importlib.util',
+    'multiprocessing.connection', 'multiprocessing.context', 'multiprocessing.process',
+    'multiprocessing.queues', 'multiprocessing.reduction', 'multiprocessing.synchronize',
+    'multiprocessing.util', 'os.path')
+_IMPLICIT = {}
+
+
+def import_implicit_modules():
+    """Import IMPLICIT_MODULES into _IMPLICIT (in a spare worker, before it
+    has a computation, so jobs don't wait for it)."""
+    import importlib
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')     # sre_* are deprecated aliases now
+        for name in IMPLICIT_MODULES + IMPLICIT_SUBMODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:     # a POSIX-only module elsewhere, or gone from Python
+                continue
+            if '.' not in name:
+                _IMPLICIT[name] = module
+
+
 _REPLY_LEN = struct.Struct('>Q')   # job process -> worker: length, then the reply
 
 
@@ -935,6 +978,7 @@ class Worker:
         import types
         module = types.ModuleType('__main__')
         self.ns = module.__dict__
+        self.ns.update(_IMPLICIT)
         self.ns['dispy_provisional_result'] = dispy_provisional_result
         self.ns['dispy_send_file'] = dispy_send_file
         self.ns['DispyJob'] = DispyJob
@@ -1119,6 +1163,7 @@ def worker_main(fd):
     """Entry point of a worker process (see WorkerHandle for how it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
     chan = socket.socket(fileno=fd)
+    import_implicit_modules()
     try:
         Worker(chan).serve()
     finally:

@@ -31,3 +31,29 @@ def test_multihomed_client(impl, node_factory, legacy_python, tmp_path):
         log = node.log()
         assert 'invalid computation' not in log, log
         assert 'terminating job' in log, log
+
+
+def test_job_sees_implicit_modules(impl, node_factory, legacy_python, tmp_path):
+    """Job code uses time, os, socket, sys, ... without importing them, as
+    on the original; no node state (dispy_common, _JOB, Worker) leaks in."""
+    node = node_factory(impl)
+    res = run_client(CLIENTS / 'implicit_globals.py', node.port, free_port(), timeout=60,
+                     cwd=tmp_path)
+    data = check_client(res, node)
+    assert data['all_final'], describe(res, node)
+    used, listed = data['jobs']
+    assert used['status'] == FINISHED, (used, describe(res, node))
+    assert used['result'] == [True, True, True, 3, True, True, -1, 15, True, True, True,
+                              'x', 'a', 3, 2, 'x', 32768, True], used
+    assert listed['status'] == FINISHED, listed
+    modules = set(listed['result']['modules'])
+    for name in ('time', 'os', 'socket', 'sys', 'pickle', 'threading', 'subprocess',
+                 'multiprocessing', 'ssl', 'random', 're', 'struct', 'hashlib', 'math',
+                 'collections', 'datetime', 'inspect', 'shutil', 'tempfile', 'glob'):
+        assert name in modules, (name, sorted(modules))
+    if impl == 'ours':
+        import dispynode
+        assert modules == set(dispynode.IMPLICIT_MODULES), sorted(modules)
+        assert set(listed['result']['other']) == {
+            'DispyJob', 'dispy_provisional_result', 'dispy_send_file',
+            '__doc__', '__loader__', '__name__', '__package__', '__spec__'}, listed['result']
