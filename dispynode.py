@@ -449,6 +449,11 @@ class Computation:
         if compute.type == dc.Compute.prog_type:
             self.program = os.path.join(dest_path, safe_basename(compute.name) or 'program')
         self.xfer_names = [safe_basename(xf.name, xf.sep) for xf in compute.xfer_files]
+        # Everything sent to us for it (depends, the program, per-job files):
+        # what close removes; files its jobs wrote stay, as on the original.
+        self.transferred = set(n for n in self.xfer_names if n)
+        if self.program:
+            self.transferred.add(os.path.basename(self.program))
         self.last_pulse = time.monotonic()
         self.zombie = False
         self.timed_out = False     # a zombie because the client fell silent
@@ -467,7 +472,8 @@ class Computation:
         return {'id': self.id, 'auth': self.auth, 'name': self.name, 'type': self.type,
                 'scheduler_ip': self.scheduler_ip, 'scheduler_port': self.scheduler_port,
                 'result_port': self.result_port, 'dest_path': self.dest_path,
-                'keep_files': self.keep_files, 'sign': self.sign}
+                'keep_files': self.keep_files, 'sign': self.sign,
+                'transferred': sorted(self.transferred)}
 
     @classmethod
     def from_record(cls, rec):
@@ -479,6 +485,9 @@ class Computation:
                                  cleanup=not rec['keep_files'], xfer_files=[]),
                       rec['dest_path'], rec['sign'])
         comp.zombie = comp.retiring = True
+        transferred = rec.get('transferred')    # absent from older records
+        if isinstance(transferred, list):
+            comp.transferred.update(n for n in transferred if safe_basename(n) == n)
         return comp
 
 
@@ -577,6 +586,14 @@ class NodeState:
                 if comp.keep_files:
                     unused = []
             return entry, comp, unused
+
+    def note_transfer(self, comp, name):
+        with self.lock:
+            comp.transferred.add(name)
+
+    def transferred(self, comp):
+        with self.lock:
+            return sorted(comp.transferred)
 
     def jobs_of(self, compute_id):
         with self.lock:
@@ -756,6 +773,13 @@ class ResultStore:
             comp.stored = self.stored_uids(comp)
             found.append(comp)
         return found
+
+
+def _listdir(directory):
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def _stray_temp_files(directory):
@@ -2205,31 +2229,43 @@ class Node:
         self._remove_computation_files(comp)
 
     def _remove_computation_files(self, comp):
-        """Remove a computation's files and directory (unless the client
-        asked to keep them with cleanup=False); stored replies stay."""
+        """Remove what was transferred for a computation (depends, the
+        program, per-job files, their bytecode) and our temp files, unless
+        the client asked to keep them with cleanup=False.  Files its jobs
+        wrote stay, as on the original, in a named or a default directory
+        alike; so do stored replies.  The directory goes once empty."""
         base = os.path.realpath(self.config.dest_path_prefix) + os.sep
         path = os.path.realpath(comp.dest_path)
         if comp.keep_files or not path.startswith(base):
             return
+        names = self.state.transferred(comp)
         with self.dirs_lock:
             if not os.path.isdir(path):
                 return
-            for name in os.listdir(path):
-                if name.startswith(REPLY_PREFIX):
-                    continue
-                full = os.path.join(path, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                else:
-                    try:
+            victims = [os.path.join(path, n) for n in names]
+            cache = os.path.join(path, '__pycache__')
+            for name in names:
+                stem, ext = os.path.splitext(name)
+                if ext == '.py':
+                    victims.append(os.path.join(path, name + 'c'))
+                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
+                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
+            victims.extend(_stray_temp_files(path))
+            for full in victims:
+                try:
+                    if not stat.S_ISDIR(os.lstat(full).st_mode):
                         os.unlink(full)
-                    except OSError as exc:
-                        logger.warning('could not remove %s: %s', full, exc)
-            try:
-                os.rmdir(path)
-            except OSError:
-                return  # stored replies remain
-            self._prune_empty_parents(path, base)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logger.warning('could not remove %s: %s', full, exc)
+            for directory in (cache, path):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass    # not empty: the jobs' files or stored replies remain
+            if not os.path.isdir(path):
+                self._prune_empty_parents(path, base)
 
     @staticmethod
     def _prune_empty_parents(path, base):
@@ -2261,6 +2297,7 @@ class Node:
         if limit and xf.stat_buf.st_size > limit:
             logger.warning('refusing %s: %d bytes is over the limit', name, xf.stat_buf.st_size)
             return None, None, b'NAK (file too big)'
+        self.state.note_transfer(comp, name)
         return comp, os.path.join(comp.dest_path, name), None
 
     @staticmethod

@@ -3,9 +3,12 @@ scripts rely on, each shown with the real dispy 4.5.5 client.  Run side by
 side with the original node with ``DISPYTEST_IMPLS=ours,original``.
 """
 
+import uuid
+from pathlib import Path
+
 import pytest
 
-from legacy import CLIENTS, check_client, describe, free_port, run_client
+from legacy import CLIENTS, check_client, describe, files_under, free_port, run_client, wait_for
 
 pytestmark = [pytest.mark.interop]
 
@@ -57,3 +60,35 @@ def test_job_sees_implicit_modules(impl, node_factory, legacy_python, tmp_path):
         assert set(listed['result']['other']) == {
             'DispyJob', 'dispy_provisional_result', 'dispy_send_file',
             '__doc__', '__loader__', '__name__', '__package__', '__spec__'}, listed['result']
+
+
+@pytest.mark.parametrize('dest_path', ['sub/out', ''])
+def test_close_keeps_job_output(dest_path, impl, node_factory, legacy_python, tmp_path):
+    """cleanup=True: at close the node removes what it was sent (the depends
+    file) and keeps the files the jobs wrote, in a named dest_path (as the
+    original) and in the default directory alike."""
+    node = node_factory(impl)
+    cwd = tmp_path / 'client'
+    cwd.mkdir()
+    name = 'dep-%s.txt' % uuid.uuid4().hex[:12]
+    (cwd / name).write_text('dependency\n')
+    extra = ['dest_path=' + dest_path] if dest_path else []
+    res = run_client(CLIENTS / 'depends_cleanup.py', node.port, free_port(), name, 'jobs=3',
+                     *extra, timeout=60, cwd=cwd)
+    data = check_client(res, node)
+    assert data['all_final'], describe(res, node)
+    outs = []
+    for j in data['jobs']:
+        assert j['status'] == FINISHED, (j, describe(res, node))
+        outs.append(Path(j['result']['out_path']))
+        assert Path(j['result']['dep_path']).parent == outs[-1].parent
+    target = outs[0].parent
+    if dest_path:
+        assert target.resolve() == (Path(node.prefix) / '127.0.0.1' / dest_path).resolve()
+    # the depends file goes at close; the jobs' outputs stay
+    assert wait_for(lambda: not (target / name).exists(), 10), (
+        files_under(node.prefix), describe(res, node))
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in outs), (
+        files_under(node.prefix))
+    for n, out in enumerate(outs):
+        assert out.read_text() == 'written by job %d\n' % n
