@@ -794,6 +794,83 @@ def _stray_temp_files(directory):
 # Everything in this section runs in worker processes and their job
 # children, never in the node process.
 
+# Modules and builtins a job's result may name that Python 3.6 (the legacy
+# client) lacks: such a reply would fail to load there, and the client would
+# show the job Running for ever.  Standard library additions since 3.6.
+NEW_SINCE_36_MODULES = (
+    '_abc', '_contextvars', '_interpreters', '_posixshmem', '_pydatetime', '_pylong',
+    '_queue', '_sha2', '_statistics', '_tokenize', '_typing', '_uuid', '_zoneinfo',
+    'contextvars', 'dataclasses', 'graphlib', 'tomllib', 'zoneinfo',
+    'asyncio.exceptions', 'asyncio.mixins', 'asyncio.runners', 'asyncio.staggered',
+    'asyncio.taskgroups', 'asyncio.threads', 'asyncio.timeouts', 'asyncio.trsock',
+    'importlib.metadata', 'importlib.readers', 'importlib.resources',
+    'importlib.simple', 'multiprocessing.resource_tracker',
+    'multiprocessing.shared_memory', 'unittest.async_case')
+NEW_SINCE_36_BUILTINS = (
+    'BaseExceptionGroup', 'EncodingWarning', 'ExceptionGroup', 'PythonFinalizationError',
+    '_IncompleteInputError', 'aiter', 'anext', 'breakpoint')
+# A protocol 4 pickle that refers to such a name spells it out once as a
+# SHORT_BINUNICODE (0x8c, length, text) before it memoizes it, so one
+# C-speed search rules out nearly every reply before any opcode is parsed
+# (about 0.3 ms per MB of result; a result of many short strings costs more).
+_NEW_SINCE_36_RE = re.compile(b'\\x8c.(?:%s)' % b'|'.join(
+    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS), re.S)
+_PICKLE_STRINGS = frozenset(('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
+                             'SHORT_BINSTRING', 'BINSTRING', 'STRING'))
+
+
+def unloadable_on_36(data):
+    """'module.name' of the first global in pickle ``data`` that Python 3.6
+    cannot import, or None."""
+    if not _NEW_SINCE_36_RE.search(data):
+        return None
+    import pickletools
+    memo, recent = {}, [None, None]    # recent: the last two values pushed
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in _PICKLE_STRINGS:
+                recent.append(arg)
+            elif name in ('BINGET', 'LONG_BINGET', 'GET'):
+                recent.append(memo.get(int(arg)))
+            elif name == 'MEMOIZE':
+                memo[len(memo)] = recent[-1]
+                continue
+            elif name in ('BINPUT', 'LONG_BINPUT', 'PUT'):
+                memo[int(arg)] = recent[-1]
+                continue
+            elif name in ('STACK_GLOBAL', 'GLOBAL', 'INST'):
+                module, qualname = (recent[-2], recent[-1]) if name == 'STACK_GLOBAL' \
+                    else arg.split(' ', 1)
+                if _new_since_36(module, qualname):
+                    return '%s.%s' % (module, qualname)
+                recent.append(None)
+            elif name in ('FRAME', 'PROTO'):
+                continue
+            else:
+                recent.append(None)
+            del recent[:-2]
+    except (ValueError, TypeError, AttributeError):
+        return None     # not a pickle we can read: the client will say so
+    return None
+
+
+def _new_since_36(module, qualname):
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return False
+    if module in ('builtins', '__builtin__'):
+        return qualname.split('.')[0] in NEW_SINCE_36_BUILTINS
+    return any(module == m or module.startswith(m + '.') for m in NEW_SINCE_36_MODULES)
+
+
+def _unloadable_reason(data):
+    found = unloadable_on_36(data)
+    if found is None:
+        return None
+    return ('the result refers to %s, which Python 3.6 (the dispy 4.5 client) does not '
+            'have, so the client could not load it' % found)
+
+
 class _JobContext:
     """What dispy_provisional_result / dispy_send_file need in a job."""
     reply = None
@@ -814,20 +891,34 @@ def _job_connect(timeout):
 
 def dispy_provisional_result(result, timeout=None):
     """Send ``result`` to the client as a provisional result of this job.
-    Returns 0 when the client acknowledged it, -1 otherwise."""
+    Returns 0 when the client acknowledged it, -1 otherwise (also when it
+    cannot be pickled or loaded by the client; the job goes on)."""
     reply = _JOB.reply
     saved = (reply.status, reply.result, reply.end_time)
     reply.status, reply.result, reply.end_time = \
         DispyJob.ProvisionalResult, result, time.time()
+    sendable = False
     try:
-        data = b'JOB_REPLY:' + dc.dumps(reply)
+        try:
+            data = dc.dumps(reply)
+        except Exception:  # unpicklable (TypeError, AttributeError, ...): -1, the job goes on
+            return -1
+        if unloadable_on_36(data):
+            return -1
+        # As on the original, the job's result is now this value until the
+        # job returns: a job that raises later reports its last provisional
+        # result.
+        sendable = True
+        data = b'JOB_REPLY:' + data
         with _job_connect(timeout or _JOB.msg_timeout) as sock:
             dc.send_msg(sock, data)
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
-    except (OSError, ProtocolError, pickle.PicklingError):
+    except (OSError, ProtocolError):
         return -1
     finally:
-        reply.status, reply.result, reply.end_time = saved
+        reply.status, reply.end_time = saved[0], saved[2]
+        if not sendable:
+            reply.result = saved[1]
 
 
 def dispy_send_file(path, timeout=None):
@@ -844,9 +935,15 @@ def dispy_send_file(path, timeout=None):
     name = os.path.splitdrive(path)[1].lstrip(os.sep)
     xf = dc.XferFile(name=name, stat_buf=stat_buf, compute_id=_JOB.compute_id, sep=os.sep)
     try:
+        head, reply = dc.dumps(xf), dc.dumps(_JOB.reply)
+    except Exception:  # whatever made them unpicklable
+        return -1
+    if unloadable_on_36(head) or unloadable_on_36(reply):
+        return -1
+    try:
         with _job_connect(timeout or _JOB.msg_timeout) as sock, open(path, 'rb') as fh:
-            dc.send_msg(sock, b'FILEXFER:' + dc.dumps(xf))
-            dc.send_msg(sock, dc.dumps(_JOB.reply))
+            dc.send_msg(sock, b'FILEXFER:' + head)
+            dc.send_msg(sock, reply)
             if dc.recv_msg(sock, 1024) != b'ACK':
                 return -1
             sent = 0
@@ -1116,12 +1213,19 @@ class Worker:
             reply.stdout, reply.stderr = out.getvalue(), err.getvalue()
         reply.end_time = time.time()
         try:
-            return dc.dumps(reply)
+            data = dc.dumps(reply)
         except Exception:  # an unpicklable result must still produce a reply
             reply.result = None
             reply.status = DispyJob.Terminated
             reply.exception = 'result could not be pickled:\n' + traceback.format_exc()
             return dc.dumps(reply)
+        why = _unloadable_reason(data)
+        if why is not None:
+            reply.result = None
+            reply.status = DispyJob.Terminated
+            reply.exception = why
+            data = dc.dumps(reply)
+        return data
 
     def _run_program(self, args):
         program = self.cfg['program']

@@ -92,3 +92,44 @@ def test_close_keeps_job_output(dest_path, impl, node_factory, legacy_python, tm
         files_under(node.prefix))
     for n, out in enumerate(outs):
         assert out.read_text() == 'written by job %d\n' % n
+
+
+def _results(node, tmp_path, cases):
+    res = run_client(CLIENTS / 'parity_results.py', node.port, free_port(),
+                     'cases=' + ','.join(cases), timeout=100, cwd=tmp_path)
+    data = check_client(res, node)
+    assert data['all_final'], describe(res, node)
+    assert [j['case'] for j in data['jobs']] == cases, describe(res, node)
+    return res, {j['case']: j for j in data['jobs']}
+
+
+@pytest.mark.ours_only(reason='the original runs jobs on Python 3.6, which has neither type')
+def test_result_a_36_client_cannot_load(impl, node_factory, legacy_python, tmp_path):
+    """A job returning a zoneinfo.ZoneInfo or an ExceptionGroup (types that
+    Python 3.6 lacks) ends Terminated with the type named, instead of a
+    reply the client cannot load (the job would stay Running for ever); the
+    cluster goes on with the next job.  A provisional result of such a type
+    is not sent (-1) and the job goes on."""
+    node = node_factory(impl)
+    res, jobs = _results(node, tmp_path, ['zoneinfo', 'group', 'plain', 'prov_zone'])
+    for case, name in (('zoneinfo', 'zoneinfo.ZoneInfo'), ('group', 'builtins.ExceptionGroup')):
+        j = jobs[case]
+        assert j['status'] == TERMINATED and j['result'] is None, (j, describe(res, node))
+        assert name in j['exception'] and 'Python 3.6' in j['exception'], j
+    assert jobs['plain']['status'] == FINISHED and jobs['plain']['result'] == 42, jobs['plain']
+    assert jobs['prov_zone']['status'] == FINISHED, jobs['prov_zone']
+    assert jobs['prov_zone']['result'] == ['done', -1], jobs['prov_zone']
+
+
+def test_provisional_unpicklable_then_exception(impl, node_factory, legacy_python, tmp_path):
+    """As on the original: dispy_provisional_result with a value that cannot
+    be pickled returns -1 and the job goes on; a job that raises after
+    provisional results keeps the last provisional value as its result."""
+    node = node_factory(impl)
+    res, jobs = _results(node, tmp_path, ['prov_lambda', 'prov_raise', 'plain'])
+    j = jobs['prov_lambda']
+    assert j['status'] == FINISHED and j['result'] == ['done', -1], (j, describe(res, node))
+    j = jobs['prov_raise']
+    assert j['status'] == TERMINATED and j['result'] == 2, (j, describe(res, node))
+    assert 'ValueError: after provisional results' in j['exception'], j
+    assert jobs['plain']['status'] == FINISHED and jobs['plain']['result'] == 42
