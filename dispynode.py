@@ -1266,7 +1266,7 @@ class Worker:
         if job.replied:
             return
         if job.terminated:
-            why = 'job terminated on request'
+            why = None      # as the original: Terminated, no exception text
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
         else:

@@ -61,3 +61,25 @@ def test_implicit_modules_are_stdlib_only():
     finally:
         dn._IMPLICIT.clear()
         dn._IMPLICIT.update(saved)
+
+
+SLEEPER = 'def sleeper(t):\n    import time\n    time.sleep(t)\n    return t\n'
+
+
+def test_terminate_pending_reply_has_no_exception(tmp_path):
+    """A job ended by CLOSE with terminate_pending (or TERMINATE_JOB) is
+    Terminated with exception None, as on the original."""
+    from driver import Driver, NodeProcess
+    node = NodeProcess.start(tmp_path / 'node')
+    drv = Driver('127.0.0.1', node.port)
+    try:
+        drv.ping_tcp()
+        _, compute = drv.compute(SLEEPER, 'sleeper')
+        assert drv.job(compute.id, 1, (60,)) == b'ACK'
+        drv.close(compute.id, terminate_pending=True)
+        reply = drv.server.wait_reply(1, 10)
+        assert reply.status == dc.DispyJob.Terminated
+        assert reply.exception is None and reply.result is None
+    finally:
+        drv.close_server()
+        node.stop_async()
