@@ -251,31 +251,67 @@ def broadcast_address(ip_addr):
 
 
 def descendants(pid):
-    """PIDs of all descendants of ``pid`` (psutil if present, else /proc)."""
-    try:
-        import psutil
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except ImportError:
-        pass
-    except Exception:  # psutil.NoSuchProcess and friends
-        return []
-    children = collections.defaultdict(list)
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
+    """PIDs of all descendants of ``pid``: psutil if present, else /proc,
+    else ps(1) (macOS, BSD); [] if none works, and kill_tree then signals
+    the process group alone.  Never raises: a cancel must not take the
+    computation's worker down.  DISPYNODE_NO_PROC=1 in the environment hides
+    psutil and /proc (to try the fallbacks on Linux)."""
+    no_proc = os.environ.get('DISPYNODE_NO_PROC') == '1'
+    if not no_proc:
         try:
-            with open('/proc/%s/stat' % entry, 'rb') as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rfind(b')') + 2:].split()[1])
-        children[ppid].append(int(entry))
+            import psutil
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except ImportError:
+            pass
+        except Exception:  # psutil.NoSuchProcess and friends
+            return []
+    pairs = None if no_proc else _proc_parents()
+    if pairs is None:
+        pairs = _ps_parents()
+    children = collections.defaultdict(list)
+    for child, parent in pairs or ():
+        children[parent].append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), ()):
             found.append(child)
             todo.append(child)
     return found
+
+
+def _proc_parents():
+    """[(pid, ppid)] from /proc, or None without a usable /proc."""
+    try:
+        entries = os.listdir('/proc')
+    except OSError:
+        return None
+    pairs = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry, 'rb') as fh:
+                data = fh.read()
+            pairs.append((int(entry), int(data[data.rfind(b')') + 2:].split()[1])))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pairs or None
+
+
+def _ps_parents():
+    """[(pid, ppid)] from ps(1) (POSIX options), or None."""
+    try:
+        out = subprocess.run(['ps', '-A', '-o', 'pid=', '-o', 'ppid='],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pairs = []
+    for line in out.split(b'\n'):
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            pairs.append((int(fields[0]), int(fields[1])))
+    return pairs or None
 
 
 def kill_tree(pid, sig):

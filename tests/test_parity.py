@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from legacy import CLIENTS, check_client, describe, files_under, free_port, run_client, wait_for
+from legacy import (CLIENTS, check_client, describe, files_under, free_port, pid_alive,
+                    run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
@@ -133,3 +134,36 @@ def test_provisional_unpicklable_then_exception(impl, node_factory, legacy_pytho
     assert j['status'] == TERMINATED and j['result'] == 2, (j, describe(res, node))
     assert 'ValueError: after provisional results' in j['exception'], j
     assert jobs['plain']['status'] == FINISHED and jobs['plain']['result'] == 42
+
+
+@pytest.mark.parametrize('fallback', ['ps', 'none'])
+def test_cancel_without_proc_and_psutil(fallback, node_factory, legacy_python, tmp_path):
+    """As on macOS/BSD (no /proc, no psutil; DISPYNODE_NO_PROC=1 hides both),
+    and even without ps(1): cancelling a job kills that job and its child
+    only; the computation's worker lives on and runs the next job."""
+    import os
+    import shutil
+    env = {'DISPYNODE_NO_PROC': '1'}
+    if fallback == 'none':
+        bin_dir = tmp_path / 'bin'     # sleep for the job, but no ps
+        bin_dir.mkdir()
+        os.symlink(shutil.which('sleep'), str(bin_dir / 'sleep'))
+        env['PATH'] = str(bin_dir)
+    node = node_factory('ours', env=env)
+    res = run_client(CLIENTS / 'cancel_job.py', node.port, free_port(), timeout=80,
+                     cwd=tmp_path)
+    data = res.data or {}
+    prov = data.get('provisional')
+    pids = [prov['pid'], prov['child']] if isinstance(prov, dict) else []
+    try:
+        data = check_client(res, node)
+        assert data['alive_before_cancel'] == [True, True], data
+        assert data['pids_gone_after'] is not None, (data['alive_after'], describe(res, node))
+        assert data['sleeper_terminated'], (data['sleeper'], describe(res, node))
+        assert data['quick_final'] and data['quick']['status'] == FINISHED, (
+            data['quick'], describe(res, node))
+        assert 'worker of computation' not in node.log(), node.log()
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, 9)

@@ -83,3 +83,45 @@ def test_terminate_pending_reply_has_no_exception(tmp_path):
     finally:
         drv.close_server()
         node.stop_async()
+
+
+@pytest.fixture
+def sleeper_tree():
+    import subprocess
+    import time
+    proc = subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & wait'], start_new_session=True)
+    time.sleep(0.3)
+    yield proc
+    import os
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def test_descendants_without_proc_and_psutil(sleeper_tree, monkeypatch):
+    """No psutil, no /proc: ps(1) finds the tree; without ps either,
+    descendants is empty and never raises, and kill_tree still ends the
+    whole process group."""
+    import os
+    import signal
+    monkeypatch.setenv('DISPYNODE_NO_PROC', '1')
+    found = dn.descendants(sleeper_tree.pid)
+    assert len(found) == 2, found
+    monkeypatch.setattr(dn, '_ps_parents', lambda: None)
+    assert dn.descendants(sleeper_tree.pid) == []
+    real_listdir = os.listdir
+
+    def no_proc(path='.'):
+        if str(path).startswith('/proc'):
+            raise FileNotFoundError(path)
+        return real_listdir(path)
+    monkeypatch.setattr(os, 'listdir', no_proc)
+    monkeypatch.delenv('DISPYNODE_NO_PROC')
+    monkeypatch.setitem(sys.modules, 'psutil', None)     # import psutil -> ImportError
+    assert dn.descendants(sleeper_tree.pid) == []
+    dn.kill_tree(sleeper_tree.pid, signal.SIGKILL)
+    sleeper_tree.wait(5)
+    assert sleeper_tree.returncode == -signal.SIGKILL
