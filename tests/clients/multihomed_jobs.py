@@ -3,6 +3,8 @@ listen) while its requests to the node come from another source address.
 
 argv: node_port client_port [ip_addr=127.0.0.2] [node=127.0.0.1] [jobs=4]
       [cancel=0] (cancel=1: one extra long job, cancelled while it runs)
+      [ext_ip_addr=] (JobCluster ext_ip_addr: the client's NAT address)
+      [ping_interval=0] (0 = not given)
 """
 
 
@@ -29,10 +31,16 @@ if __name__ == '__main__':
 
     def main():
         node_port, client_port, extra = c.ports()
-        o = c.options(extra, ip_addr='127.0.0.2', node='127.0.0.1', jobs=4, cancel=0)
+        o = c.options(extra, ip_addr='127.0.0.2', node='127.0.0.1', jobs=4, cancel=0,
+                      ext_ip_addr='', ping_interval=0.0)
+        kw = {}
+        if o['ext_ip_addr']:
+            kw['ext_ip_addr'] = o['ext_ip_addr']
+        if o['ping_interval']:
+            kw['ping_interval'] = o['ping_interval']
         cluster = dispy.JobCluster(compute, nodes=[o['node']], ip_addr=o['ip_addr'],
                                    node_port=node_port, port=client_port, setup=setup,
-                                   depends=[__file__])
+                                   depends=[__file__], **kw)
         jobs = []
         for n in range(o['jobs']):
             job = cluster.submit(n)
