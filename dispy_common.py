@@ -32,6 +32,7 @@ import copyreg
 import io
 import os
 import pickle
+import re
 import socket
 import struct
 import sys
@@ -665,15 +666,21 @@ def client_tls_context(certfile):
 _SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3, 't': 1024 ** 4}
 
 
+# A whole number, an optional unit and an optional B (or iB after a unit), in
+# any case: every spelling the 4.5.5 node read correctly ('10m', '10MB',
+# '1KB', '512b').  What it silently misread ('10x' or '10 MB' as 10 bytes,
+# '1.5m' as 1) is refused.
+_SIZE_RE = re.compile(r'^([0-9]+)(?:([kmgt])(?:i?b)?|b)?$')
+
+
 def parse_size(text):
     """'10m' -> 10485760; '0' means no limit.  Raises ValueError."""
     text = str(text).strip().lower()
-    unit = text[-1:] if text[-1:] in 'kmgt' else ''
-    number = text[:len(text) - len(unit)] if unit else text
-    if not number.isdigit():
+    match = _SIZE_RE.match(text)
+    if not match:
         raise ValueError('invalid size %r: use a whole number with an optional '
-                         'k, m, g or t suffix' % text)
-    return int(number) * _SIZE_UNITS[unit]
+                         'k, m, g or t suffix (and an optional B, e.g. 10MB)' % text)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or '']
 
 
 def connect(addr, timeout, tls_context=None):

@@ -318,31 +318,67 @@ def broadcast_address(ip_addr):
 
 
 def descendants(pid):
-    """PIDs of all descendants of ``pid`` (psutil if present, else /proc)."""
-    try:
-        import psutil
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except ImportError:
-        pass
-    except Exception:  # psutil.NoSuchProcess and friends
-        return []
-    children = collections.defaultdict(list)
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
+    """PIDs of all descendants of ``pid``: psutil if present, else /proc,
+    else ps(1) (macOS, BSD); [] if none works, and kill_tree then signals
+    the process group alone.  Never raises: a cancel must not take the
+    computation's worker down.  DISPYNODE_NO_PROC=1 in the environment hides
+    psutil and /proc (to try the fallbacks on Linux)."""
+    no_proc = os.environ.get('DISPYNODE_NO_PROC') == '1'
+    if not no_proc:
         try:
-            with open('/proc/%s/stat' % entry, 'rb') as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rfind(b')') + 2:].split()[1])
-        children[ppid].append(int(entry))
+            import psutil
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except ImportError:
+            pass
+        except Exception:  # psutil.NoSuchProcess and friends
+            return []
+    pairs = None if no_proc else _proc_parents()
+    if pairs is None:
+        pairs = _ps_parents()
+    children = collections.defaultdict(list)
+    for child, parent in pairs or ():
+        children[parent].append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), ()):
             found.append(child)
             todo.append(child)
     return found
+
+
+def _proc_parents():
+    """[(pid, ppid)] from /proc, or None without a usable /proc."""
+    try:
+        entries = os.listdir('/proc')
+    except OSError:
+        return None
+    pairs = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry, 'rb') as fh:
+                data = fh.read()
+            pairs.append((int(entry), int(data[data.rfind(b')') + 2:].split()[1])))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pairs or None
+
+
+def _ps_parents():
+    """[(pid, ppid)] from ps(1) (POSIX options), or None."""
+    try:
+        out = subprocess.run(['ps', '-A', '-o', 'pid=', '-o', 'ppid='],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pairs = []
+    for line in out.split(b'\n'):
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            pairs.append((int(fields[0]), int(fields[1])))
+    return pairs or None
 
 
 def kill_tree(pid, sig):
@@ -554,6 +590,11 @@ class Computation:
         if compute.type == dc.Compute.prog_type:
             self.program = os.path.join(dest_path, safe_basename(compute.name) or 'program')
         self.xfer_names = [safe_basename(xf.name, xf.sep) for xf in compute.xfer_files]
+        # Everything sent to us for it (depends, the program, per-job files):
+        # what close removes; files its jobs wrote stay, as on the original.
+        self.transferred = set(n for n in self.xfer_names if n)
+        if self.program:
+            self.transferred.add(os.path.basename(self.program))
         self.last_pulse = time.monotonic()
         self.last_resend = float('-inf')
         self.zombie = False
@@ -573,7 +614,8 @@ class Computation:
         return {'id': self.id, 'auth': self.auth, 'name': self.name, 'type': self.type,
                 'scheduler_ip': self.scheduler_ip, 'scheduler_port': self.scheduler_port,
                 'result_port': self.result_port, 'dest_path': self.dest_path,
-                'keep_files': self.keep_files, 'sign': self.sign}
+                'keep_files': self.keep_files, 'sign': self.sign,
+                'transferred': sorted(self.transferred)}
 
     @classmethod
     def from_record(cls, rec):
@@ -585,6 +627,9 @@ class Computation:
                                  cleanup=not rec['keep_files'], xfer_files=[]),
                       rec['dest_path'], rec['sign'])
         comp.zombie = comp.retiring = True
+        transferred = rec.get('transferred')    # absent from older records
+        if isinstance(transferred, list):
+            comp.transferred.update(n for n in transferred if safe_basename(n) == n)
         return comp
 
 
@@ -687,6 +732,14 @@ class NodeState:
                 if comp.keep_files:
                     unused = []
             return entry, comp, unused
+
+    def note_transfer(self, comp, name):
+        with self.lock:
+            comp.transferred.add(name)
+
+    def transferred(self, comp):
+        with self.lock:
+            return sorted(comp.transferred)
 
     def jobs_of(self, compute_id):
         with self.lock:
@@ -878,6 +931,13 @@ class ResultStore:
         return found
 
 
+def _listdir(directory):
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
 def _stray_temp_files(directory):
     try:
         return [os.path.join(directory, n) for n in os.listdir(directory)
@@ -889,6 +949,83 @@ def _stray_temp_files(directory):
 # ---------------------------------------------------------------- workers
 # Everything in this section runs in worker processes and their job
 # children, never in the node process.
+
+# Modules and builtins a job's result may name that Python 3.6 (the legacy
+# client) lacks: such a reply would fail to load there, and the client would
+# show the job Running for ever.  Standard library additions since 3.6.
+NEW_SINCE_36_MODULES = (
+    '_abc', '_contextvars', '_interpreters', '_posixshmem', '_pydatetime', '_pylong',
+    '_queue', '_sha2', '_statistics', '_tokenize', '_typing', '_uuid', '_zoneinfo',
+    'contextvars', 'dataclasses', 'graphlib', 'tomllib', 'zoneinfo',
+    'asyncio.exceptions', 'asyncio.mixins', 'asyncio.runners', 'asyncio.staggered',
+    'asyncio.taskgroups', 'asyncio.threads', 'asyncio.timeouts', 'asyncio.trsock',
+    'importlib.metadata', 'importlib.readers', 'importlib.resources',
+    'importlib.simple', 'multiprocessing.resource_tracker',
+    'multiprocessing.shared_memory', 'unittest.async_case')
+NEW_SINCE_36_BUILTINS = (
+    'BaseExceptionGroup', 'EncodingWarning', 'ExceptionGroup', 'PythonFinalizationError',
+    '_IncompleteInputError', 'aiter', 'anext', 'breakpoint')
+# A protocol 4 pickle that refers to such a name spells it out once as a
+# SHORT_BINUNICODE (0x8c, length, text) before it memoizes it, so one
+# C-speed search rules out nearly every reply before any opcode is parsed
+# (about 0.3 ms per MB of result; a result of many short strings costs more).
+_NEW_SINCE_36_RE = re.compile(b'\\x8c.(?:%s)' % b'|'.join(
+    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS), re.S)
+_PICKLE_STRINGS = frozenset(('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
+                             'SHORT_BINSTRING', 'BINSTRING', 'STRING'))
+
+
+def unloadable_on_36(data):
+    """'module.name' of the first global in pickle ``data`` that Python 3.6
+    cannot import, or None."""
+    if not _NEW_SINCE_36_RE.search(data):
+        return None
+    import pickletools
+    memo, recent = {}, [None, None]    # recent: the last two values pushed
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in _PICKLE_STRINGS:
+                recent.append(arg)
+            elif name in ('BINGET', 'LONG_BINGET', 'GET'):
+                recent.append(memo.get(int(arg)))
+            elif name == 'MEMOIZE':
+                memo[len(memo)] = recent[-1]
+                continue
+            elif name in ('BINPUT', 'LONG_BINPUT', 'PUT'):
+                memo[int(arg)] = recent[-1]
+                continue
+            elif name in ('STACK_GLOBAL', 'GLOBAL', 'INST'):
+                module, qualname = (recent[-2], recent[-1]) if name == 'STACK_GLOBAL' \
+                    else arg.split(' ', 1)
+                if _new_since_36(module, qualname):
+                    return '%s.%s' % (module, qualname)
+                recent.append(None)
+            elif name in ('FRAME', 'PROTO'):
+                continue
+            else:
+                recent.append(None)
+            del recent[:-2]
+    except (ValueError, TypeError, AttributeError):
+        return None     # not a pickle we can read: the client will say so
+    return None
+
+
+def _new_since_36(module, qualname):
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return False
+    if module in ('builtins', '__builtin__'):
+        return qualname.split('.')[0] in NEW_SINCE_36_BUILTINS
+    return any(module == m or module.startswith(m + '.') for m in NEW_SINCE_36_MODULES)
+
+
+def _unloadable_reason(data):
+    found = unloadable_on_36(data)
+    if found is None:
+        return None
+    return ('the result refers to %s, which Python 3.6 (the dispy 4.5 client) does not '
+            'have, so the client could not load it' % found)
+
 
 class _JobContext:
     """What dispy_provisional_result / dispy_send_file need in a job."""
@@ -910,20 +1047,34 @@ def _job_connect(timeout):
 
 def dispy_provisional_result(result, timeout=None):
     """Send ``result`` to the client as a provisional result of this job.
-    Returns 0 when the client acknowledged it, -1 otherwise."""
+    Returns 0 when the client acknowledged it, -1 otherwise (also when it
+    cannot be pickled or loaded by the client; the job goes on)."""
     reply = _JOB.reply
     saved = (reply.status, reply.result, reply.end_time)
     reply.status, reply.result, reply.end_time = \
         DispyJob.ProvisionalResult, result, time.time()
+    sendable = False
     try:
-        data = b'JOB_REPLY:' + dc.dumps(reply)
+        try:
+            data = dc.dumps(reply)
+        except Exception:  # unpicklable (TypeError, AttributeError, ...): -1, the job goes on
+            return -1
+        if unloadable_on_36(data):
+            return -1
+        # As on the original, the job's result is now this value until the
+        # job returns: a job that raises later reports its last provisional
+        # result.
+        sendable = True
+        data = b'JOB_REPLY:' + data
         with _job_connect(timeout or _JOB.msg_timeout) as sock:
             dc.send_msg(sock, data)
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
-    except (OSError, ProtocolError, pickle.PicklingError):
+    except (OSError, ProtocolError):
         return -1
     finally:
-        reply.status, reply.result, reply.end_time = saved
+        reply.status, reply.end_time = saved[0], saved[2]
+        if not sendable:
+            reply.result = saved[1]
 
 
 def dispy_send_file(path, timeout=None):
@@ -940,9 +1091,15 @@ def dispy_send_file(path, timeout=None):
     name = os.path.splitdrive(path)[1].lstrip(os.sep)
     xf = dc.XferFile(name=name, stat_buf=stat_buf, compute_id=_JOB.compute_id, sep=os.sep)
     try:
+        head, reply = dc.dumps(xf), dc.dumps(_JOB.reply)
+    except Exception:  # whatever made them unpicklable
+        return -1
+    if unloadable_on_36(head) or unloadable_on_36(reply):
+        return -1
+    try:
         with _job_connect(timeout or _JOB.msg_timeout) as sock, open(path, 'rb') as fh:
-            dc.send_msg(sock, b'FILEXFER:' + dc.dumps(xf))
-            dc.send_msg(sock, dc.dumps(_JOB.reply))
+            dc.send_msg(sock, b'FILEXFER:' + head)
+            dc.send_msg(sock, reply)
             if dc.recv_msg(sock, 1024) != b'ACK':
                 return -1
             sent = 0
@@ -957,6 +1114,49 @@ def dispy_send_file(path, timeout=None):
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
     except (OSError, ProtocolError):
         return -1
+
+
+# Job code on the 4.5.5 node saw every module its node process had imported
+# (it put sys.modules into the job globals), and legacy job code uses them
+# without importing them.  These are the public top-level names of that list
+# (measured on the original under Python 3.6; asyncoro and dispy left out).
+# Only standard library modules: none of the node's own state.
+IMPLICIT_MODULES = (
+    'abc', 'argparse', 'array', 'ast', 'atexit', 'base64', 'binascii', 'bisect',
+    'builtins', 'bz2', 'codecs', 'collections', 'contextlib', 'copy', 'copyreg',
+    'datetime', 'dis', 'encodings', 'enum', 'errno', 'fcntl', 'fnmatch', 'functools',
+    'genericpath', 'gettext', 'glob', 'grp', 'hashlib', 'heapq', 'importlib', 'inspect',
+    'io', 'ipaddress', 'itertools', 'keyword', 'linecache', 'locale', 'logging', 'lzma',
+    'marshal', 'math', 'multiprocessing', 'numbers', 'opcode', 'operator', 'os',
+    'pickle', 'pkgutil', 'platform', 'posix', 'posixpath', 'pwd', 'queue', 'random',
+    're', 'reprlib', 'runpy', 'select', 'selectors', 'shelve', 'shutil', 'signal', 'site',
+    'socket', 'sre_compile', 'sre_constants', 'sre_parse', 'ssl', 'stat', 'string',
+    'stringprep', 'struct', 'subprocess', 'sys', 'sysconfig', 'tempfile', 'textwrap',
+    'threading', 'time', 'token', 'tokenize', 'traceback', 'types', 'unicodedata',
+    'warnings', 'weakref', 'zipimport', 'zlib')
+# Submodules the original had loaded, so e.g. os.path or importlib.util work.
+IMPLICIT_SUBMODULES = (
+    'collections.abc', 'importlib.abc', 'importlib.machinery', 'importlib.util',
+    'multiprocessing.connection', 'multiprocessing.context', 'multiprocessing.process',
+    'multiprocessing.queues', 'multiprocessing.reduction', 'multiprocessing.synchronize',
+    'multiprocessing.util', 'os.path')
+_IMPLICIT = {}
+
+
+def import_implicit_modules():
+    """Import IMPLICIT_MODULES into _IMPLICIT (in a spare worker, before it
+    has a computation, so jobs don't wait for it)."""
+    import importlib
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')     # sre_* are deprecated aliases now
+        for name in IMPLICIT_MODULES + IMPLICIT_SUBMODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:     # a POSIX-only module elsewhere, or gone from Python
+                continue
+            if '.' not in name:
+                _IMPLICIT[name] = module
 
 
 _REPLY_LEN = struct.Struct('>Q')   # job process -> worker: length, then the reply
@@ -1055,6 +1255,7 @@ class Worker:
         import types
         module = types.ModuleType('__main__')
         self.ns = module.__dict__
+        self.ns.update(_IMPLICIT)
         self.ns['dispy_provisional_result'] = dispy_provisional_result
         self.ns['dispy_send_file'] = dispy_send_file
         self.ns['DispyJob'] = DispyJob
@@ -1168,12 +1369,19 @@ class Worker:
             reply.stdout, reply.stderr = out.getvalue(), err.getvalue()
         reply.end_time = time.time()
         try:
-            return dc.dumps(reply)
+            data = dc.dumps(reply)
         except Exception:  # an unpicklable result must still produce a reply
             reply.result = None
             reply.status = DispyJob.Terminated
             reply.exception = 'result could not be pickled:\n' + traceback.format_exc()
             return dc.dumps(reply)
+        why = _unloadable_reason(data)
+        if why is not None:
+            reply.result = None
+            reply.status = DispyJob.Terminated
+            reply.exception = why
+            data = dc.dumps(reply)
+        return data
 
     def _run_program(self, args):
         program = self.cfg['program']
@@ -1214,7 +1422,7 @@ class Worker:
         if job.replied:
             return
         if job.terminated:
-            why = 'job terminated on request'
+            why = None      # as the original: Terminated, no exception text
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
         else:
@@ -1239,6 +1447,7 @@ def worker_main(fd):
     """Entry point of a worker process (see WorkerHandle for how it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
     chan = socket.socket(fileno=fd)
+    import_implicit_modules()
     try:
         Worker(chan).serve()
     finally:
@@ -1567,7 +1776,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     @handles(b'SETUP')
     def _handle_setup(self, compute_id):
         comp = self.node.state.find(compute_id)
-        if comp is None or comp.scheduler_ip != self.peer or comp.worker is None:
+        if comp is None or comp.worker is None:
             self.reply(b'NAK (invalid computation %s)' % brief(compute_id).encode())
             return
         self.reply(self.node.run_setup(comp))
@@ -1589,7 +1798,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     @handles(b'TERMINATE_JOB')
     def _handle_terminate_job(self, job):
         comp = self.node.state.find(getattr(job, 'compute_id', None))
-        if comp is None or comp.scheduler_ip != self.peer:
+        if comp is None:
             logger.debug('ignoring TERMINATE_JOB from %s', self.peer)
             return
         self.node.terminate_job(comp, getattr(job, 'uid', None))
@@ -2467,31 +2676,43 @@ class Node:
         self._remove_computation_files(comp)
 
     def _remove_computation_files(self, comp):
-        """Remove a computation's files and directory (unless the client
-        asked to keep them with cleanup=False); stored replies stay."""
+        """Remove what was transferred for a computation (depends, the
+        program, per-job files, their bytecode) and our temp files, unless
+        the client asked to keep them with cleanup=False.  Files its jobs
+        wrote stay, as on the original, in a named or a default directory
+        alike; so do stored replies.  The directory goes once empty."""
         base = os.path.realpath(self.config.dest_path_prefix) + os.sep
         path = os.path.realpath(comp.dest_path)
         if comp.keep_files or not path.startswith(base):
             return
+        names = self.state.transferred(comp)
         with self.dirs_lock:
             if not os.path.isdir(path):
                 return
-            for name in os.listdir(path):
-                if name.startswith(REPLY_PREFIX):
-                    continue
-                full = os.path.join(path, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                else:
-                    try:
+            victims = [os.path.join(path, n) for n in names]
+            cache = os.path.join(path, '__pycache__')
+            for name in names:
+                stem, ext = os.path.splitext(name)
+                if ext == '.py':
+                    victims.append(os.path.join(path, name + 'c'))
+                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
+                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
+            victims.extend(_stray_temp_files(path))
+            for full in victims:
+                try:
+                    if not stat.S_ISDIR(os.lstat(full).st_mode):
                         os.unlink(full)
-                    except OSError as exc:
-                        logger.warning('could not remove %s: %s', full, exc)
-            try:
-                os.rmdir(path)
-            except OSError:
-                return  # stored replies remain
-            self._prune_empty_parents(path, base)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logger.warning('could not remove %s: %s', full, exc)
+            for directory in (cache, path):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass    # not empty: the jobs' files or stored replies remain
+            if not os.path.isdir(path):
+                self._prune_empty_parents(path, base)
 
     @staticmethod
     def _prune_empty_parents(path, base):
@@ -2515,7 +2736,7 @@ class Node:
             return None, None, b'NAK (invalid file transfer)'
         comp = self.state.find(xf.compute_id)
         name = safe_basename(xf.name, xf.sep)
-        if comp is None or comp.zombie or comp.scheduler_ip != peer:
+        if comp is None or comp.zombie:
             return None, None, b'NAK (invalid computation)'
         if name is None:
             return None, None, b'NAK (invalid file name)'
@@ -2523,6 +2744,7 @@ class Node:
         if limit and xf.stat_buf.st_size > limit:
             logger.warning('refusing %s: %d bytes is over the limit', name, xf.stat_buf.st_size)
             return None, None, b'NAK (file too big)'
+        self.state.note_transfer(comp, name)
         return comp, os.path.join(comp.dest_path, name), None
 
     @staticmethod
@@ -2577,7 +2799,7 @@ class Node:
                 or not isinstance(job.xfer_files or [], list):
             return None, None, b'NAK (invalid job)'
         comp = self.state.find(job.compute_id)
-        if comp is None or comp.scheduler_ip != peer or comp.worker is None \
+        if comp is None or comp.worker is None \
                 or not comp.worker.alive:
             return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
         limit = self.config.max_file_size

@@ -18,7 +18,9 @@ setup(
     license='MIT',
     py_modules=['dispynode', 'dispy_common'],
     python_requires='>=3.8',
-    extras_require={'psutil': ['psutil']},
+    # psutil finds a cancelled job's whole process tree; the node also works
+    # without it (a copy of the two files: /proc or ps(1) instead).
+    install_requires=['psutil'],
     entry_points={'console_scripts': ['dispynode = dispynode:main']},
     classifiers=[
         'License :: OSI Approved :: MIT License',

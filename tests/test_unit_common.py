@@ -559,7 +559,7 @@ def test_parse_size(text, value):
     assert dc.parse_size(text) == value
 
 
-@pytest.mark.parametrize('text', ['', ' ', 'k', '10x', '-1', '1.5m', '10mb', 'm10', '1 k',
+@pytest.mark.parametrize('text', ['', ' ', 'k', '10x', '-1', '1.5m', 'm10', '1 k',
                                   '0x10', 'ten', None])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):

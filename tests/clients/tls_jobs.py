@@ -11,34 +11,15 @@ thread can run the connect callback first; with TLS that callback wraps and
 handshakes a socket that is not connected yet, fails, closes it, and the
 coroutine's ``connect()`` then dies with EBADF ("Transfer of computation
 failed" -> the node is dropped).  The fix only defers the epoll registration
-until ``connect()`` has been issued.
+until ``connect()`` has been issued; it is the module asyncoro_tls_fix.py that
+users drop next to their client code.
 """
 
 
 def fix_asyncoro_connect_race():
-    from asyncoro import AsyncSocket
-    orig = AsyncSocket._async_connect
-
-    def _async_connect(self, *args):
-        real = self._notifier
-        deferred = []
-
-        class _Shim(object):
-            def add(self, fd, event):
-                deferred.append((fd, event))
-
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-        self._notifier = _Shim()
-        try:
-            orig(self, *args)
-        finally:
-            self._notifier = real
-        for fd, event in deferred:
-            real.add(fd, event)
-
-    AsyncSocket._async_connect = _async_connect
+    """The shipped client-side fix (asyncoro_tls_fix.py, next to this file)."""
+    import asyncoro_tls_fix
+    assert asyncoro_tls_fix.apply()
 
 
 def compute(n):
