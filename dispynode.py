@@ -65,7 +65,6 @@ import io
 import ipaddress
 import logging
 import os
-import pickle
 import queue
 import re
 import resource
@@ -2731,8 +2730,9 @@ class Node:
 
     # -- files
     def file_target(self, xf, peer):
-        if not isinstance(xf, dc.XferFile) or not isinstance(
-                getattr(xf.stat_buf, 'st_size', None), int):
+        size = getattr(getattr(xf, 'stat_buf', None), 'st_size', None)
+        if not isinstance(xf, dc.XferFile) or not isinstance(size, int) \
+                or not 0 <= size < 2 ** 63:
             return None, None, b'NAK (invalid file transfer)'
         comp = self.state.find(xf.compute_id)
         name = safe_basename(xf.name, xf.sep)
@@ -2742,7 +2742,8 @@ class Node:
             return None, None, b'NAK (invalid file name)'
         limit = self.config.max_file_size
         if limit and xf.stat_buf.st_size > limit:
-            logger.warning('refusing %s: %d bytes is over the limit', name, xf.stat_buf.st_size)
+            self.logs.log('file too big', logging.WARNING, 'refusing %s: %d bytes is over '
+                          'the limit', name, xf.stat_buf.st_size)
             return None, None, b'NAK (file too big)'
         self.state.note_transfer(comp, name)
         return comp, os.path.join(comp.dest_path, name), None
@@ -2804,10 +2805,12 @@ class Node:
             return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
         limit = self.config.max_file_size
         files = []
+        if len(job.xfer_files or []) > MAX_XFER_FILES:
+            return None, None, b'NAK (invalid file)'
         for xf in job.xfer_files or []:
-            name = isinstance(xf, dc.XferFile) and safe_basename(xf.name, xf.sep)
-            if not name:
+            if not valid_xfer(xf):
                 return None, None, b'NAK (invalid file)'
+            name = safe_basename(xf.name, xf.sep)
             if limit and getattr(xf.stat_buf, 'st_size', 0) > limit:
                 return None, None, b'NAK (file too big)'
             files.append(name)
