@@ -453,6 +453,8 @@ class Computation:
         self.zombie = False
         self.timed_out = False     # a zombie because the client fell silent
         self.retiring = False
+        self.evicted = None        # why the node dropped it (see Node.evict)
+        self.dropped = set()       # uids killed by evict: their replies are not sent
         self.running = set()       # uids of running jobs
         self.stored = set()        # uids with a stored, undelivered reply
         self.file_uses = collections.Counter()
@@ -600,6 +602,16 @@ class NodeState:
     def mark_zombie(self, comp):
         with self.lock:
             comp.zombie = True
+
+    def evict(self, comp, reason, kill_jobs):
+        """Mark ``comp`` dropped by the node; returns the uids to kill."""
+        with self.lock:
+            comp.zombie = True
+            comp.evicted = comp.evicted or reason
+            if kill_jobs:
+                comp.dropped.update(comp.running)
+                return sorted(comp.running)
+            return []
 
     def begin_retire(self, comp):
         """True once, when ``comp`` is a zombie with no running job."""
@@ -1797,9 +1809,7 @@ class Node:
         self.tcp.server_close()
         active, _ = self.state.snapshot()
         for comp in active:
-            self.state.mark_zombie(comp)
-            for entry in self.state.jobs_of(comp.id):
-                self.terminate_job(comp, entry.uid)
+            self.evict(comp, 'node shutting down')
         deadline = time.monotonic() + 3.0
         while self.state.busy_cpus() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -1821,6 +1831,23 @@ class Node:
         self.tasks.close(3.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+
+    def evict(self, comp, reason, kill_jobs=True):
+        """Drop ``comp`` as the original node leaves a computation: its
+        running jobs are killed (whole process tree) and send no reply, then
+        the client gets TERMINATED, so a 4.5 client reschedules reentrant
+        jobs on another node and marks the others Abandoned.  Results that
+        finished earlier stay stored for recovery.  Used by shutdown, the
+        console's release, --service_end and the zombie drop; the zombie
+        drop lets running jobs finish (their results are stored), as the
+        original does for a silent client."""
+        if comp.evicted is None:
+            logger.warning('dropping computation %s of %s: %s', comp.id, comp.scheduler_ip,
+                           reason)
+        for uid in self.state.evict(comp, reason, kill_jobs):
+            self.terminate_job(comp, uid)
+        if not self.stopping.is_set():
+            self.retire(comp)       # at once, or when its last job ends
 
     def spawn(self, func, *args, key=None):
         """Run ``func(*args)`` on the bounded task pool; False if refused."""
@@ -1998,7 +2025,7 @@ class Node:
         if self.config.zombie_seconds:
             for comp in self.state.zombies(self.config.zombie_seconds):
                 logger.warning('computation %s of %s is a zombie', comp.id, comp.scheduler_ip)
-                self.spawn(self.retire, comp)
+                self.spawn(self.evict, comp, 'client silent for the zombie interval', False)
         return last_pulse
 
     # -- computations
@@ -2146,7 +2173,7 @@ class Node:
             self.store.save_computation(comp)
         else:
             self.store.remove_computation(comp)
-        if comp.timed_out:
+        if comp.timed_out or comp.evicted:
             self.send_terminated(comp)
         logger.info('computation %s closed%s', comp.id,
                     ' (%d result(s) kept)' % len(comp.stored) if keep else '')
@@ -2318,7 +2345,9 @@ class Node:
                 os.unlink(os.path.join(comp.dest_path, name))
             except OSError:
                 pass
-        if not entry.unacknowledged:
+        # A job killed by evict() sends nothing: the client reschedules or
+        # abandons it on our TERMINATED, as with the original node.
+        if not entry.unacknowledged and uid not in comp.dropped:
             self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
         if comp.zombie and not comp.running and not self.stopping.is_set():
             self.spawn(self.retire, comp)
