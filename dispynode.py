@@ -950,6 +950,7 @@ class Worker:
         self.ns['dispy_provisional_result'] = dispy_provisional_result
         self.ns['dispy_send_file'] = dispy_send_file
         self.ns['DispyJob'] = DispyJob
+        self.ns['dispynode_shutdown'] = self._shutdown_asked
         # Classes sent as dependencies pickle as __main__.<name> on both ends.
         sys.modules['__main__'] = module
         if self.cfg['code']:
@@ -997,6 +998,11 @@ class Worker:
         job.kill_at = time.monotonic() + KILL_GRACE
         kill_tree(job.pid, signal.SIGTERM)
 
+    def _shutdown_asked(self):
+        """``dispynode_shutdown()`` for a computation's cleanup (the node
+        honours it only with --client_shutdown)."""
+        self.shutdown_asked = True
+
     def _cmd_close(self, run_cleanup):
         text = ''
         # Load the computation (user objects) only when there is a cleanup to run.
@@ -1008,7 +1014,7 @@ class Worker:
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
             except BaseException:  # user code may raise anything
                 text = traceback.format_exc()
-        self.send(('closed', text))
+        self.send(('closed', text, getattr(self, 'shutdown_asked', False)))
         self.running = False
         self.sel.unregister(self.chan)
 
@@ -1749,7 +1755,184 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 # ---------------------------------------------------------------- the node
 
-class Node:
+# ---------------------------------------------------------------- service controls
+
+def parse_hhmm(text, option):
+    """'HH:MM' -> minute of the day; ValueError with a one-line message."""
+    m = re.match(r'^\s*(\d{1,2}):(\d{2})\s*$', text or '')
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError('%s %r: expected a time of day as HH:MM' % (option, text))
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+class ServiceClock:
+    """Minute of the day (a float) for the --service_* window.  Tests run
+    it fast: $DISPYNODE_CLOCK_START (HH:MM) is the minute it shows at start
+    and $DISPYNODE_MINUTE_SECONDS how many real seconds a minute lasts."""
+
+    def __init__(self, start=None, minute_seconds=60.0):
+        self.t0 = time.monotonic()
+        self.start = start
+        self.minute_seconds = minute_seconds
+
+    @classmethod
+    def from_env(cls):
+        start = os.environ.get('DISPYNODE_CLOCK_START')
+        rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
+        if rate <= 0:
+            raise ValueError('DISPYNODE_MINUTE_SECONDS must be positive')
+        return cls(parse_hhmm(start, 'DISPYNODE_CLOCK_START') if start else None, rate)
+
+    def minute(self):
+        elapsed = (time.monotonic() - self.t0) / self.minute_seconds
+        if self.start is not None:
+            return (self.start + elapsed) % 1440
+        if self.minute_seconds != 60.0:
+            lt = time.localtime(time.time() - (time.monotonic() - self.t0))
+            return (lt.tm_hour * 60 + lt.tm_min + lt.tm_sec / 60.0 + elapsed) % 1440
+        lt = time.localtime()
+        return lt.tm_hour * 60 + lt.tm_min + lt.tm_sec / 60.0
+
+
+def service_phase(now, start, stop, end):
+    """Where minute ``now`` falls in the daily window that opens at
+    ``start``: 'on' (takes computations), 'stopped' (after --service_stop:
+    running work goes on, nothing new) or 'closed' (after --service_end).
+    Windows may span midnight."""
+    if stop is None and end is None:
+        return 'on'
+
+    def after_start(minute):
+        return (minute - start) % 1440
+
+    pos = after_start(now)
+    if stop is not None and pos >= after_start(stop):
+        return 'closed' if end is not None and pos >= after_start(end) else 'stopped'
+    if end is not None and pos >= after_start(end):
+        return 'closed'
+    return 'on'
+
+
+class ServiceControl:
+    """Node-side controls of later dispy nodes, for 4.5 clients: the daily
+    service window, --serve, --ping_interval, --client_shutdown, and the
+    console's stop/start/cpus/release.  A mixin of Node; the timer calls
+    ``_service_tick``."""
+
+    def _init_service(self):
+        cfg = self.config
+        self.quit = threading.Event()        # main() exits when set
+        self.started_at = time.monotonic()
+        self.paused = False                  # console 'stop'
+        self.served = 0                      # computations ended
+        self.clock = getattr(cfg, 'service_clock', None) or ServiceClock()
+        self.window = (getattr(cfg, 'service_start_minute', None),
+                       getattr(cfg, 'service_stop_minute', None),
+                       getattr(cfg, 'service_end_minute', None))
+        if self.window[0] is None:
+            # As the later node: without a start the window opens at start-up.
+            self.window = (self.clock.minute(),) + self.window[1:]
+        self.phase = self.service_phase()
+        self._last_ping = time.monotonic()
+
+    def service_phase(self):
+        return service_phase(self.clock.minute(), *self.window)
+
+    def in_service(self):
+        """Whether we announce ourselves and take new computations."""
+        return self.phase == 'on' and not self.paused and self.service_refusal() is None
+
+    def service_refusal(self):
+        """Why a new computation is refused (None: it is welcome)."""
+        if self.phase != 'on':
+            return b'NAK (node is outside its service hours)'
+        if self.paused:
+            return b'NAK (node is stopped)'
+        serve = getattr(self.config, 'serve', -1)
+        if serve > 0:
+            active, _ = self.state.snapshot()
+            if self.served + len(active) >= serve:
+                return b'NAK (node serves no more computations)'
+        return None
+
+    def request_exit(self, why):
+        if not self.quit.is_set():
+            logger.info('exiting: %s', why)
+            self.quit.set()
+
+    def computation_ended(self, comp, shutdown_asked=False):
+        """Called once per retired computation."""
+        self.served += 1
+        if shutdown_asked:
+            if getattr(self.config, 'client_shutdown', False):
+                self.request_exit('the cleanup of computation %s called dispynode_shutdown()'
+                                  % comp.id)
+            else:
+                logger.warning('computation %s called dispynode_shutdown(), which needs '
+                               '--client_shutdown; ignored', comp.id)
+        serve = getattr(self.config, 'serve', -1)
+        if serve > 0 and self.served >= serve:
+            active, _ = self.state.snapshot()
+            if not active:
+                self.request_exit('served %d computation(s) (--serve)' % self.served)
+
+    def _service_tick(self):
+        phase = self.service_phase()
+        if phase != self.phase:
+            self.phase = phase
+            logger.info('service window: %s', {'on': 'open', 'stopped': 'stopped (running '
+                        'work goes on, no new computation)', 'closed': 'ended'}[phase])
+            if phase == 'on':
+                self.announce()
+        if phase == 'closed':
+            active, _ = self.state.snapshot()
+            for comp in active:
+                if comp.evicted is None:
+                    self.spawn(self.evict, comp, 'service window ended')
+        interval = getattr(self.config, 'ping_interval', 0)
+        now = time.monotonic()
+        if interval and now - self._last_ping >= interval:
+            self._last_ping = now
+            if self.state.is_free():
+                self.announce()
+
+    # -- console commands
+    def set_cpus(self, cpus):
+        """Offer ``cpus`` CPUs from now on (running jobs go on)."""
+        total = os.cpu_count() or 1
+        if not isinstance(cpus, int) or isinstance(cpus, bool):
+            raise ValueError('cpus must be an integer')
+        cpus = cpus if cpus > 0 else total + cpus
+        if not 0 < cpus <= total:
+            raise ValueError('cpus must be between %d and %d' % (-total + 1, total))
+        with self.state.lock:
+            self.state.avail_cpus += cpus - self.state.cpus
+            self.state.cpus = cpus
+        self.config.cpus = cpus
+        logger.info('now offering %d cpus', cpus)
+        if self.state.is_free():
+            self.announce()
+        return cpus
+
+    def pause(self):
+        self.paused = True
+        logger.info('stopped: running work goes on, no new computation')
+
+    def resume(self):
+        self.paused = False
+        logger.info('started: taking computations')
+        self.announce()
+
+    def release(self):
+        """Drop the current client's computations now (its view: as a
+        zombie drop).  Returns how many."""
+        active, _ = self.state.snapshot()
+        for comp in active:
+            self.spawn(self.evict, comp, 'released from the console')
+        return len(active)
+
+
+class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
@@ -1782,6 +1965,7 @@ class Node:
         self.udp.settimeout(0.5)
         self.broadcast = broadcast_address(config.ip_addr)
         self._restore()
+        self._init_service()
 
     # -- start and stop
     def start(self):
@@ -1881,7 +2065,7 @@ class Node:
 
     def announce(self):
         """Broadcast that we are free (and tell --scheduler_node directly)."""
-        if not self.state.is_free() or self.stopping.is_set():
+        if not self.state.is_free() or self.stopping.is_set() or not self.in_service():
             return
         data = b'PING:' + dc.dumps_plain(self.ping_info())
         self._udp_send(data, (self.broadcast, self.config.scheduler_port), broadcast=True)
@@ -1929,8 +2113,8 @@ class Node:
 
     def send_pongs(self, info, peer):
         """Answer a client's PING with PONG to each of its addresses."""
-        if not self.state.is_free():
-            logger.debug('busy; not answering PING from %s', peer)
+        if not self.state.is_free() or not self.in_service():
+            logger.debug('busy or out of service; not answering PING from %s', peer)
             return
         addrs = [a for a in info.get('ip_addrs', [])[:8] if is_ipv4(a)] + [peer]
         # 0.0.0.0 is what a broadcast sent before the sender had an address
@@ -1992,6 +2176,7 @@ class Node:
         while not self.stopping.wait(0.25):
             try:
                 last_pulse = self._tick(last_pulse)
+                self._service_tick()
                 self.logs.flush()
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
@@ -2078,6 +2263,11 @@ class Node:
         return tempfile.mkdtemp(prefix=stem + '_', dir=base)
 
     def add_computation(self, compute, raw):
+        refusal = self.service_refusal()
+        if refusal:
+            logger.info('refusing computation from %s: %s', compute.scheduler_ip_addr,
+                        refusal.decode())
+            return None, refusal
         if not self.state.is_free() and self.state.scheduler != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
@@ -2088,6 +2278,8 @@ class Node:
         if dest is None:
             return None, b'NAK (Invalid dest_path)'
         comp = Computation(compute, dest, self.sign)
+        if getattr(self.config, 'force_cleanup', False):
+            comp.keep_files = False
         refusal = self.state.claim(comp)
         if refusal:
             return None, refusal
@@ -2162,10 +2354,12 @@ class Node:
         record; free the node.  Runs once per computation."""
         if not self.state.begin_retire(comp):
             return
+        shutdown_asked = False
         if comp.worker is not None:
             answer = comp.worker.request(('close', run_cleanup), CLEANUP_TIMEOUT)
             if answer and answer[1]:
                 logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
+            shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._remove_computation_files(comp)
         keep = bool(comp.stored)
@@ -2179,6 +2373,7 @@ class Node:
                     ' (%d result(s) kept)' % len(comp.stored) if keep else '')
         if self.state.detach(comp, keep):
             self.announce()
+        self.computation_ended(comp, shutdown_asked)
 
     def _forget(self, comp):
         """A detached computation has nothing left to deliver."""
@@ -2441,14 +2636,169 @@ def build_parser():
                    help='remove everything under --dest_path_prefix at start')
     p.add_argument('--max_connections', type=int, default=MAX_CONNECTIONS,
                    help='concurrent TCP requests served (default %(default)s)')
+    add_service_options(p)
     p.add_argument('--version', action='version',
                    version='dispynode %s (dispy protocol %s)' % (__version__,
                                                                dc.PROTOCOL_VERSION))
     return p
 
 
+# Options of later dispy nodes (4.15) that this node does not implement:
+# each fails with one line naming it.
+UNSUPPORTED_OPTIONS = {
+    '--ipv4_udp_multicast': 0, '--unsafe_setup': 0, '--init': 1, '--admin_secret': 1,
+    '--dispy_port': 1}
+# Names later nodes use in their config files, mapped onto ours.
+CONFIG_ALIASES = {'hosts': 'ip_addr', 'ext_hosts': 'ext_ip_addr',
+                  'scheduler_host': 'scheduler_node', 'loglevel': 'debug',
+                  'node_init': 'init', 'safe_setup': 'unsafe_setup'}
+# A later node writes these unimplemented options into every file it saves;
+# with these (default) values they ask for nothing.
+LATER_DEFAULTS = {'dispy_port': ('9700', ''), 'unsafe_setup': ('true', ''),
+                  'ipv4_udp_multicast': ('false', ''), 'init': ('',), 'admin_secret': ('',)}
+
+
+class _Unsupported(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, 'dispynode: error: %s is an option of later dispy nodes that this '
+                       'node does not implement\n' % option_string)
+
+
+def add_service_options(p):
+    """Options of later dispy nodes for running as a service."""
+    g = p.add_argument_group('service (options of later dispy nodes)')
+    g.add_argument('--daemon', action='store_true',
+                   help='no interactive console (the node stays in the foreground)')
+    g.add_argument('--ping_interval', type=float, default=0,
+                   help='while free, announce the node every this many seconds '
+                        '(0 = only when it becomes free)')
+    g.add_argument('--serve', type=int, default=-1,
+                   help='exit after this many computations have ended (-1 = no limit)')
+    g.add_argument('--service_start', default='', metavar='HH:MM',
+                   help='daily time when the node starts taking computations')
+    g.add_argument('--service_stop', default='', metavar='HH:MM',
+                   help='daily time when the node takes no new computation (running '
+                        'work goes on)')
+    g.add_argument('--service_end', default='', metavar='HH:MM',
+                   help='daily time when running jobs end as in a node shutdown')
+    g.add_argument('--client_shutdown', action='store_true',
+                   help="a computation's cleanup may call dispynode_shutdown() to stop "
+                        "the node once that computation ends")
+    g.add_argument('--force_cleanup', action='store_true',
+                   help="remove a computation's files even if the client asked cleanup=False")
+    g.add_argument('--config', default='', metavar='FILE',
+                   help='read options from this INI file (command-line options override it)')
+    g.add_argument('--save_config', default='', metavar='FILE',
+                   help='write every option to this INI file and exit')
+    for flag, nargs in sorted(UNSUPPORTED_OPTIONS.items()):
+        p.add_argument(flag, action=_Unsupported, nargs='?' if nargs else 0,
+                       help=argparse.SUPPRESS)
+
+
+def _config_value(action, text, key):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        value = text.strip().lower()
+        if value not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off', ''):
+            raise ValueError('%s: expected true or false, not %r' % (key, text))
+        truth = value in ('1', 'true', 'yes', 'on')
+        return truth if isinstance(action, argparse._StoreTrueAction) else not truth
+    if isinstance(action, argparse._AppendAction):
+        text = text.strip()
+        if text.startswith('['):       # a later node's file: a Python list
+            text = re.sub(r"[\[\]'\"]", '', text)
+        return [v.strip() for v in text.split(',') if v.strip()] or None
+    if action.type is not None:
+        try:
+            return action.type(text.strip())
+        except ValueError:
+            raise ValueError('%s: invalid value %r' % (key, text))
+    return text.strip()
+
+
+def apply_config_file(parser, path):
+    """Set ``parser``'s defaults from the INI file ``path`` (section
+    [DEFAULT] or [dispynode]; keys are the long option names), so that
+    command-line options override it.  Empty values keep the default."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as fh:
+            cp.read_file(fh)
+    except (OSError, configparser.Error) as exc:
+        raise ValueError('--config %s: %s' % (path, str(exc).splitlines()[0]))
+    items = dict(cp.defaults())
+    if cp.has_section('dispynode'):
+        items.update(cp.items('dispynode'))
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'version')}
+    values = {}
+    for key, text in items.items():
+        dest = CONFIG_ALIASES.get(key, key)
+        action = actions.get(dest)
+        if action is None or dest in ('config', 'save_config'):
+            raise ValueError('--config %s: unknown option %r' % (path, key))
+        if isinstance(action, _Unsupported):
+            if text.strip().lower() in LATER_DEFAULTS.get(dest, ()):
+                continue
+            raise ValueError('--config %s: %s is an option of later dispy nodes that this '
+                             'node does not implement' % (path, key))
+        if text.strip() in ('', 'None') and not isinstance(action, argparse._StoreTrueAction):
+            continue
+        values[dest] = _config_value(action, text, key)
+    parser.set_defaults(**values)
+
+
+def save_config_file(args, path):
+    """Write every option of ``args`` (as parsed) to the INI file ``path``."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None)
+    section = {}
+    skip = {'config', 'save_config'} | {f.lstrip('-') for f in UNSUPPORTED_OPTIONS}
+    for key, value in sorted(vars(args).items()):
+        if key in skip:
+            continue
+        if value is None:
+            value = ''
+        elif isinstance(value, list):
+            value = ', '.join(str(v) for v in value)
+        section[key] = str(value)
+    cp['dispynode'] = section
+    text = io.StringIO()
+    text.write('# dispynode %s options; command-line options override these\n' % __version__)
+    cp.write(text)
+    try:
+        atomic_write(os.path.abspath(path), text.getvalue().encode())
+    except OSError as exc:
+        raise ValueError('--save_config %s: %s' % (path, exc.strerror or exc))
+
+
+def resolve_service(args):
+    """Validate the service options (part of resolve_config)."""
+    if args.ping_interval < 0:
+        raise ValueError('--ping_interval must be 0 (off) or positive')
+    if args.serve == 0 or args.serve < -1:
+        raise ValueError('--serve must be a positive number of computations (or -1)')
+    minutes = {}
+    for opt in ('service_start', 'service_stop', 'service_end'):
+        text = getattr(args, opt)
+        minutes[opt] = parse_hhmm(text, '--' + opt) if text else None
+    start, stop, end = minutes['service_start'], minutes['service_stop'], \
+        minutes['service_end']
+    if start is not None and stop is None and end is None:
+        raise ValueError('--service_start needs --service_stop or --service_end')
+    if stop is not None and end is not None:
+        base = start if start is not None else stop
+        if not (stop - base) % 1440 < (end - base) % 1440 or stop == end:
+            raise ValueError('--service_stop must come before --service_end')
+    if start is not None and start in (stop, end):
+        raise ValueError('--service_start must differ from --service_stop/--service_end')
+    args.service_start_minute, args.service_stop_minute, args.service_end_minute = \
+        start, stop, end
+    args.service_clock = ServiceClock.from_env()
+
+
 def resolve_config(args):
     """Validate options; raise ValueError with a one-line message."""
+    resolve_service(args)
     total = os.cpu_count() or 1
     if args.cpus > total or args.cpus <= -total:
         raise ValueError('--cpus must be between %d and %d' % (-total + 1, total))
@@ -2561,7 +2911,21 @@ def prepare_prefix(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--config', default='')
+    known, _ = pre.parse_known_args(argv)
+    try:
+        if known.config:
+            apply_config_file(parser, known.config)
+    except ValueError as exc:
+        parser.exit(2, 'dispynode: error: %s\n' % exc)
     args = parser.parse_args(argv)
+    if args.save_config:
+        try:
+            save_config_file(args, args.save_config)
+        except ValueError as exc:
+            parser.exit(2, 'dispynode: error: %s\n' % exc)
+        return 0
     _raise_fd_limit()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
@@ -2585,7 +2949,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node.start()
-    while not stop.wait(1.0):
+    while not stop.wait(0.25) and not node.quit.is_set():
         pass
     node.close()
     return 0

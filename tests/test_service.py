@@ -59,19 +59,19 @@ def _wait_log(node, text, timeout):
         text in node.log()
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp_path, sig):
-    """A node (127.0.0.1) runs a job of a reentrant cluster and one of a
-    non-reentrant cluster when it gets SIGTERM (systemd's stop) or SIGINT.
-    As with the original node on SIGINT: the node kills both job processes,
-    sends no Terminated reply, tells the client TERMINATED and exits with
-    code 0; the client reschedules the reentrant job, which finishes on a
-    second node (127.0.0.2) that announces itself afterwards, and marks the
-    other Abandoned."""
-    a = nodes('a', ['-i', '127.0.0.1', '-c', '2'])
+def _drop_scenario(nodes, tmp_path, a_args, trigger, a_env=None):
+    """Node A (127.0.0.1, 2 cpus) runs one job of a reentrant cluster and
+    one of a non-reentrant cluster; ``trigger(a, cport)`` makes A drop them
+    (it returns once A has).  Then node B (127.0.0.2) announces itself.
+    Checks the original's client-visible outcome: no Terminated reply, the
+    node's TERMINATED (DispyNode.Closed), the reentrant job rescheduled and
+    Finished on B, the other Abandoned; A's job processes are gone.
+    Returns node A."""
+    cport = free_port()
+    a = nodes('a', ['-i', '127.0.0.1', '-c', '2', '--scheduler_node', '127.0.0.1',
+                    '--scheduler_port', cport] + list(a_args), env=a_env)
     a.wait_ready()
     flag = tmp_path / 'flag'
-    cport = free_port()
     client = LegacyProc('shutdown_reentrant.py', a.port, cport, 'flag=%s' % flag,
                         cwd=tmp_path, watchdog=60)
     b = None
@@ -80,15 +80,10 @@ def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp
         assert line is not None, client.describe() + a.log()[-5000:]
         pids = [i['job_pid'] for i in json.loads(line)]
         assert len(pids) == 2 and all(pid_alive(p) for p in pids), line
-        a.proc.send_signal(sig)
-        try:
-            rc = a.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            rc = None
-        assert rc == 0, 'node exit code %r\n%s' % (rc, a.log()[-8000:])
+        trigger(a, cport)
         assert processes_gone(pids, 5), [p for p in pids if pid_alive(p)]
-        # a second node announces itself to the client (as the 4.5 client
-        # needs, to run a rescheduled job: it schedules on a node event)
+        # a second node announces itself to the client (the 4.5 client runs
+        # a rescheduled job when a node event makes it schedule again)
         b = nodes('b', ['-i', '127.0.0.2', '--scheduler_node', '127.0.0.1',
                         '--scheduler_port', cport])
         flag.write_text('go')
@@ -103,9 +98,63 @@ def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp
     assert reent['status'] == FINISHED and reent['result'] == 10, (reent, desc)
     assert reent['ip_addr'] == '127.0.0.2', reent
     assert plain['status'] == ABANDONED, (plain, desc)
-    # no Terminated reply reached the client; it saw the node leave
     events = data['events']
     assert not [e for e in events if e[1] == TERMINATED], events
     assert [e for e in events if e[1] == NODE_CLOSED and e[2] == '127.0.0.1'], events
     assert [e for e in events if e[0] == 'plain' and e[1] == ABANDONED and e[3] == 2], events
+    return a
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp_path, sig):
+    """Issue 11: SIGTERM (systemd's stop) or SIGINT while jobs run gives
+    the original's SIGINT outcome: the node kills both job processes, sends
+    no Terminated reply, tells the client TERMINATED and exits with code 0;
+    the client reschedules the reentrant job, which finishes on a second
+    node, and marks the other Abandoned."""
+    def trigger(a, cport):
+        a.proc.send_signal(sig)
+        try:
+            rc = a.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc == 0, 'node exit code %r\n%s' % (rc, a.log()[-8000:])
+
+    a = _drop_scenario(nodes, tmp_path, [], trigger)
     assert 'node shutting down' in a.log()
+
+
+def test_service_window(nodes, legacy_python, tmp_path):
+    """--service_start 10:00 --service_end 10:06 on a fast clock (starts at
+    09:59, 2 s a minute): the node answers no client before 10:00, then
+    announces itself and serves the client; at 10:06 its running jobs end
+    as in a shutdown (reentrant -> rescheduled on another node, the other
+    Abandoned), and the node stays up, out of service."""
+    env = {'DISPYNODE_CLOCK_START': '09:59', 'DISPYNODE_MINUTE_SECONDS': '2'}
+
+    def trigger(a, cport):
+        assert _wait_log(a, 'dropping computation', 20), a.log()[-5000:]
+        assert a.alive()
+
+    a = _drop_scenario(nodes, tmp_path, ['--service_start', '10:00', '--service_end', '10:06'],
+                       trigger, a_env=env)
+    log = a.log()
+    assert log.index('service window: open') < log.index('computation ')
+    assert log.index('service window: ended') < log.index('dropping computation')
+    assert 'service window ended' in log
+    assert a.alive()
+
+
+def test_serve_one_computation(node_factory, legacy_python, tmp_path):
+    """--serve 1: the node serves one client's computation, then exits 0."""
+    node = node_factory('ours', args=['--serve', '1'])
+    res = legacy.run_client(legacy.CLIENTS / 'basic_jobs.py', node.port, free_port(),
+                            'jobs=3', timeout=60, cwd=tmp_path)
+    data = legacy.check_client(res, node)
+    assert [j['status'] for j in data['jobs']] == [FINISHED] * 3, legacy.describe(res, node)
+    try:
+        rc = node.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        rc = None
+    assert rc == 0, node.log()[-5000:]
+    assert 'served 1 computation' in node.log()
