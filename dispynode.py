@@ -1912,7 +1912,32 @@ class ServiceControl:
         logger.info('now offering %d cpus', cpus)
         if self.state.is_free():
             self.announce()
+        else:
+            self.spawn(self._tell_cpus)
         return cpus
+
+    def remember_sign(self, info, peer):
+        """Keep the sign of a client's PING: a PONG made with it tells
+        that client our CPU count later (the only way a 4.5 client learns
+        it, and it only ever lowers it)."""
+        if isinstance(info, dict) and isinstance(info.get('sign'), str) \
+                and valid_port(info.get('port')):
+            with self.state.lock:
+                signs = self.__dict__.setdefault('client_signs', {})
+                if len(signs) >= 256:
+                    signs.clear()
+                signs[(peer, info['port'])] = info['sign']
+
+    def _tell_cpus(self):
+        sched = self.state.scheduler
+        sign = getattr(self, 'client_signs', {}).get(sched) if sched else None
+        if sign is None:
+            logger.info('the client does not know of the new cpu count until it '
+                        'discovers the node again')
+            return
+        pong = self.pong_for({'version': dc.PROTOCOL_VERSION, 'port': sched[1],
+                              'sign': sign}, sched[0])
+        self._tcp_notify(sched, b'PONG:' + dc.dumps_plain(pong))
 
     def pause(self):
         self.paused = True
@@ -2106,9 +2131,10 @@ class Node(ServiceControl):
         if not self._valid_ping(info) or not isinstance(info.get('sign'), str):
             logger.debug('ignoring malformed PING from %s', peer)
             return None
+        self.remember_sign(info, peer)
         return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'name': self.config.name,
-                'cpus': self.config.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
+                'cpus': self.state.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
                 'scheduler_ip_addr': peer}
 
     def send_pongs(self, info, peer):
@@ -2588,6 +2614,146 @@ class Node(ServiceControl):
             self.courier.submit(Delivery(comp, uid, rec['hash'], rec['reply'], True))
 
 
+
+# ---- status (placeholder; the obs branch replaces this block)
+
+def _placeholder_status(self):
+    """The node's state as plain data (keys agreed with the obs branch)."""
+    active, detached = self.state.snapshot()
+    jobs = []
+    now = time.time()
+    with self.state.lock:
+        entries = list(self.state.jobs.values())
+        cpus, busy = self.state.cpus, self.state.cpus - self.state.avail_cpus
+        sched = self.state.scheduler
+    for e in entries:
+        jobs.append({'uid': e.uid, 'computation': e.compute_id, 'seconds': now - e.start})
+    comps = []
+    for comp in active + detached:
+        comps.append({'id': comp.id, 'name': comp.name,
+                      'client': '%s:%s' % (comp.scheduler_ip, comp.scheduler_port),
+                      'state': 'closed' if comp in detached else
+                               ('closing' if comp.zombie else 'active'),
+                      'jobs_running': len(comp.running), 'jobs_done': 0,
+                      'stored': len(comp.stored)})
+    counts = self.counters.snapshot()
+    return {'version': __version__, 'name': self.config.name,
+            'uptime': time.monotonic() - getattr(self, 'started_at', time.monotonic()),
+            'cpus': cpus, 'cpus_busy': busy,
+            'serving': bool(getattr(self, 'in_service', lambda: True)()),
+            'client': '%s:%s' % sched if sched else None, 'computations': comps,
+            'jobs_running': jobs, 'jobs_done': {},
+            'stored_results': sum(len(c.stored) for c in active + detached),
+            'bytes_in': counts.get('bytes_in', 0), 'bytes_out': counts.get('bytes_out', 0),
+            'refused_connections': counts.get('refused_connections', 0)}
+
+
+Node.status = _placeholder_status
+
+
+def format_status_table(status):
+    """A plain-text table of ``Node.status()`` for a terminal."""
+    lines = ['dispynode %s  name %s  uptime %ds' % (status['version'], status['name'],
+                                                    int(status['uptime'])),
+             'cpus %d (busy %d)  serving: %s  client: %s' % (
+                 status['cpus'], status['cpus_busy'], 'yes' if status['serving'] else 'no',
+                 status['client'] or '-'),
+             '%-14s %-16s %-22s %-8s %7s %7s' % ('computation', 'name', 'client', 'state',
+                                                'running', 'stored')]
+    for c in status['computations']:
+        lines.append('%-14s %-16s %-22s %-8s %7d %7d' % (
+            c['id'], str(c['name'])[:16], c['client'], c['state'], c['jobs_running'],
+            c['stored']))
+    lines.append('jobs running: %d  stored results: %d' % (len(status['jobs_running']),
+                                                           status['stored_results']))
+    return '\n'.join(lines)
+
+# ---- end of status placeholder
+
+
+# ---------------------------------------------------------------- console
+
+CONSOLE_HELP = ('commands: status | cpus N | stop (no new computation) | start | '
+                'release (drop the current client now) | quit | exit')
+
+
+class Console:
+    """Interactive commands read from the terminal (see CONSOLE_HELP)."""
+
+    def __init__(self, node, infile=None, outfile=None):
+        self.node = node
+        self.infile = infile or sys.stdin
+        self.outfile = outfile or sys.stdout
+
+    @staticmethod
+    def wanted(cfg):
+        """A console needs a terminal on stdin of which we are the
+        foreground (a node started with '&' must not read it) and no
+        --daemon."""
+        if getattr(cfg, 'daemon', False):
+            return False
+        try:
+            if not sys.stdin or not sys.stdin.isatty():
+                return False
+            return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+        except OSError:
+            return True     # a terminal that is not our controlling one
+        except (AttributeError, ValueError):
+            return False
+
+    def start(self):
+        threading.Thread(target=self.run, name='console', daemon=True).start()
+
+    def say(self, text):
+        try:
+            self.outfile.write(text + '\n')
+            self.outfile.flush()
+        except (OSError, ValueError):
+            pass
+
+    def run(self):
+        self.say('dispynode console; ' + CONSOLE_HELP)
+        while not self.node.quit.is_set():
+            try:
+                line = self.infile.readline()
+            except (OSError, ValueError):
+                return
+            if not line:
+                return      # end of input: the node goes on without a console
+            try:
+                self.command(line.split())
+            except Exception:  # a bad command must not end the console
+                logger.exception('console command %r failed', line.strip())
+
+    def command(self, words):
+        if not words:
+            return
+        cmd, args = words[0].lower(), words[1:]
+        node = self.node
+        if cmd == 'status':
+            self.say(format_status_table(node.status()))
+        elif cmd == 'cpus':
+            try:
+                cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
+            except ValueError as exc:
+                self.say('cpus: %s (usage: cpus N)' % exc)
+            else:
+                self.say('offering %d cpus' % cpus)
+        elif cmd == 'stop':
+            node.pause()
+            self.say('stopped: running work goes on, no new computation')
+        elif cmd == 'start':
+            node.resume()
+            self.say('started')
+        elif cmd == 'release':
+            self.say('released %d computation(s)' % node.release())
+        elif cmd in ('quit', 'exit'):
+            self.say('shutting down')
+            node.request_exit('console %s' % cmd)
+        else:
+            self.say(CONSOLE_HELP)
+
+
 def _safe_mode(mode, executable=False):
     """Permission bits kept from a client file: never setuid/setgid/sticky."""
     bits = stat.S_IMODE(mode) & 0o777
@@ -2949,6 +3115,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node.start()
+    if Console.wanted(cfg):
+        Console(node).start()
     while not stop.wait(0.25) and not node.quit.is_set():
         pass
     node.close()
