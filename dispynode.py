@@ -250,6 +250,18 @@ def broadcast_address(ip_addr):
     return '<broadcast>'
 
 
+def route_source(ip_addr):
+    """The local address the kernel's route to ``ip_addr`` leaves from."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((ip_addr, 9))      # no packet is sent
+        return sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
 def descendants(pid):
     """PIDs of all descendants of ``pid`` (psutil if present, else /proc)."""
     try:
@@ -454,6 +466,7 @@ class Computation:
         self.timed_out = False     # a zombie because the client fell silent
         self.retiring = False
         self.evicted = None        # why the node dropped it (see Node.evict)
+        self.node_ip = None        # our address as this client knows it (Node.ip_of)
         self.dropped = set()       # uids killed by evict: their replies are not sent
         self.running = set()       # uids of running jobs
         self.stored = set()        # uids with a stored, undelivered reply
@@ -1185,7 +1198,7 @@ class WorkerHandle:
             'compute_id': comp.id, 'name': comp.name, 'type': comp.type, 'code': code,
             'program': comp.program, 'compute_bytes': compute_bytes,
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
-            'ip_addr': cfg.ext_ip_addr, 'reply_addr': list(comp.reply_addr),
+            'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -1730,6 +1743,13 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         super().__init__(addr, RequestHandler)
         self.reception = Reception(self)
 
+    def verify_request(self, request, client_address):
+        try:
+            local = request.getsockname()[0]
+        except OSError:
+            return False
+        return self.node.serves_address(local)
+
     def process_request(self, request, client_address):
         self.reception.add(request, client_address)
 
@@ -1896,6 +1916,61 @@ class ServiceControl:
             if self.state.is_free():
                 self.announce()
 
+    # -- multi-homed nodes
+    def addr_for(self, client_ip):
+        """Our address as the client at ``client_ip`` can reach it: with one
+        -i, its (external) address; with several or -i 0.0.0.0, the local
+        address the route to the client leaves from, mapped to the
+        --ext_ip_addr paired with it."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or (len(pairs) == 1 and pairs[0][0] != '0.0.0.0') or not is_ipv4(client_ip):
+            return self.config.ext_ip_addr
+        cache = self.__dict__.setdefault('_route_cache', {})
+        local = cache.get(client_ip)
+        if local is None:
+            local = route_source(client_ip) or pairs[0][0]
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[client_ip] = local
+        for bind, ext in pairs:
+            if bind == local:
+                return ext or bind
+        if pairs[0][0] == '0.0.0.0':
+            return pairs[0][1] or (local if local != '0.0.0.0' else self.config.ext_ip_addr)
+        return self.config.ext_ip_addr
+
+    def ip_of(self, comp):
+        return getattr(comp, 'node_ip', None) or self.config.ext_ip_addr
+
+    def broadcast_targets(self):
+        """(address announced, broadcast address) for each served address."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or len(pairs) == 1 and pairs[0][0] != '0.0.0.0':
+            return [(self.config.ext_ip_addr, self.broadcast)]
+        targets = []
+        for bind, ext in pairs:
+            if bind == '0.0.0.0':
+                for addr in sorted(set(interface_addresses().values())):
+                    if not addr.startswith('127.'):
+                        targets.append((ext or addr, broadcast_address(addr)))
+            else:
+                targets.append((ext or bind, broadcast_address(bind)))
+        return targets or [(self.config.ext_ip_addr, self.broadcast)]
+
+    def serves_address(self, local_ip):
+        """Whether a TCP connection to our ``local_ip`` is for us (several
+        -i addresses share one listening socket on 0.0.0.0)."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or self.config.ip_addr != '0.0.0.0':
+            return True
+        binds = [b for b, _ in pairs]
+        return '0.0.0.0' in binds or local_ip in binds
+
+    def describe_addresses(self):
+        pairs = getattr(self.config, 'ip_addrs', None) or [(self.config.ip_addr,
+                                                             self.config.ext_ip_addr)]
+        return ', '.join(b if not e or e == b else '%s (as %s)' % (b, e) for b, e in pairs)
+
     # -- console commands
     def set_cpus(self, cpus):
         """Offer ``cpus`` CPUs from now on (running jobs go on)."""
@@ -1988,7 +2063,8 @@ class Node(ServiceControl):
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(('', self.port))
         self.udp.settimeout(0.5)
-        self.broadcast = broadcast_address(config.ip_addr)
+        self.broadcast = broadcast_address(config.ip_addr) if config.ip_addr != '0.0.0.0' \
+            else '<broadcast>'
         self._restore()
         self._init_service()
 
@@ -2001,7 +2077,7 @@ class Node(ServiceControl):
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             threading.Thread(target=target, name=name, daemon=True).start()
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
-                    self.config.ext_ip_addr, self.port, self.config.name)
+                    self.describe_addresses(), self.port, self.config.name)
         self.announce()
 
     def close(self):
@@ -2084,16 +2160,19 @@ class Node(ServiceControl):
         return recovery and any(dc.auth_matches(received, a) for a in self.old_auths)
 
     # -- discovery
-    def ping_info(self, scheduler_ip=None):
-        return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
+    def ping_info(self, scheduler_ip=None, ip_addr=None):
+        return {'ip_addr': ip_addr or (self.addr_for(scheduler_ip) if scheduler_ip
+                                       else self.config.ext_ip_addr),
+                'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'scheduler_ip_addr': scheduler_ip}
 
     def announce(self):
         """Broadcast that we are free (and tell --scheduler_node directly)."""
         if not self.state.is_free() or self.stopping.is_set() or not self.in_service():
             return
-        data = b'PING:' + dc.dumps_plain(self.ping_info())
-        self._udp_send(data, (self.broadcast, self.config.scheduler_port), broadcast=True)
+        for ext, brd in self.broadcast_targets():
+            data = b'PING:' + dc.dumps_plain(self.ping_info(ip_addr=ext))
+            self._udp_send(data, (brd, self.config.scheduler_port), broadcast=True)
         sched = self.config.scheduler_node
         if sched:
             info = self.ping_info(sched)
@@ -2132,7 +2211,7 @@ class Node(ServiceControl):
             logger.debug('ignoring malformed PING from %s', peer)
             return None
         self.remember_sign(info, peer)
-        return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
+        return {'ip_addr': self.addr_for(peer), 'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'name': self.config.name,
                 'cpus': self.state.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
                 'scheduler_ip_addr': peer}
@@ -2230,7 +2309,7 @@ class Node(ServiceControl):
             last_pulse = now
             sched = self.state.scheduler
             if sched:
-                info = {'ip_addr': self.config.ext_ip_addr, 'port': self.port,
+                info = {'ip_addr': self.addr_for(sched[0]), 'port': self.port,
                         'cpus': self.state.busy_cpus(), 'scheduler_ip_addr': sched[0]}
                 self._udp_send(b'PULSE:' + dc.dumps_plain(info), sched)
         if self.config.zombie_seconds:
@@ -2304,6 +2383,7 @@ class Node(ServiceControl):
         if dest is None:
             return None, b'NAK (Invalid dest_path)'
         comp = Computation(compute, dest, self.sign)
+        comp.node_ip = self.addr_for(comp.scheduler_ip)
         if getattr(self.config, 'force_cleanup', False):
             comp.keep_files = False
         refusal = self.state.claim(comp)
@@ -2445,7 +2525,7 @@ class Node(ServiceControl):
             parent = os.path.dirname(parent)
 
     def send_terminated(self, comp):
-        info = {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign}
+        info = {'ip_addr': self.ip_of(comp), 'port': self.port, 'sign': self.sign}
         self._tcp_notify((comp.scheduler_ip, comp.scheduler_port),
                          b'TERMINATED:' + dc.dumps_plain(info))
 
@@ -2552,7 +2632,7 @@ class Node(ServiceControl):
             pass
 
     def _terminated_reply(self, comp, uid, job_hash, why):
-        return dc.dumps(dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.config.ext_ip_addr,
+        return dc.dumps(dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.ip_of(comp),
                                     status=DispyJob.Terminated, exception=why,
                                     start_time=time.time(), end_time=time.time()))
 
@@ -2770,17 +2850,19 @@ def build_parser():
                    help='number of CPUs to use; negative leaves that many unused '
                         '(default: all)')
     p.add_argument('-d', '--debug', action='store_true', help='log debug messages')
-    p.add_argument('-i', '--ip_addr', default=None,
-                   help='IP address to serve on (default: primary IPv4 address)')
-    p.add_argument('--ext_ip_addr', default=None,
-                   help='address announced to clients (NAT gateway address)')
+    p.add_argument('-i', '--ip_addr', '--host', action='append', default=None,
+                   help='IP address to serve on (default: primary IPv4 address); may be '
+                        'repeated; 0.0.0.0 serves every interface')
+    p.add_argument('--ext_ip_addr', '--ext_host', action='append', default=None,
+                   help='address announced to clients (NAT gateway address); the n-th '
+                        'pairs with the n-th -i')
     p.add_argument('-p', '--node_port', type=int, default=DEFAULT_NODE_PORT,
                    help='TCP and UDP port (default %(default)s)')
     p.add_argument('--name', default='', help='node name shown to clients (default: hostname)')
     p.add_argument('--dest_path_prefix', default=None,
                    help='directory for files and stored results '
                         '(default: <tmp>/dispy/node)')
-    p.add_argument('--scheduler_node', default=None,
+    p.add_argument('--scheduler_node', '--scheduler_host', default=None,
                    help='name or address of a client or scheduler to announce to')
     p.add_argument('--scheduler_port', type=int, default=DEFAULT_SCHEDULER_PORT,
                    help='port clients/schedulers listen on (default %(default)s)')
@@ -2884,7 +2966,9 @@ def _config_value(action, text, key):
 def apply_config_file(parser, path):
     """Set ``parser``'s defaults from the INI file ``path`` (section
     [DEFAULT] or [dispynode]; keys are the long option names), so that
-    command-line options override it.  Empty values keep the default."""
+    command-line options override it.  Empty values keep the default.
+    Returns the repeatable options' values, which the caller applies only
+    where the command line gives none (argparse would add to them)."""
     import configparser
     cp = configparser.ConfigParser(interpolation=None)
     try:
@@ -2910,7 +2994,10 @@ def apply_config_file(parser, path):
         if text.strip() in ('', 'None') and not isinstance(action, argparse._StoreTrueAction):
             continue
         values[dest] = _config_value(action, text, key)
+    lists = {k: values.pop(k) for k in list(values)
+             if isinstance(actions[k], argparse._AppendAction)}
     parser.set_defaults(**values)
+    return lists
 
 
 def save_config_file(args, path):
@@ -2985,17 +3072,7 @@ def resolve_config(args):
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     args.secret = _read_secret(args)
     notes = []      # logged only once every option is valid
-    if args.ip_addr:
-        args.ip_addr = _resolve_local(args.ip_addr, '-i/--ip_addr')
-    else:
-        args.ip_addr = primary_ipv4()
-        notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
-                      % args.ip_addr))
-        if args.ip_addr.startswith('127.'):
-            notes.append((logging.WARNING, 'only a loopback address was found; other '
-                          'machines cannot reach this node'))
-    args.ext_ip_addr = _resolve(args.ext_ip_addr, '--ext_ip_addr') if args.ext_ip_addr \
-        else args.ip_addr
+    resolve_addresses(args, notes)
     if args.scheduler_node:
         args.scheduler_node = _resolve(args.scheduler_node, '--scheduler_node')
     args.name = args.name or socket.gethostname()
@@ -3017,6 +3094,39 @@ def resolve_config(args):
     for level, note in notes:
         logger.log(level, note)
     return args
+
+
+def resolve_addresses(args, notes):
+    """-i (repeatable; 0.0.0.0 = every interface) and --ext_ip_addr (the
+    n-th pairs with the n-th -i) -> args.ip_addrs [(bind, ext or None)],
+    args.ip_addr (what the TCP server binds) and args.ext_ip_addr (our
+    address where no client tells which)."""
+    given = [a.strip() for a in (args.ip_addr or []) if a is not None]
+    exts = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
+    if len(exts) > max(len(given), 1):
+        raise ValueError('--ext_ip_addr is given %d times but -i only %d' % (
+            len(exts), len(given)))
+    binds = []
+    for addr in given:
+        bind = '0.0.0.0' if addr in ('0.0.0.0', '*', '') else _resolve_local(addr,
+                                                                             '-i/--ip_addr')
+        if bind in binds:
+            raise ValueError('-i %s is given twice' % addr)
+        binds.append(bind)
+    if '0.0.0.0' in binds and len(binds) > 1:
+        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
+    if not binds:
+        binds = [primary_ipv4()]
+        notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
+                      % binds[0]))
+        if binds[0].startswith('127.'):
+            notes.append((logging.WARNING, 'only a loopback address was found; other '
+                          'machines cannot reach this node'))
+    args.ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
+                     for i, b in enumerate(binds)]
+    args.ip_addr = binds[0] if len(binds) == 1 else '0.0.0.0'
+    first_bind, first_ext = args.ip_addrs[0]
+    args.ext_ip_addr = first_ext or (first_bind if first_bind != '0.0.0.0' else primary_ipv4())
 
 
 def _read_secret(args):
@@ -3080,12 +3190,16 @@ def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default='')
     known, _ = pre.parse_known_args(argv)
+    lists = {}
     try:
         if known.config:
-            apply_config_file(parser, known.config)
+            lists = apply_config_file(parser, known.config)
     except ValueError as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
     args = parser.parse_args(argv)
+    for dest, value in lists.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.save_config:
         try:
             save_config_file(args, args.save_config)

@@ -230,3 +230,62 @@ def test_serve_refuses_then_exits(tmp_path):
     finally:
         d.close_server()
         node.stop()
+
+
+@pytest.mark.parametrize('argv,words', [
+    (['-i', '0.0.0.0', '-i', '127.0.0.1'], 'give it alone'),
+    (['-i', '127.0.0.1', '--ext_ip_addr', '10.0.0.1', '--ext_ip_addr', '10.0.0.2'],
+     'given 2 times but -i only 1'),
+    (['-i', '127.0.0.1', '-i', '127.0.0.1'], 'given twice'),
+])
+def test_invalid_addresses(tmp_path, argv, words):
+    r = run_node(argv, tmp_path)
+    assert r.returncode == 2 and words in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_address_for_each_client(monkeypatch):
+    """With several -i, a client is answered with the address its route
+    leaves from, or the --ext_ip_addr paired with that -i."""
+    import types
+    routes = {'10.1.0.5': '10.1.0.1', '10.2.0.5': '10.2.0.1', '10.3.0.5': '10.3.0.1'}
+    monkeypatch.setattr(dn, 'route_source', routes.get)
+    cfg = types.SimpleNamespace(ip_addrs=[('10.1.0.1', '203.0.113.1'), ('10.2.0.1', None)],
+                                ip_addr='0.0.0.0', ext_ip_addr='203.0.113.1')
+    node = types.SimpleNamespace(config=cfg)
+    addr_for = dn.ServiceControl.addr_for
+    assert addr_for(node, '10.1.0.5') == '203.0.113.1'
+    assert addr_for(node, '10.2.0.5') == '10.2.0.1'
+    assert addr_for(node, '10.3.0.5') == '203.0.113.1'     # not ours: the first
+    assert dn.ServiceControl.serves_address(node, '10.2.0.1')
+    assert not dn.ServiceControl.serves_address(node, '10.3.0.1')
+    wild = types.SimpleNamespace(config=types.SimpleNamespace(
+        ip_addrs=[('0.0.0.0', None)], ip_addr='0.0.0.0', ext_ip_addr='10.1.0.1'))
+    assert addr_for(wild, '10.2.0.5') == '10.2.0.1'
+    assert addr_for(wild, '10.3.0.5') == '10.3.0.1'
+    nat = types.SimpleNamespace(config=types.SimpleNamespace(
+        ip_addrs=[('0.0.0.0', '198.51.100.7')], ip_addr='0.0.0.0', ext_ip_addr='198.51.100.7'))
+    assert addr_for(nat, '10.2.0.5') == '198.51.100.7'
+
+
+def test_several_addresses_only_those_served(tmp_path):
+    """-i 127.0.0.1 -i 127.0.0.2: both answer; another local address on
+    the same port does not (which address each client is told is checked
+    across subnets in test_service_netns)."""
+    port = free_port()
+    node = NodeProcess.start(tmp_path, args=['-i', '127.0.0.2'], port=port)
+    try:
+        for addr in ('127.0.0.1', '127.0.0.2'):
+            d = Driver(addr, port)
+            try:
+                assert d.ping_tcp()['port'] == port
+            finally:
+                d.close_server()
+        d = Driver('127.0.0.3', port)
+        try:
+            with pytest.raises((OSError, dc.ProtocolError)):
+                d.ping_tcp()
+        finally:
+            d.close_server()
+    finally:
+        assert node.stop(signal.SIGTERM) == 0

@@ -80,3 +80,30 @@ def test_ping_interval_finds_late_client(lab):
     for j in data['jobs']:
         assert j['status'] == FINISHED and j['ip_addr'] == n1.addr, (j, _diag(res, nodes))
         assert j['result'] == j['id'] * j['id'] + 1, j
+
+
+@pytest.mark.parametrize('how', ['wildcard', 'each'])
+def test_multi_homed_node_serves_both_subnets(lab, how):
+    """A node host on two subnets (10.231.31.21 and 10.231.32.21), a legacy
+    client on each, discovering by broadcast.  With ``-i 0.0.0.0`` or with
+    ``-i A -i B`` the node answers each client with the address on that
+    client's subnet, and both clients are served (one after the other)."""
+    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
+    n = lab.host('node')
+    lab.link(n, sw_a, '10.231.31.21/24')
+    lab.link(n, sw_b, '10.231.32.21/24')
+    ca, cb = lab.host('ca'), lab.host('cb')
+    lab.link(ca, sw_a, '10.231.31.10/24')
+    lab.link(cb, sw_b, '10.231.32.10/24')
+    args = ['-i', '0.0.0.0'] if how == 'wildcard' else ['-i', '10.231.31.21',
+                                                         '-i', '10.231.32.21']
+    node = lab.start_node(n, args=args + ['-c', '1'])
+    for client, addr in ((ca, '10.231.31.21'), (cb, '10.231.32.21')):
+        res = lab.run_client(client, CLIENT, 'ip_addr=%s' % client.addr, 'expect_nodes=1',
+                             'node_wait=10', 'jobs=3', 'sleep=0.05', 'wait=30', timeout=60)
+        data = _check(res, [node])
+        assert sorted(data['nodes']) == [addr], (data['nodes'], _diag(res, [node]))
+        for j in data['jobs']:
+            assert j['status'] == FINISHED and j['ip_addr'] == addr, (j, _diag(res, [node]))
+            assert j['result'] == j['id'] * j['id'] + 1, j
+    assert node.alive()
