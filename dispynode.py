@@ -22,13 +22,16 @@ see dispy_common for framing and records)::
 
 Threads and processes::
 
-    main thread ........ waits for SIGINT/SIGTERM, then Node.close()
+    main thread ........ waits for SIGINT/SIGTERM (or Node.quit: --serve,
+                         console quit, dispynode_shutdown), then Node.close()
+    console ............ terminal commands (stdin a tty, no --daemon)
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth, first frame
                          of every connection (idle peers cost no thread)
     request threads .... one per complete request, at most --max_connections
     udp-listener ....... PING and PULSE datagrams
-    timer .............. pulses, zombie detection, retries of stored results
+    timer .............. pulses, zombie detection, retries of stored results,
+                         service window, --ping_interval announcements
     courier-<addr> ..... one lane per client address: JOB_REPLY delivery,
                          storing what cannot be delivered
     worker-<id> reader . one per computation: results from its worker
