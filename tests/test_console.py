@@ -181,3 +181,35 @@ def test_console_release(legacy_python, tmp_path):
         for node in started:
             node.stop(timeout=5)
         term.close()
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(NCPU < 2 and os.environ.get('CI') != 'true',
+                    reason='lowering the CPU count needs 2 cpus')
+def test_console_cpus_reaches_legacy_client(legacy_python, tmp_path):
+    """'cpus 1' on a 2-cpu node while a legacy client's job runs: the
+    client's view of the node (cluster.status()) drops to 1 cpu, and its
+    job still finishes."""
+    term = Terminal(all_io=False)
+    node = ts.start_node(tmp_path, 'a', ['-i', '127.0.0.1', '-c', '2'], stdin=term.slave)
+    flag = tmp_path / 'flag'
+    client = None
+    try:
+        node.wait_ready()
+        client = ts.LegacyProc('console_cpus.py', node.port, free_port(), 'flag=%s' % flag,
+                               cwd=tmp_path, watchdog=50)
+        line = client.wait_line('RUNNING:', 25)
+        assert line == '2', '%r\n%s\n%s' % (line, client.describe(), node.log()[-4000:])
+        term.type('cpus 1')
+        assert wait_for(lambda: 'now offering 1 cpus' in node.log(), 10), node.log()
+        flag.write_text('go')
+        data = client.finish(40)
+    finally:
+        if client is not None:
+            client.kill()
+        node.stop(timeout=5)
+        term.close()
+    assert data is not None and 'error' not in data and not data.get('watchdog'), \
+        client.describe() + node.log()[-4000:]
+    assert data['before'] == 2 and data['after'] == 1, (data, node.log()[-4000:])
+    assert data['all_final'] and data['job']['status'] == 11, data
