@@ -1801,9 +1801,12 @@ class ServiceClock:
     @classmethod
     def from_env(cls):
         start = os.environ.get('DISPYNODE_CLOCK_START')
-        rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
-        if rate <= 0:
-            raise ValueError('DISPYNODE_MINUTE_SECONDS must be positive')
+        try:
+            rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
+        except ValueError:
+            rate = 0
+        if not rate > 0:
+            raise ValueError('DISPYNODE_MINUTE_SECONDS must be a positive number')
         return cls(parse_hhmm(start, 'DISPYNODE_CLOCK_START') if start else None, rate)
 
     def minute(self):
@@ -1885,7 +1888,9 @@ class ServiceControl:
 
     def computation_ended(self, comp, shutdown_asked=False):
         """Called once per retired computation."""
-        self.served += 1
+        with self.state.lock:
+            self.served += 1
+            served = self.served
         if shutdown_asked:
             if getattr(self.config, 'client_shutdown', False):
                 self.request_exit('the cleanup of computation %s called dispynode_shutdown()'
@@ -1894,10 +1899,10 @@ class ServiceControl:
                 logger.warning('computation %s called dispynode_shutdown(), which needs '
                                '--client_shutdown; ignored', comp.id)
         serve = getattr(self.config, 'serve', -1)
-        if serve > 0 and self.served >= serve:
+        if serve > 0 and served >= serve:
             active, _ = self.state.snapshot()
             if not active:
-                self.request_exit('served %d computation(s) (--serve)' % self.served)
+                self.request_exit('served %d computation(s) (--serve)' % served)
 
     def _service_tick(self):
         phase = self.service_phase()
