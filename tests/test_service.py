@@ -105,13 +105,7 @@ def _drop_scenario(nodes, tmp_path, a_args, trigger, a_env=None, rerun_on=('127.
     return a
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp_path, sig):
-    """Issue 11: SIGTERM (systemd's stop) or SIGINT while jobs run gives
-    the original's SIGINT outcome: the node kills both job processes, sends
-    no Terminated reply, tells the client TERMINATED and exits with code 0;
-    the client reschedules the reentrant job, which finishes on a second
-    node, and marks the other Abandoned."""
+def _stop_with(sig):
     def trigger(a, cport):
         a.proc.send_signal(sig)
         try:
@@ -119,8 +113,53 @@ def test_shutdown_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp
         except subprocess.TimeoutExpired:
             rc = None
         assert rc == 0, 'node exit code %r\n%s' % (rc, a.log()[-8000:])
+    return trigger
 
-    a = _drop_scenario(nodes, tmp_path, [], trigger)
+
+def start_original(tmp_path, name, args, legacy_python):
+    """dispy 4.5.5's own node (legacy venv) with exactly ``args``."""
+    port = free_port()
+    prefix = tmp_path / name / 'prefix'
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(legacy_python), '-m', 'dispy.dispynode', '-d', '-p', str(port),
+           '--dest_path_prefix', str(prefix)] + [str(a) for a in args]
+    log_path = prefix.parent / 'node.log'
+    with open(str(log_path), 'ab') as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=str(prefix.parent),
+                                start_new_session=True)
+    return legacy.Node('original', port, prefix, proc, log_path, cmd)
+
+
+def test_sigint_reschedules_reentrant_abandons_other(impl, nodes, legacy_python, tmp_path):
+    """SIGINT while a reentrant and a non-reentrant job run: the node kills
+    both job processes, sends no Terminated reply, tells the client
+    TERMINATED and exits with code 0; the client reschedules the reentrant
+    job, which finishes on a second node, and marks the other Abandoned.
+    (With DISPYTEST_IMPLS=original the first node is dispy 4.5.5's own: it
+    passes too.)"""
+    def start(name, args, **kw):
+        if name == 'a' and impl == 'original':
+            node = start_original(tmp_path, name, args, legacy_python)
+            started.append(node)
+            return node
+        return nodes(name, args, **kw)
+
+    started = []
+    try:
+        a = _drop_scenario(start, tmp_path, [], _stop_with(signal.SIGINT))
+    finally:
+        for node in started:
+            node.stop(timeout=5)
+    if impl == 'ours':
+        assert 'node shutting down' in a.log()
+
+
+def test_sigterm_reschedules_reentrant_abandons_other(nodes, legacy_python, tmp_path):
+    """Issue 11: SIGTERM (systemd's stop) gives the original's SIGINT
+    outcome (the original itself just dies on SIGTERM, and its client waits
+    for ever)."""
+    a = _drop_scenario(nodes, tmp_path, [], _stop_with(signal.SIGTERM))
     assert 'node shutting down' in a.log()
 
 
