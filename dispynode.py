@@ -21,11 +21,13 @@ see dispy_common for framing and records)::
       UDP PULSE  <-->  (node: every pulse interval; client echoes)
 
 Threads and processes (every thread is named and comes from a capped pool,
-so the node never runs more than 5 + TASK_THREADS + PONG_THREADS +
---max_connections + MAX_LANES + MAX_COMPUTATIONS threads; 109 by default)::
+so the node never runs more than 6 + TASK_THREADS + PONG_THREADS +
+--max_connections + MAX_LANES + MAX_COMPUTATIONS threads; 110 by default)::
 
     thread               touches
-    main ............... waits for SIGINT/SIGTERM, then Node.close()
+    main ............... waits for SIGINT/SIGTERM (or Node.quit: --serve,
+                         console quit, dispynode_shutdown), then Node.close()
+    console ............ terminal commands (stdin a tty, no --daemon)
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
@@ -36,7 +38,7 @@ so the node never runs more than 5 + TASK_THREADS + PONG_THREADS +
                          queues PONGs; refreshes computations
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
     timer .............. pulses, zombie detection, retries of stored results,
-                         log summaries
+                         log summaries, service window, --ping_interval
     task-N ............. at most TASK_THREADS: retirements, spare workers,
                          notifications
     courier-<addr> ..... one lane per client address (at most MAX_LANES):
@@ -314,6 +316,18 @@ def broadcast_address(ip_addr):
             if brd and brd != '0.0.0.0':
                 return brd
     return '<broadcast>'
+
+
+def route_source(ip_addr):
+    """The local address the kernel's route to ``ip_addr`` leaves from."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((ip_addr, 9))      # no packet is sent
+        return sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 def descendants(pid):
@@ -599,6 +613,9 @@ class Computation:
         self.zombie = False
         self.timed_out = False     # a zombie because the client fell silent
         self.retiring = False
+        self.evicted = None        # why the node dropped it (see Node.evict)
+        self.node_ip = None        # our address as this client knows it (Node.ip_of)
+        self.dropped = set()       # uids killed by evict: their replies are not sent
         self.running = set()       # uids of running jobs
         self.stored = set()        # uids with a stored, undelivered reply
         self.file_uses = collections.Counter()
@@ -762,6 +779,16 @@ class NodeState:
     def mark_zombie(self, comp):
         with self.lock:
             comp.zombie = True
+
+    def evict(self, comp, reason, kill_jobs):
+        """Mark ``comp`` dropped by the node; returns the uids to kill."""
+        with self.lock:
+            comp.zombie = True
+            comp.evicted = comp.evicted or reason
+            if kill_jobs:
+                comp.dropped.update(comp.running)
+                return sorted(comp.running)
+            return []
 
     def begin_retire(self, comp):
         """True once, when ``comp`` is a zombie with no running job."""
@@ -1258,6 +1285,7 @@ class Worker:
         self.ns['dispy_provisional_result'] = dispy_provisional_result
         self.ns['dispy_send_file'] = dispy_send_file
         self.ns['DispyJob'] = DispyJob
+        self.ns['dispynode_shutdown'] = self._shutdown_asked
         # Classes sent as dependencies pickle as __main__.<name> on both ends.
         sys.modules['__main__'] = module
         if self.cfg['code']:
@@ -1305,6 +1333,11 @@ class Worker:
         job.kill_at = time.monotonic() + KILL_GRACE
         kill_tree(job.pid, signal.SIGTERM)
 
+    def _shutdown_asked(self):
+        """``dispynode_shutdown()`` for a computation's cleanup (the node
+        honours it only with --client_shutdown)."""
+        self.shutdown_asked = True
+
     def _cmd_close(self, run_cleanup):
         text = ''
         # Load the computation (user objects) only when there is a cleanup to run.
@@ -1316,7 +1349,7 @@ class Worker:
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
             except BaseException:  # user code may raise anything
                 text = traceback.format_exc()
-        self.send(('closed', text))
+        self.send(('closed', text, getattr(self, 'shutdown_asked', False)))
         self.running = False
         self.sel.unregister(self.chan)
 
@@ -1508,7 +1541,7 @@ class WorkerHandle:
             'compute_id': comp.id, 'name': comp.name, 'type': comp.type, 'code': code,
             'program': comp.program, 'compute_bytes': compute_bytes,
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
-            'ip_addr': cfg.ext_ip_addr, 'reply_addr': list(comp.reply_addr),
+            'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -2127,6 +2160,13 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         super().__init__(addr, RequestHandler)
         self.reception = Reception(self)
 
+    def verify_request(self, request, client_address):
+        try:
+            local = request.getsockname()[0]
+        except OSError:
+            return False
+        return self.node.serves_address(local)
+
     def process_request(self, request, client_address):
         self.reception.add(request, client_address)
 
@@ -2154,7 +2194,269 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 # ---------------------------------------------------------------- the node
 
-class Node:
+# ---------------------------------------------------------------- service controls
+
+def parse_hhmm(text, option):
+    """'HH:MM' -> minute of the day; ValueError with a one-line message."""
+    m = re.match(r'^\s*(\d{1,2}):(\d{2})\s*$', text or '')
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError('%s %r: expected a time of day as HH:MM' % (option, text))
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+class ServiceClock:
+    """Minute of the day (a float) for the --service_* window.  Tests run
+    it fast: $DISPYNODE_CLOCK_START (HH:MM) is the minute it shows at start
+    and $DISPYNODE_MINUTE_SECONDS how many real seconds a minute lasts."""
+
+    def __init__(self, start=None, minute_seconds=60.0):
+        self.t0 = time.monotonic()
+        self.start = start
+        self.minute_seconds = minute_seconds
+
+    @classmethod
+    def from_env(cls):
+        start = os.environ.get('DISPYNODE_CLOCK_START')
+        try:
+            rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
+        except ValueError:
+            rate = 0
+        if not rate > 0:
+            raise ValueError('DISPYNODE_MINUTE_SECONDS must be a positive number')
+        return cls(parse_hhmm(start, 'DISPYNODE_CLOCK_START') if start else None, rate)
+
+    def minute(self):
+        elapsed = (time.monotonic() - self.t0) / self.minute_seconds
+        if self.start is not None:
+            return (self.start + elapsed) % 1440
+        if self.minute_seconds != 60.0:
+            lt = time.localtime(time.time() - (time.monotonic() - self.t0))
+            return (lt.tm_hour * 60 + lt.tm_min + lt.tm_sec / 60.0 + elapsed) % 1440
+        lt = time.localtime()
+        return lt.tm_hour * 60 + lt.tm_min + lt.tm_sec / 60.0
+
+
+def service_phase(now, start, stop, end):
+    """Where minute ``now`` falls in the daily window that opens at
+    ``start``: 'on' (takes computations), 'stopped' (after --service_stop:
+    running work goes on, nothing new) or 'closed' (after --service_end).
+    Windows may span midnight."""
+    if stop is None and end is None:
+        return 'on'
+
+    def after_start(minute):
+        return (minute - start) % 1440
+
+    pos = after_start(now)
+    if stop is not None and pos >= after_start(stop):
+        return 'closed' if end is not None and pos >= after_start(end) else 'stopped'
+    if end is not None and pos >= after_start(end):
+        return 'closed'
+    return 'on'
+
+
+class ServiceControl:
+    """Node-side controls of later dispy nodes, for 4.5 clients: the daily
+    service window, --serve, --ping_interval, --client_shutdown, and the
+    console's stop/start/cpus/release.  A mixin of Node; the timer calls
+    ``_service_tick``."""
+
+    def _init_service(self):
+        cfg = self.config
+        self.quit = threading.Event()        # main() exits when set
+        self.started_at = time.monotonic()
+        self.paused = False                  # console 'stop'
+        self.served = 0                      # computations ended
+        self.clock = getattr(cfg, 'service_clock', None) or ServiceClock()
+        self.window = (getattr(cfg, 'service_start_minute', None),
+                       getattr(cfg, 'service_stop_minute', None),
+                       getattr(cfg, 'service_end_minute', None))
+        if self.window[0] is None:
+            # As the later node: without a start the window opens at start-up.
+            self.window = (self.clock.minute(),) + self.window[1:]
+        self.phase = self.service_phase()
+        self._last_ping = time.monotonic()
+
+    def service_phase(self):
+        return service_phase(self.clock.minute(), *self.window)
+
+    def in_service(self):
+        """Whether we announce ourselves and take new computations."""
+        return self.phase == 'on' and not self.paused and self.service_refusal() is None
+
+    def service_refusal(self):
+        """Why a new computation is refused (None: it is welcome)."""
+        if self.phase != 'on':
+            return b'NAK (node is outside its service hours)'
+        if self.paused:
+            return b'NAK (node is stopped)'
+        serve = getattr(self.config, 'serve', -1)
+        if serve > 0:
+            active, _ = self.state.snapshot()
+            if self.served + len(active) >= serve:
+                return b'NAK (node serves no more computations)'
+        return None
+
+    def request_exit(self, why):
+        if not self.quit.is_set():
+            logger.info('exiting: %s', why)
+            self.quit.set()
+
+    def computation_ended(self, comp, shutdown_asked=False):
+        """Called once per retired computation."""
+        with self.state.lock:
+            self.served += 1
+            served = self.served
+        if shutdown_asked:
+            if getattr(self.config, 'client_shutdown', False):
+                self.request_exit('the cleanup of computation %s called dispynode_shutdown()'
+                                  % comp.id)
+            else:
+                logger.warning('computation %s called dispynode_shutdown(), which needs '
+                               '--client_shutdown; ignored', comp.id)
+        serve = getattr(self.config, 'serve', -1)
+        if serve > 0 and served >= serve:
+            active, _ = self.state.snapshot()
+            if not active:
+                self.request_exit('served %d computation(s) (--serve)' % served)
+
+    def _service_tick(self):
+        phase = self.service_phase()
+        if phase != self.phase:
+            self.phase = phase
+            logger.info('service window: %s', {'on': 'open', 'stopped': 'stopped (running '
+                        'work goes on, no new computation)', 'closed': 'ended'}[phase])
+            if phase == 'on':
+                self.announce()
+        if phase == 'closed':
+            active, _ = self.state.snapshot()
+            for comp in active:
+                if comp.evicted is None:
+                    self.spawn(self.evict, comp, 'service window ended')
+        interval = getattr(self.config, 'ping_interval', 0)
+        now = time.monotonic()
+        if interval and now - self._last_ping >= interval:
+            self._last_ping = now
+            if self.state.is_free():
+                self.announce()
+
+    # -- multi-homed nodes
+    def addr_for(self, client_ip):
+        """Our address as the client at ``client_ip`` can reach it: with one
+        -i, its (external) address; with several or -i 0.0.0.0, the local
+        address the route to the client leaves from, mapped to the
+        --ext_ip_addr paired with it."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or (len(pairs) == 1 and pairs[0][0] != '0.0.0.0') or not is_ipv4(client_ip):
+            return self.config.ext_ip_addr
+        cache = self.__dict__.setdefault('_route_cache', {})
+        local = cache.get(client_ip)
+        if local is None:
+            local = route_source(client_ip) or pairs[0][0]
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[client_ip] = local
+        for bind, ext in pairs:
+            if bind == local:
+                return ext or bind
+        if pairs[0][0] == '0.0.0.0':
+            return pairs[0][1] or (local if local != '0.0.0.0' else self.config.ext_ip_addr)
+        return self.config.ext_ip_addr
+
+    def ip_of(self, comp):
+        return getattr(comp, 'node_ip', None) or self.config.ext_ip_addr
+
+    def broadcast_targets(self):
+        """(address announced, broadcast address) for each served address."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or len(pairs) == 1 and pairs[0][0] != '0.0.0.0':
+            return [(self.config.ext_ip_addr, self.broadcast)]
+        targets = []
+        for bind, ext in pairs:
+            if bind == '0.0.0.0':
+                for addr in sorted(set(interface_addresses().values())):
+                    if not addr.startswith('127.'):
+                        targets.append((ext or addr, broadcast_address(addr)))
+            else:
+                targets.append((ext or bind, broadcast_address(bind)))
+        return targets or [(self.config.ext_ip_addr, self.broadcast)]
+
+    def serves_address(self, local_ip):
+        """Whether a TCP connection to our ``local_ip`` is for us (several
+        -i addresses share one listening socket on 0.0.0.0)."""
+        pairs = getattr(self.config, 'ip_addrs', None)
+        if not pairs or self.config.ip_addr != '0.0.0.0':
+            return True
+        binds = [b for b, _ in pairs]
+        return '0.0.0.0' in binds or local_ip in binds
+
+    def describe_addresses(self):
+        pairs = getattr(self.config, 'ip_addrs', None) or [(self.config.ip_addr,
+                                                             self.config.ext_ip_addr)]
+        return ', '.join(b if not e or e == b else '%s (as %s)' % (b, e) for b, e in pairs)
+
+    # -- console commands
+    def set_cpus(self, cpus):
+        """Offer ``cpus`` CPUs from now on (running jobs go on)."""
+        total = os.cpu_count() or 1
+        if not isinstance(cpus, int) or isinstance(cpus, bool):
+            raise ValueError('cpus must be an integer')
+        cpus = cpus if cpus > 0 else total + cpus
+        if not 0 < cpus <= total:
+            raise ValueError('cpus must be between %d and %d' % (-total + 1, total))
+        with self.state.lock:
+            self.state.avail_cpus += cpus - self.state.cpus
+            self.state.cpus = cpus
+        self.config.cpus = cpus
+        logger.info('now offering %d cpus', cpus)
+        if self.state.is_free():
+            self.announce()
+        else:
+            self.spawn(self._tell_cpus)
+        return cpus
+
+    def remember_sign(self, info, peer):
+        """Keep the sign of a client's PING: a PONG made with it tells
+        that client our CPU count later (the only way a 4.5 client learns
+        it, and it only ever lowers it)."""
+        if isinstance(info, dict) and isinstance(info.get('sign'), str) \
+                and valid_port(info.get('port')):
+            with self.state.lock:
+                signs = self.__dict__.setdefault('client_signs', {})
+                if len(signs) >= 256:
+                    signs.clear()
+                signs[(peer, info['port'])] = info['sign']
+
+    def _tell_cpus(self):
+        sched = self.state.scheduler
+        sign = getattr(self, 'client_signs', {}).get(sched) if sched else None
+        if sign is None:
+            logger.info('the client does not know of the new cpu count until it '
+                        'discovers the node again')
+            return
+        pong = self.pong_for({'version': dc.PROTOCOL_VERSION, 'port': sched[1],
+                              'sign': sign}, sched[0])
+        self._tcp_notify(sched, b'PONG:' + dc.dumps_plain(pong))
+
+    def pause(self):
+        self.paused = True
+        logger.info('stopped: running work goes on, no new computation')
+
+    def resume(self):
+        self.paused = False
+        logger.info('started: taking computations')
+        self.announce()
+
+    def release(self):
+        """Drop the current client's computations now (its view: as a
+        zombie drop).  Returns how many."""
+        active, _ = self.state.snapshot()
+        for comp in active:
+            self.spawn(self.evict, comp, 'released from the console')
+        return len(active)
+
+
+class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
@@ -2190,8 +2492,10 @@ class Node:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(('', self.port))
         self.udp.settimeout(0.5)
-        self.broadcast = broadcast_address(config.ip_addr)
+        self.broadcast = broadcast_address(config.ip_addr) if config.ip_addr != '0.0.0.0' \
+            else '<broadcast>'
         self._restore()
+        self._init_service()
 
     # -- start and stop
     def start(self):
@@ -2202,7 +2506,7 @@ class Node:
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             threading.Thread(target=target, name=name, daemon=True).start()
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
-                    self.config.ext_ip_addr, self.port, self.config.name)
+                    self.describe_addresses(), self.port, self.config.name)
         self.announce()
 
     def close(self):
@@ -2219,9 +2523,7 @@ class Node:
         self.tcp.server_close()
         active, _ = self.state.snapshot()
         for comp in active:
-            self.state.mark_zombie(comp)
-            for entry in self.state.jobs_of(comp.id):
-                self.terminate_job(comp, entry.uid)
+            self.evict(comp, 'node shutting down')
         deadline = time.monotonic() + 3.0
         while self.state.busy_cpus() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -2244,6 +2546,23 @@ class Node:
         self.pongs.close(1.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+
+    def evict(self, comp, reason, kill_jobs=True):
+        """Drop ``comp`` as the original node leaves a computation: its
+        running jobs are killed (whole process tree) and send no reply, then
+        the client gets TERMINATED, so a 4.5 client reschedules reentrant
+        jobs on another node and marks the others Abandoned.  Results that
+        finished earlier stay stored for recovery.  Used by shutdown, the
+        console's release, --service_end and the zombie drop; the zombie
+        drop lets running jobs finish (their results are stored), as the
+        original does for a silent client."""
+        if comp.evicted is None:
+            logger.warning('dropping computation %s of %s: %s', comp.id, comp.scheduler_ip,
+                           reason)
+        for uid in self.state.evict(comp, reason, kill_jobs):
+            self.terminate_job(comp, uid)
+        if not self.stopping.is_set():
+            self.retire(comp)       # at once, or when its last job ends
 
     def spawn(self, func, *args, key=None):
         """Run ``func(*args)`` on the bounded task pool; False if refused."""
@@ -2282,16 +2601,19 @@ class Node:
         return self.token_sign(received, recovery) is not None
 
     # -- discovery
-    def ping_info(self, scheduler_ip=None):
-        return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
+    def ping_info(self, scheduler_ip=None, ip_addr=None):
+        return {'ip_addr': ip_addr or (self.addr_for(scheduler_ip) if scheduler_ip
+                                       else self.config.ext_ip_addr),
+                'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'scheduler_ip_addr': scheduler_ip}
 
     def announce(self):
         """Broadcast that we are free (and tell --scheduler_node directly)."""
-        if not self.state.is_free() or self.stopping.is_set():
+        if not self.state.is_free() or self.stopping.is_set() or not self.in_service():
             return
-        data = b'PING:' + dc.dumps_plain(self.ping_info())
-        self._udp_send(data, (self.broadcast, self.config.scheduler_port), broadcast=True)
+        for ext, brd in self.broadcast_targets():
+            data = b'PING:' + dc.dumps_plain(self.ping_info(ip_addr=ext))
+            self._udp_send(data, (brd, self.config.scheduler_port), broadcast=True)
         sched = self.config.scheduler_node
         if sched:
             info = self.ping_info(sched)
@@ -2349,9 +2671,10 @@ class Node:
         if why:
             self.refuse('PING with %s' % why, peer)
             return None
-        return {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign,
+        self.remember_sign(info, peer)
+        return {'ip_addr': self.addr_for(peer), 'port': self.port, 'sign': self.sign,
                 'version': dc.PROTOCOL_VERSION, 'name': self.config.name,
-                'cpus': self.config.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
+                'cpus': self.state.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
                 'scheduler_ip_addr': peer}
 
     def refuse(self, what, peer, level=logging.WARNING):
@@ -2384,8 +2707,8 @@ class Node:
 
     def send_pongs(self, info, peer):
         """Answer a client's PING with a PONG to its addresses."""
-        if not self.state.is_free():
-            logger.debug('busy; not answering PING from %s', peer)
+        if not self.state.is_free() or not self.in_service():
+            logger.debug('busy or out of service; not answering PING from %s', peer)
             return
         for ip in self.pong_targets(info, peer):
             pong = self.pong_for(info, ip)
@@ -2452,6 +2775,7 @@ class Node:
         while not self.stopping.wait(0.25):
             try:
                 last_pulse = self._tick(last_pulse)
+                self._service_tick()
                 self.logs.flush()
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
@@ -2479,13 +2803,13 @@ class Node:
             last_pulse = now
             sched = self.state.scheduler
             if sched:
-                info = {'ip_addr': self.config.ext_ip_addr, 'port': self.port,
+                info = {'ip_addr': self.addr_for(sched[0]), 'port': self.port,
                         'cpus': self.state.busy_cpus(), 'scheduler_ip_addr': sched[0]}
                 self._udp_send(b'PULSE:' + dc.dumps_plain(info), sched)
         if self.config.zombie_seconds:
             for comp in self.state.zombies(self.config.zombie_seconds):
                 logger.warning('computation %s of %s is a zombie', comp.id, comp.scheduler_ip)
-                self.spawn(self.retire, comp)
+                self.spawn(self.evict, comp, 'client silent for the zombie interval', False)
         return last_pulse
 
     # -- computations
@@ -2552,6 +2876,11 @@ class Node:
     def add_computation(self, compute, raw):
         """Claim the node for a validated computation; whatever fails
         afterwards undoes the claim, so a bad COMPUTE leaves the node free."""
+        refusal = self.service_refusal()
+        if refusal:
+            logger.info('refusing computation from %s: %s', compute.scheduler_ip_addr,
+                        refusal.decode())
+            return None, refusal
         if not self.state.is_free() and self.state.scheduler != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
@@ -2569,6 +2898,9 @@ class Node:
         if dest is None:
             return None, b'NAK (Invalid dest_path)'
         comp = Computation(compute, dest, self.sign)
+        comp.node_ip = self.addr_for(comp.scheduler_ip)
+        if getattr(self.config, 'force_cleanup', False):
+            comp.keep_files = False
         refusal = self.state.claim(comp)
         if refusal:
             return None, refusal
@@ -2650,10 +2982,12 @@ class Node:
         record; free the node.  Runs once per computation."""
         if not self.state.begin_retire(comp):
             return
+        shutdown_asked = False
         if comp.worker is not None:
             answer = comp.worker.request(('close', run_cleanup), CLEANUP_TIMEOUT)
             if answer and answer[1]:
                 logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
+            shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._remove_computation_files(comp)
         keep = bool(comp.stored)
@@ -2661,12 +2995,13 @@ class Node:
             self.store.save_computation(comp)
         else:
             self.store.remove_computation(comp)
-        if comp.timed_out:
+        if comp.timed_out or comp.evicted:
             self.send_terminated(comp)
         logger.info('computation %s closed%s', comp.id,
                     ' (%d result(s) kept)' % len(comp.stored) if keep else '')
         if self.state.detach(comp, keep):
             self.announce()
+        self.computation_ended(comp, shutdown_asked)
 
     def _forget(self, comp):
         """A detached computation has nothing left to deliver."""
@@ -2724,7 +3059,7 @@ class Node:
             parent = os.path.dirname(parent)
 
     def send_terminated(self, comp):
-        info = {'ip_addr': self.config.ext_ip_addr, 'port': self.port, 'sign': self.sign}
+        info = {'ip_addr': self.ip_of(comp), 'port': self.port, 'sign': self.sign}
         self._tcp_notify((comp.scheduler_ip, comp.scheduler_port),
                          b'TERMINATED:' + dc.dumps_plain(info))
 
@@ -2838,7 +3173,7 @@ class Node:
             pass
 
     def _terminated_reply(self, comp, uid, job_hash, why):
-        return dc.dumps(dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.config.ext_ip_addr,
+        return dc.dumps(dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.ip_of(comp),
                                     status=DispyJob.Terminated, exception=why,
                                     start_time=time.time(), end_time=time.time()))
 
@@ -2852,7 +3187,9 @@ class Node:
                 os.unlink(os.path.join(comp.dest_path, name))
             except OSError:
                 pass
-        if not entry.unacknowledged:
+        # A job killed by evict() sends nothing: the client reschedules or
+        # abandons it on our TERMINATED, as with the original node.
+        if not entry.unacknowledged and uid not in comp.dropped:
             self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
         if comp.zombie and not comp.running and not self.stopping.is_set():
             self.spawn(self.retire, comp)
@@ -2898,6 +3235,146 @@ class Node:
             self.courier.submit(Delivery(comp, uid, rec['hash'], rec['reply'], True))
 
 
+
+# ---- status (placeholder; the obs branch replaces this block)
+
+def _placeholder_status(self):
+    """The node's state as plain data (keys agreed with the obs branch)."""
+    active, detached = self.state.snapshot()
+    jobs = []
+    now = time.time()
+    with self.state.lock:
+        entries = list(self.state.jobs.values())
+        cpus, busy = self.state.cpus, self.state.cpus - self.state.avail_cpus
+        sched = self.state.scheduler
+    for e in entries:
+        jobs.append({'uid': e.uid, 'computation': e.compute_id, 'seconds': now - e.start})
+    comps = []
+    for comp in active + detached:
+        comps.append({'id': comp.id, 'name': comp.name,
+                      'client': '%s:%s' % (comp.scheduler_ip, comp.scheduler_port),
+                      'state': 'closed' if comp in detached else
+                               ('closing' if comp.zombie else 'active'),
+                      'jobs_running': len(comp.running), 'jobs_done': 0,
+                      'stored': len(comp.stored)})
+    counts = self.counters.snapshot()
+    return {'version': __version__, 'name': self.config.name,
+            'uptime': time.monotonic() - getattr(self, 'started_at', time.monotonic()),
+            'cpus': cpus, 'cpus_busy': busy,
+            'serving': bool(getattr(self, 'in_service', lambda: True)()),
+            'client': '%s:%s' % sched if sched else None, 'computations': comps,
+            'jobs_running': jobs, 'jobs_done': {},
+            'stored_results': sum(len(c.stored) for c in active + detached),
+            'bytes_in': counts.get('bytes_in', 0), 'bytes_out': counts.get('bytes_out', 0),
+            'refused_connections': counts.get('refused_connections', 0)}
+
+
+Node.status = _placeholder_status
+
+
+def format_status_table(status):
+    """A plain-text table of ``Node.status()`` for a terminal."""
+    lines = ['dispynode %s  name %s  uptime %ds' % (status['version'], status['name'],
+                                                    int(status['uptime'])),
+             'cpus %d (busy %d)  serving: %s  client: %s' % (
+                 status['cpus'], status['cpus_busy'], 'yes' if status['serving'] else 'no',
+                 status['client'] or '-'),
+             '%-14s %-16s %-22s %-8s %7s %7s' % ('computation', 'name', 'client', 'state',
+                                                'running', 'stored')]
+    for c in status['computations']:
+        lines.append('%-14s %-16s %-22s %-8s %7d %7d' % (
+            c['id'], str(c['name'])[:16], c['client'], c['state'], c['jobs_running'],
+            c['stored']))
+    lines.append('jobs running: %d  stored results: %d' % (len(status['jobs_running']),
+                                                           status['stored_results']))
+    return '\n'.join(lines)
+
+# ---- end of status placeholder
+
+
+# ---------------------------------------------------------------- console
+
+CONSOLE_HELP = ('commands: status | cpus N | stop (no new computation) | start | '
+                'release (drop the current client now) | quit | exit')
+
+
+class Console:
+    """Interactive commands read from the terminal (see CONSOLE_HELP)."""
+
+    def __init__(self, node, infile=None, outfile=None):
+        self.node = node
+        self.infile = infile or sys.stdin
+        self.outfile = outfile or sys.stdout
+
+    @staticmethod
+    def wanted(cfg):
+        """A console needs a terminal on stdin of which we are the
+        foreground (a node started with '&' must not read it) and no
+        --daemon."""
+        if getattr(cfg, 'daemon', False):
+            return False
+        try:
+            if not sys.stdin or not sys.stdin.isatty():
+                return False
+            return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+        except OSError:
+            return True     # a terminal that is not our controlling one
+        except (AttributeError, ValueError):
+            return False
+
+    def start(self):
+        threading.Thread(target=self.run, name='console', daemon=True).start()
+
+    def say(self, text):
+        try:
+            self.outfile.write(text + '\n')
+            self.outfile.flush()
+        except (OSError, ValueError):
+            pass
+
+    def run(self):
+        self.say('dispynode console; ' + CONSOLE_HELP)
+        while not self.node.quit.is_set():
+            try:
+                line = self.infile.readline()
+            except (OSError, ValueError):
+                return
+            if not line:
+                return      # end of input: the node goes on without a console
+            try:
+                self.command(line.split())
+            except Exception:  # a bad command must not end the console
+                logger.exception('console command %r failed', line.strip())
+
+    def command(self, words):
+        if not words:
+            return
+        cmd, args = words[0].lower(), words[1:]
+        node = self.node
+        if cmd == 'status':
+            self.say(format_status_table(node.status()))
+        elif cmd == 'cpus':
+            try:
+                cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
+            except ValueError as exc:
+                self.say('cpus: %s (usage: cpus N)' % exc)
+            else:
+                self.say('offering %d cpus' % cpus)
+        elif cmd == 'stop':
+            node.pause()
+            self.say('stopped: running work goes on, no new computation')
+        elif cmd == 'start':
+            node.resume()
+            self.say('started')
+        elif cmd == 'release':
+            self.say('released %d computation(s)' % node.release())
+        elif cmd in ('quit', 'exit'):
+            self.say('shutting down')
+            node.request_exit('console %s' % cmd)
+        else:
+            self.say(CONSOLE_HELP)
+
+
 def _safe_mode(mode, executable=False):
     """Permission bits kept from a client file: never setuid/setgid/sticky."""
     bits = stat.S_IMODE(mode) & 0o777
@@ -2914,17 +3391,19 @@ def build_parser():
                    help='number of CPUs to use; negative leaves that many unused '
                         '(default: all)')
     p.add_argument('-d', '--debug', action='store_true', help='log debug messages')
-    p.add_argument('-i', '--ip_addr', default=None,
-                   help='IP address to serve on (default: primary IPv4 address)')
-    p.add_argument('--ext_ip_addr', default=None,
-                   help='address announced to clients (NAT gateway address)')
+    p.add_argument('-i', '--ip_addr', '--host', action='append', default=None,
+                   help='IP address to serve on (default: primary IPv4 address); may be '
+                        'repeated; 0.0.0.0 serves every interface')
+    p.add_argument('--ext_ip_addr', '--ext_host', action='append', default=None,
+                   help='address announced to clients (NAT gateway address); the n-th '
+                        'pairs with the n-th -i')
     p.add_argument('-p', '--node_port', type=int, default=DEFAULT_NODE_PORT,
                    help='TCP and UDP port (default %(default)s)')
     p.add_argument('--name', default='', help='node name shown to clients (default: hostname)')
     p.add_argument('--dest_path_prefix', default=None,
                    help='directory for files and stored results '
                         '(default: <tmp>/dispy/node)')
-    p.add_argument('--scheduler_node', default=None,
+    p.add_argument('--scheduler_node', '--scheduler_host', default=None,
                    help='name or address of a client or scheduler to announce to')
     p.add_argument('--scheduler_port', type=int, default=DEFAULT_SCHEDULER_PORT,
                    help='port clients/schedulers listen on (default %(default)s)')
@@ -2956,14 +3435,174 @@ def build_parser():
     p.add_argument('--max_request_memory', default=DEFAULT_REQUEST_MEMORY,
                    help='memory all requests being received may hold together, with '
                         'k/m/g suffix (default %(default)s)')
+    add_service_options(p)
     p.add_argument('--version', action='version',
                    version='dispynode %s (dispy protocol %s)' % (__version__,
                                                                dc.PROTOCOL_VERSION))
     return p
 
 
+# Options of later dispy nodes (4.15) that this node does not implement:
+# each fails with one line naming it.
+UNSUPPORTED_OPTIONS = {
+    '--ipv4_udp_multicast': 0, '--unsafe_setup': 0, '--init': 1, '--admin_secret': 1,
+    '--dispy_port': 1}
+# Names later nodes use in their config files, mapped onto ours.
+CONFIG_ALIASES = {'hosts': 'ip_addr', 'ext_hosts': 'ext_ip_addr',
+                  'scheduler_host': 'scheduler_node', 'loglevel': 'debug',
+                  'node_init': 'init', 'safe_setup': 'unsafe_setup'}
+# A later node writes these unimplemented options into every file it saves;
+# with these (default) values they ask for nothing.
+LATER_DEFAULTS = {'dispy_port': ('9700', ''), 'unsafe_setup': ('true', ''),
+                  'ipv4_udp_multicast': ('false', ''), 'init': ('',), 'admin_secret': ('',)}
+
+
+class _Unsupported(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, 'dispynode: error: %s is an option of later dispy nodes that this '
+                       'node does not implement\n' % option_string)
+
+
+def add_service_options(p):
+    """Options of later dispy nodes for running as a service."""
+    g = p.add_argument_group('service (options of later dispy nodes)')
+    g.add_argument('--daemon', action='store_true',
+                   help='no interactive console (the node stays in the foreground)')
+    g.add_argument('--ping_interval', type=float, default=0,
+                   help='while free, announce the node every this many seconds '
+                        '(0 = only when it becomes free)')
+    g.add_argument('--serve', type=int, default=-1,
+                   help='exit after this many computations have ended (-1 = no limit)')
+    g.add_argument('--service_start', default='', metavar='HH:MM',
+                   help='daily time when the node starts taking computations')
+    g.add_argument('--service_stop', default='', metavar='HH:MM',
+                   help='daily time when the node takes no new computation (running '
+                        'work goes on)')
+    g.add_argument('--service_end', default='', metavar='HH:MM',
+                   help='daily time when running jobs end as in a node shutdown')
+    g.add_argument('--client_shutdown', action='store_true',
+                   help="a computation's cleanup may call dispynode_shutdown() to stop "
+                        "the node once that computation ends")
+    g.add_argument('--force_cleanup', action='store_true',
+                   help="remove a computation's files even if the client asked cleanup=False")
+    g.add_argument('--config', default='', metavar='FILE',
+                   help='read options from this INI file (command-line options override it)')
+    g.add_argument('--save_config', default='', metavar='FILE',
+                   help='write every option to this INI file and exit')
+    for flag, nargs in sorted(UNSUPPORTED_OPTIONS.items()):
+        p.add_argument(flag, action=_Unsupported, nargs='?' if nargs else 0,
+                       help=argparse.SUPPRESS)
+
+
+def _config_value(action, text, key):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        value = text.strip().lower()
+        if value not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off', ''):
+            raise ValueError('%s: expected true or false, not %r' % (key, text))
+        truth = value in ('1', 'true', 'yes', 'on')
+        return truth if isinstance(action, argparse._StoreTrueAction) else not truth
+    if isinstance(action, argparse._AppendAction):
+        text = text.strip()
+        if text.startswith('['):       # a later node's file: a Python list
+            text = re.sub(r"[\[\]'\"]", '', text)
+        return [v.strip() for v in text.split(',') if v.strip()] or None
+    if action.type is not None:
+        try:
+            return action.type(text.strip())
+        except ValueError:
+            raise ValueError('%s: invalid value %r' % (key, text))
+    return text.strip()
+
+
+def apply_config_file(parser, path):
+    """Set ``parser``'s defaults from the INI file ``path`` (section
+    [DEFAULT] or [dispynode]; keys are the long option names), so that
+    command-line options override it.  Empty values keep the default.
+    Returns the repeatable options' values, which the caller applies only
+    where the command line gives none (argparse would add to them)."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as fh:
+            cp.read_file(fh)
+    except (OSError, configparser.Error) as exc:
+        raise ValueError('--config %s: %s' % (path, str(exc).splitlines()[0]))
+    items = dict(cp.defaults())
+    if cp.has_section('dispynode'):
+        items.update(cp.items('dispynode'))
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'version')}
+    values = {}
+    for key, text in items.items():
+        dest = CONFIG_ALIASES.get(key, key)
+        action = actions.get(dest)
+        if action is None or dest in ('config', 'save_config'):
+            raise ValueError('--config %s: unknown option %r' % (path, key))
+        if isinstance(action, _Unsupported):
+            if text.strip().lower() in LATER_DEFAULTS.get(dest, ()):
+                continue
+            raise ValueError('--config %s: %s is an option of later dispy nodes that this '
+                             'node does not implement' % (path, key))
+        if text.strip() in ('', 'None') and not isinstance(action, argparse._StoreTrueAction):
+            continue
+        values[dest] = _config_value(action, text, key)
+    lists = {k: values.pop(k) for k in list(values)
+             if isinstance(actions[k], argparse._AppendAction)}
+    parser.set_defaults(**values)
+    return lists
+
+
+def save_config_file(args, path):
+    """Write every option of ``args`` (as parsed) to the INI file ``path``."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None)
+    section = {}
+    skip = {'config', 'save_config'} | {f.lstrip('-') for f in UNSUPPORTED_OPTIONS}
+    for key, value in sorted(vars(args).items()):
+        if key in skip:
+            continue
+        if value is None:
+            value = ''
+        elif isinstance(value, list):
+            value = ', '.join(str(v) for v in value)
+        section[key] = str(value)
+    cp['dispynode'] = section
+    text = io.StringIO()
+    text.write('# dispynode %s options; command-line options override these\n' % __version__)
+    cp.write(text)
+    try:
+        atomic_write(os.path.abspath(path), text.getvalue().encode())
+    except OSError as exc:
+        raise ValueError('--save_config %s: %s' % (path, exc.strerror or exc))
+
+
+def resolve_service(args):
+    """Validate the service options (part of resolve_config)."""
+    if args.ping_interval < 0:
+        raise ValueError('--ping_interval must be 0 (off) or positive')
+    if args.serve == 0 or args.serve < -1:
+        raise ValueError('--serve must be a positive number of computations (or -1)')
+    minutes = {}
+    for opt in ('service_start', 'service_stop', 'service_end'):
+        text = getattr(args, opt)
+        minutes[opt] = parse_hhmm(text, '--' + opt) if text else None
+    start, stop, end = minutes['service_start'], minutes['service_stop'], \
+        minutes['service_end']
+    if start is not None and stop is None and end is None:
+        raise ValueError('--service_start needs --service_stop or --service_end')
+    if stop is not None and end is not None:
+        base = start if start is not None else stop
+        if not (stop - base) % 1440 < (end - base) % 1440 or stop == end:
+            raise ValueError('--service_stop must come before --service_end')
+    if start is not None and start in (stop, end):
+        raise ValueError('--service_start must differ from --service_stop/--service_end')
+    args.service_start_minute, args.service_stop_minute, args.service_end_minute = \
+        start, stop, end
+    args.service_clock = ServiceClock.from_env()
+
+
 def resolve_config(args):
     """Validate options; raise ValueError with a one-line message."""
+    resolve_service(args)
     total = os.cpu_count() or 1
     if args.cpus > total or args.cpus <= -total:
         raise ValueError('--cpus must be between %d and %d' % (-total + 1, total))
@@ -2995,17 +3634,7 @@ def resolve_config(args):
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     args.secret = _read_secret(args)
     notes = []      # logged only once every option is valid
-    if args.ip_addr:
-        args.ip_addr = _resolve_local(args.ip_addr, '-i/--ip_addr')
-    else:
-        args.ip_addr = primary_ipv4()
-        notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
-                      % args.ip_addr))
-        if args.ip_addr.startswith('127.'):
-            notes.append((logging.WARNING, 'only a loopback address was found; other '
-                          'machines cannot reach this node'))
-    args.ext_ip_addr = _resolve(args.ext_ip_addr, '--ext_ip_addr') if args.ext_ip_addr \
-        else args.ip_addr
+    resolve_addresses(args, notes)
     if args.scheduler_node:
         args.scheduler_node = _resolve(args.scheduler_node, '--scheduler_node')
     args.name = args.name or socket.gethostname()
@@ -3074,6 +3703,39 @@ def job_user_args(job_user):
     if not job_user:
         return {}
     return {'user': job_user.uid, 'group': job_user.gid, 'extra_groups': []}
+
+
+def resolve_addresses(args, notes):
+    """-i (repeatable; 0.0.0.0 = every interface) and --ext_ip_addr (the
+    n-th pairs with the n-th -i) -> args.ip_addrs [(bind, ext or None)],
+    args.ip_addr (what the TCP server binds) and args.ext_ip_addr (our
+    address where no client tells which)."""
+    given = [a.strip() for a in (args.ip_addr or []) if a is not None]
+    exts = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
+    if len(exts) > max(len(given), 1):
+        raise ValueError('--ext_ip_addr is given %d times but -i only %d' % (
+            len(exts), len(given)))
+    binds = []
+    for addr in given:
+        bind = '0.0.0.0' if addr in ('0.0.0.0', '*', '') else _resolve_local(addr,
+                                                                             '-i/--ip_addr')
+        if bind in binds:
+            raise ValueError('-i %s is given twice' % addr)
+        binds.append(bind)
+    if '0.0.0.0' in binds and len(binds) > 1:
+        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
+    if not binds:
+        binds = [primary_ipv4()]
+        notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
+                      % binds[0]))
+        if binds[0].startswith('127.'):
+            notes.append((logging.WARNING, 'only a loopback address was found; other '
+                          'machines cannot reach this node'))
+    args.ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
+                     for i, b in enumerate(binds)]
+    args.ip_addr = binds[0] if len(binds) == 1 else '0.0.0.0'
+    first_bind, first_ext = args.ip_addrs[0]
+    args.ext_ip_addr = first_ext or (first_bind if first_bind != '0.0.0.0' else primary_ipv4())
 
 
 def _read_secret(args):
@@ -3179,7 +3841,25 @@ def prepare_prefix(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--config', default='')
+    known, _ = pre.parse_known_args(argv)
+    lists = {}
+    try:
+        if known.config:
+            lists = apply_config_file(parser, known.config)
+    except ValueError as exc:
+        parser.exit(2, 'dispynode: error: %s\n' % exc)
     args = parser.parse_args(argv)
+    for dest, value in lists.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.save_config:
+        try:
+            save_config_file(args, args.save_config)
+        except ValueError as exc:
+            parser.exit(2, 'dispynode: error: %s\n' % exc)
+        return 0
     _raise_fd_limit()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
@@ -3204,7 +3884,9 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node.start()
-    while not stop.wait(1.0):
+    if Console.wanted(cfg):
+        Console(node).start()
+    while not stop.wait(0.25) and not node.quit.is_set():
         pass
     node.close()
     return 0

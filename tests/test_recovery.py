@@ -194,10 +194,10 @@ def test_sigterm_ends_jobs_and_children(node_factory, legacy_python, tmp_path):
     """Scenario 4: SIGTERM to the node while 2 jobs run (each started a
     `sleep 600` child and reported both pids as a provisional result): the
     node exits with code 0 within a few seconds, every job process and child
-    is gone, and the legacy client saw the node leave: its jobs ended
-    Terminated (the node sends their Terminated replies before it leaves)
-    and its cluster_status callback got DispyNode.Closed for the node (the
-    node's TERMINATED message)."""
+    is gone, and the legacy client saw the node leave as the original node's
+    SIGINT shows it (issue 11): no Terminated reply, only the node's
+    TERMINATED message, so the (non-reentrant) jobs ended Abandoned and the
+    cluster_status callback got DispyNode.Closed for the node."""
     node = node_factory('ours')
     client = LegacyProc('recovery_sigterm.py', node.port, free_port(), 'jobs=2',
                         cwd=tmp_path, watchdog=50)
@@ -226,15 +226,15 @@ def test_sigterm_ends_jobs_and_children(node_factory, legacy_python, tmp_path):
     assert 'error' not in data and not data.get('watchdog'), client.describe()
     assert data['all_final'], client.describe()
     for j in data['jobs']:
-        assert j['status'] == TERMINATED, (j, client.describe(), node.log()[-6000:])
-        assert j['ip_addr'] == '127.0.0.1', j
+        assert j['status'] == ABANDONED, (j, client.describe(), node.log()[-6000:])
     events = data['events']
+    assert not [e for e in events if e[0] == TERMINATED], events
     closed = [e for e in events if e[0] == NODE_CLOSED]
     assert closed and closed[0][1] == '127.0.0.1', (events, client.describe())
-    # the job statuses reached the callback before the node's Closed
-    terminated = [e for e in events if e[0] == TERMINATED]
-    assert sorted(e[2] for e in terminated) == [0, 1], events
-    assert max(e[3] for e in terminated) <= closed[0][3], events
+    # the client abandoned the jobs on the node's TERMINATED, before its Closed
+    abandoned = [e for e in events if e[0] == ABANDONED]
+    assert sorted(e[2] for e in abandoned) == [0, 1], events
+    assert max(e[3] for e in abandoned) <= closed[0][3], events
 
 
 class _Scheduler:

@@ -1,0 +1,109 @@
+"""Issue 12 on real (namespace) networks: --ping_interval lets a legacy
+client started after the node, on another subnet, find it; a multi-homed
+node serves a client on each of its subnets."""
+
+import os
+import time
+
+import pytest
+
+import netns
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+FINISHED = 11
+CLIENT = 'netns_cluster.py'
+
+
+@pytest.fixture
+def lab(tmp_path, legacy_python):
+    ok, why = netns.available()
+    if not ok:
+        if os.environ.get('CI') == 'true':
+            pytest.fail('real-network tests cannot run under CI: %s' % why)
+        pytest.skip(why)
+    the_lab = netns.Lab(tmp_path / 'lab')
+    try:
+        yield the_lab
+    finally:
+        problems = the_lab.close()
+    assert not problems, 'lab cleanup: %s' % problems
+
+
+def _diag(res, nodes=()):
+    msg = res.describe() if res is not None else ''
+    for node in nodes:
+        msg += '\n--- node log (%s, %s) ---\n%s' % (node.host.role, node.ip_addr,
+                                                   node.log(8000))
+    return msg
+
+
+def _check(res, nodes=()):
+    data = res.data
+    assert data is not None, 'client printed no RESULT\n' + _diag(res, nodes)
+    assert 'error' not in data, 'client raised:\n%s\n%s' % (data['error'], _diag(res, nodes))
+    assert not data.get('watchdog'), 'client watchdog fired\n' + _diag(res, nodes)
+    assert data.get('all_final'), 'jobs not final\n' + _diag(res, nodes)
+    assert data.get('closed'), 'cluster.close() did not finish\n' + _diag(res, nodes)
+    return data
+
+
+def _routed(lab):
+    """Client on 10.231.21.0/24, nodes on 10.231.22.0/24, a router between."""
+    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
+    lab.router('rt', (sw_a, '10.231.21.1/24'), (sw_b, '10.231.22.1/24'))
+    c = lab.host('client')
+    lab.link(c, sw_a, '10.231.21.10/24', gateway='10.231.21.1')
+    n1, n2 = lab.host('n1'), lab.host('n2')
+    lab.link(n1, sw_b, '10.231.22.21/24', gateway='10.231.22.1')
+    lab.link(n2, sw_b, '10.231.22.22/24', gateway='10.231.22.1')
+    return c, n1, n2
+
+
+def test_ping_interval_finds_late_client(lab):
+    """Two nodes on subnet B announce to the client's address with
+    --scheduler_node, before the client runs; only n1 has --ping_interval 1.
+    The client (subnet A, behind a router, no ping_interval of its own)
+    starts later: it finds n1, whose announcements repeat, and never n2,
+    whose single announcement at start went nowhere.  All jobs run on n1."""
+    c, n1, n2 = _routed(lab)
+    with_ping = lab.start_node(n1, ip_addr=n1.addr, args=['--scheduler_node', c.addr,
+                                                          '--ping_interval', '1'])
+    without = lab.start_node(n2, ip_addr=n2.addr, args=['--scheduler_node', c.addr])
+    nodes = [with_ping, without]
+    time.sleep(1.5)         # both nodes have announced before the client starts
+    res = lab.run_client(c, CLIENT, 'ip_addr=%s' % c.addr, 'expect_nodes=2', 'node_wait=6',
+                         'jobs=4', 'sleep=0.1', 'wait=30', timeout=60)
+    data = _check(res, nodes)
+    assert data['nodes_before_submit'] == [n1.addr], (data['nodes_before_submit'],
+                                                      _diag(res, nodes))
+    for j in data['jobs']:
+        assert j['status'] == FINISHED and j['ip_addr'] == n1.addr, (j, _diag(res, nodes))
+        assert j['result'] == j['id'] * j['id'] + 1, j
+
+
+@pytest.mark.parametrize('how', ['wildcard', 'each'])
+def test_multi_homed_node_serves_both_subnets(lab, how):
+    """A node host on two subnets (10.231.31.21 and 10.231.32.21), a legacy
+    client on each, discovering by broadcast.  With ``-i 0.0.0.0`` or with
+    ``-i A -i B`` the node answers each client with the address on that
+    client's subnet, and both clients are served (one after the other)."""
+    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
+    n = lab.host('node')
+    lab.link(n, sw_a, '10.231.31.21/24')
+    lab.link(n, sw_b, '10.231.32.21/24')
+    ca, cb = lab.host('ca'), lab.host('cb')
+    lab.link(ca, sw_a, '10.231.31.10/24')
+    lab.link(cb, sw_b, '10.231.32.10/24')
+    args = ['-i', '0.0.0.0'] if how == 'wildcard' else ['-i', '10.231.31.21',
+                                                         '-i', '10.231.32.21']
+    node = lab.start_node(n, args=args + ['-c', '1'])
+    for client, addr in ((ca, '10.231.31.21'), (cb, '10.231.32.21')):
+        res = lab.run_client(client, CLIENT, 'ip_addr=%s' % client.addr, 'expect_nodes=1',
+                             'node_wait=10', 'jobs=3', 'sleep=0.05', 'wait=30', timeout=60)
+        data = _check(res, [node])
+        assert sorted(data['nodes']) == [addr], (data['nodes'], _diag(res, [node]))
+        for j in data['jobs']:
+            assert j['status'] == FINISHED and j['ip_addr'] == addr, (j, _diag(res, [node]))
+            assert j['result'] == j['id'] * j['id'] + 1, j
+    assert node.alive()
