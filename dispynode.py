@@ -2349,13 +2349,14 @@ class ServiceControl:
         pairs = getattr(self.config, 'ip_addrs', None)
         if not pairs or (len(pairs) == 1 and pairs[0][0] != '0.0.0.0') or not is_ipv4(client_ip):
             return self.config.ext_ip_addr
-        cache = self.__dict__.setdefault('_route_cache', {})
-        local = cache.get(client_ip)
+        with self.lookup_lock:
+            local = self.route_cache.get(client_ip)
         if local is None:
-            local = route_source(client_ip) or pairs[0][0]
-            if len(cache) >= 1024:
-                cache.clear()
-            cache[client_ip] = local
+            local = route_source(client_ip) or pairs[0][0]   # a syscall: not under the lock
+            with self.lookup_lock:
+                if len(self.route_cache) >= 1024:
+                    self.route_cache.clear()
+                self.route_cache[client_ip] = local
         for bind, ext in pairs:
             if bind == local:
                 return ext or bind
@@ -2421,15 +2422,15 @@ class ServiceControl:
         it, and it only ever lowers it)."""
         if isinstance(info, dict) and isinstance(info.get('sign'), str) \
                 and valid_port(info.get('port')):
-            with self.state.lock:
-                signs = self.__dict__.setdefault('client_signs', {})
-                if len(signs) >= 256:
-                    signs.clear()
-                signs[(peer, info['port'])] = info['sign']
+            with self.lookup_lock:
+                if len(self.client_signs) >= 256:
+                    self.client_signs.clear()
+                self.client_signs[(peer, info['port'])] = info['sign']
 
     def _tell_cpus(self):
         sched = self.state.scheduler
-        sign = getattr(self, 'client_signs', {}).get(sched) if sched else None
+        with self.lookup_lock:
+            sign = self.client_signs.get(sched) if sched else None
         if sign is None:
             logger.info('the client does not know of the new cpu count until it '
                         'discovers the node again')
@@ -2478,6 +2479,9 @@ class Node(ServiceControl):
         self.pongs = TaskPool('pong', PONG_THREADS, PONG_QUEUE, idle_seconds=2.0,
                               drop_oldest=True)
         self.ping_gate = RateGate(PING_SOURCE_INTERVAL, PING_RATE, PING_BURST)
+        self.client_signs = {}      # (client ip, port) -> sign of its last PING
+        self.route_cache = {}       # client ip -> our address its route leaves from
+        self.lookup_lock = threading.Lock()     # guards the two tables above
         self.counters = Counters()
         self.logs = LogLimiter()
         self.stopping = threading.Event()
