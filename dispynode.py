@@ -32,6 +32,10 @@ Threads and processes::
     courier-<addr> ..... one lane per client address: JOB_REPLY delivery,
                          storing what cannot be delivered
     worker-<id> reader . one per computation: results from its worker
+    control ............ the local status socket <prefix>/.dispynode-control
+                         (one connection at a time)
+    metrics ............ --metrics only: Prometheus text at /metrics
+                         (one request at a time)
 
     node (threads) --socketpair--> worker process (one per computation,
         single-threaded, started ahead of need, then moved into the
@@ -1056,7 +1060,9 @@ class Worker:
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
             # waiting for this process to finish exiting.
-            view = memoryview(_REPLY_LEN.pack(len(data), _JOB.reply.status,
+            status = _JOB.reply.status      # user code could have set anything
+            status = status if isinstance(status, int) and 0 <= status < 256 else 0
+            view = memoryview(_REPLY_LEN.pack(len(data), status,
                                               getattr(_JOB, 'limit_code', 0)) + data)
             while view:
                 view = view[os.write(wfd, view):]
@@ -1926,7 +1932,7 @@ class Node:
                 return
             self._closed = True
         self.stopping.set()
-        self.control.stop()
+        self._stop_observers()
         if self._started:
             self.tcp.shutdown()
             self.tcp.reception.stop()
@@ -2549,6 +2555,12 @@ class Node:
             self.metrics.start()
             logger.info('metrics at http://%s:%d/metrics', *self.metrics.address[:2])
 
+    def _stop_observers(self):
+        self.control.stop()
+        group = getattr(self.config, 'job_cgroup', None)
+        if group:
+            self.spawn(_remove_cgroup_later, group)
+
     def note_job(self, comp, entry, status, limit):
         """Count a finished job by its outcome (and the limit that ended it)."""
         outcome = outcome_name(status)
@@ -2580,6 +2592,7 @@ class Node:
             'uptime': round(time.monotonic() - self.started_mono, 3),
             'started': self.started_at,
             'serving': not self.stopping.is_set() and not refusing, 'refusing': refusing,
+            'free': status['client'] is None and status['cpus_busy'] == 0,
             'jobs_done': done,
             'computations_total': counts.get('computations', 0),
             'bytes_in': counts.get('bytes_in', 0), 'bytes_out': counts.get('bytes_out', 0),
@@ -2756,43 +2769,78 @@ def free_disk(path):
     return st.f_bavail * st.f_frsize
 
 
-def cgroup_v2_memory(prefix_name='dispynode'):
-    """Create a cgroup v2 group for per-job memory limits, if this process
-    may: returns (path, None) or (None, why not).  Jobs get sub-groups of
-    it (see Worker)."""
+def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mounts',
+                     pid=None):
+    """Prepare cgroup v2 groups for per-job memory limits, if this process
+    may: returns (jobs group path, None) or (None, why not).
+
+    cgroup v2 lets a group hand the memory controller to its children only
+    while it holds no process itself, so a node that is alone in its group
+    (a systemd service with Delegate=yes, a container) first moves into a
+    leaf ``node-<pid>``; jobs then get leaves of ``dispynode-jobs-<pid>``
+    (see Worker).  The node's own leaf goes when its group is removed."""
+    pid = pid or os.getpid()
     try:
-        with open('/proc/self/cgroup') as fh:
+        with open(cgroup_file) as fh:
             own = [line.strip()[3:] for line in fh if line.startswith('0::')]
-        with open('/proc/self/mounts') as fh:
+        with open(mounts_file) as fh:
             mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
     except OSError as exc:
         return None, 'cannot read cgroup information: %s' % exc
     if not own or not mounts:
         return None, 'no cgroup v2 hierarchy'
     base = os.path.join(mounts[0], own[0].lstrip('/'))
+
+    def read(name):
+        with open(os.path.join(base, name)) as fh:
+            return fh.read().split()
+
+    def write(path, text):
+        with open(path, 'w') as fh:
+            fh.write(text)
+
     try:
-        with open(os.path.join(base, 'cgroup.controllers')) as fh:
-            controllers = fh.read().split()
-    except OSError as exc:
-        return None, 'cannot read %s/cgroup.controllers: %s' % (base, exc.strerror)
-    if 'memory' not in controllers:
-        return None, 'the memory controller is not available in %s' % base
-    group = os.path.join(base, '%s-%d' % (prefix_name, os.getpid()))
-    try:
-        # The parent must delegate memory to its children; a non-root group
-        # that holds processes cannot (cgroup v2's no-internal-process rule).
-        with open(os.path.join(base, 'cgroup.subtree_control'), 'w') as fh:
-            fh.write('+memory')
+        if 'memory' not in read('cgroup.controllers'):
+            return None, 'the memory controller is not available in %s' % base
+        if 'memory' not in read('cgroup.subtree_control'):
+            procs = read('cgroup.procs')
+            if procs and procs != [str(pid)]:
+                return None, ('%s holds other processes, so it cannot delegate the memory '
+                              'controller' % base)
+            if procs:
+                leaf = os.path.join(base, 'node-%d' % pid)
+                os.makedirs(leaf, exist_ok=True)
+                write(os.path.join(leaf, 'cgroup.procs'), str(pid))
+            write(os.path.join(base, 'cgroup.subtree_control'), '+memory')
+        group = os.path.join(base, 'dispynode-jobs-%d' % pid)
         os.makedirs(group, exist_ok=True)
-        with open(os.path.join(group, 'cgroup.subtree_control'), 'w') as fh:
-            fh.write('+memory')
+        write(os.path.join(group, 'cgroup.subtree_control'), '+memory')
     except OSError as exc:
-        try:
-            os.rmdir(group)
-        except OSError:
-            pass
-        return None, 'cannot create a memory cgroup under %s: %s' % (base, exc.strerror)
+        return None, 'cannot set up a memory cgroup under %s: %s' % (
+            base, exc.strerror or exc)
     return group, None
+
+
+def _remove_cgroup_later(group, timeout=3.0):
+    """Remove the jobs' cgroup once the workers have removed their leaves."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for name in os.listdir(group):
+                if name.startswith('job-'):
+                    try:
+                        os.rmdir(os.path.join(group, name))
+                    except OSError:
+                        pass
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                logger.debug('could not remove the cgroup %s', group)
+                return
+            time.sleep(0.1)
 
 
 class JobTimes:
@@ -2881,8 +2929,19 @@ class ControlServer:
         self.sock = None
 
     def start(self):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.unlink(self.path)      # a socket left by an earlier run
+            probe.settimeout(1.0)
+            probe.connect(self.path)
+        except OSError:
+            pass            # nobody answers: a socket left by an earlier run
+        else:
+            logger.warning('no control socket: another node serves %s', self.path)
+            return False
+        finally:
+            probe.close()
+        try:
+            os.unlink(self.path)
         except FileNotFoundError:
             pass
         except OSError as exc:

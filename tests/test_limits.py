@@ -187,3 +187,75 @@ def test_guard_low_disk_refuses_computation_and_jobs(tmp_path):
         assert 'below --min_free_disk 1g' in st['refusing'], st
     finally:
         node.stop()
+
+
+# ---------------------------------------------------------------- cgroup v2 (unit)
+# The kernel here may offer no cgroup v2 memory controller; these tests run
+# the setup logic against a directory tree shaped like a cgroup v2 mount.
+
+def _fake_cgroup(tmp_path, controllers='cpu memory pids', procs='4242\n', subtree=''):
+    mount = tmp_path / 'cg'
+    base = mount / 'system.slice' / 'dispynode.service'
+    base.mkdir(parents=True)
+    (base / 'cgroup.controllers').write_text(controllers + '\n')
+    (base / 'cgroup.subtree_control').write_text(subtree)
+    (base / 'cgroup.procs').write_text(procs)
+    (tmp_path / 'cgroup').write_text('0::/system.slice/dispynode.service\n')
+    (tmp_path / 'mounts').write_text('cgroup2 %s cgroup2 rw,nosuid 0 0\n' % mount)
+    return base
+
+
+def _setup(tmp_path):
+    import dispynode as dn
+    return dn.cgroup_v2_memory(str(tmp_path / 'cgroup'), str(tmp_path / 'mounts'), pid=4242)
+
+
+def test_cgroup_node_alone_moves_into_a_leaf(tmp_path):
+    base = _fake_cgroup(tmp_path)
+    group, why = _setup(tmp_path)
+    assert why is None and group == str(base / 'dispynode-jobs-4242')
+    assert (base / 'node-4242' / 'cgroup.procs').read_text() == '4242'
+    assert (base / 'cgroup.subtree_control').read_text() == '+memory'
+    assert (base / 'dispynode-jobs-4242' / 'cgroup.subtree_control').read_text() == '+memory'
+
+
+def test_cgroup_refusals_say_why(tmp_path):
+    _fake_cgroup(tmp_path / 'a', controllers='cpu pids')
+    assert _setup(tmp_path / 'a') == (
+        None, 'the memory controller is not available in %s'
+        % (tmp_path / 'a' / 'cg' / 'system.slice' / 'dispynode.service'))
+    _fake_cgroup(tmp_path / 'b', procs='4242\n977\n')
+    group, why = _setup(tmp_path / 'b')
+    assert group is None and 'holds other processes' in why
+    (tmp_path / 'c').mkdir()
+    (tmp_path / 'c' / 'cgroup').write_text('12:memory:/x\n')
+    (tmp_path / 'c' / 'mounts').write_text('')
+    assert _setup(tmp_path / 'c') == (None, 'no cgroup v2 hierarchy')
+
+
+def test_worker_job_cgroup_and_oom_report(tmp_path):
+    """The worker makes one leaf per job with memory.max = --job_memory and
+    no swap, and reports a job the cgroup's OOM killer ended."""
+    import socket
+    import dispynode as dn
+    a, b = socket.socketpair()
+    try:
+        worker = dn.Worker(a)
+        worker.cfg = {'cgroup': str(tmp_path), 'job_memory': 64 * 1024 * 1024,
+                      'job_memory_text': '64m'}
+        path = worker._job_cgroup(7)
+        assert path == str(tmp_path / ('job-%d-7' % os.getpid()))
+        assert (tmp_path / os.path.basename(path) / 'memory.max').read_text() == str(64 << 20)
+        assert (tmp_path / os.path.basename(path) / 'memory.swap.max').read_text() == '0'
+        job = dn._WorkerJob(7, 'h', 0, -1, time.time())
+        job.cgroup = path
+        with open(os.path.join(path, 'memory.events'), 'w') as fh:
+            fh.write('low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n')
+        assert worker._drop_job_cgroup(job) is True
+        assert worker._memory_note('x') == \
+            "x: --job_memory 64m limits each job's address space to 67108864 bytes"
+        worker.cfg['cgroup'] = None
+        assert worker._job_cgroup(8) is None
+    finally:
+        a.close()
+        b.close()

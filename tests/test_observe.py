@@ -283,3 +283,17 @@ def test_format_status_table_unit():
     assert 'timeout 30s, memory 1g (RLIMIT_AS only), threads 2' in text, text
     assert '42' in text and '12.2' in text and 'compute' in text, text
     assert dn.format_status_table({}).endswith('\n')   # tolerates missing keys
+
+
+def test_metrics_port_in_use_is_a_cli_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, str(REPO / 'dispynode.py'), '-i', '127.0.0.1',
+                            '-p', str(free_port()), '--metrics', '127.0.0.1:%d' % port,
+                            '--dest_path_prefix', str(tmp_path / 'p')],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert r.returncode == 2, r
+    assert r.stderr.decode().startswith(
+        'dispynode: error: --metrics 127.0.0.1:%d: Address already in use' % port), r.stderr
