@@ -3234,6 +3234,8 @@ def resolve_obs_options(args):
 
 
 def add_obs_options(p):
+    p.epilog = ('"%(prog)s status [--dest_path_prefix P] [--json]" shows the status of the '
+                'node running with that prefix.')
     p.add_argument('--metrics', default=None, metavar='HOST:PORT',
                    help='serve Prometheus metrics at http://HOST:PORT/metrics '
                         '(a bare PORT binds 127.0.0.1; default: off)')

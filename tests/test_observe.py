@@ -150,10 +150,22 @@ def test_metrics_after_legacy_client(node_factory, legacy_python, tmp_path):
     assert samples[('dispynode_bytes_received_total', ())] > 0, text
     assert samples[('dispynode_bytes_sent_total', ())] > 0, text
     assert ('dispynode_dropped_packets_total', ()) in samples, text
-    # A datagram of garbage is a dropped packet.
+    # A datagram of garbage is a dropped packet; a request with a wrong
+    # secret is a refused connection.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.sendto(b'JUNK:xyz', ('127.0.0.1', node.port))
-    assert wait_for(lambda: status_json(node)['dropped_packets'] >= 1, 10)
+    with socket.create_connection(('127.0.0.1', node.port), timeout=10) as sock:
+        sock.sendall(b'x' * dn.dc.AUTH_LEN)
+        dn.dc.send_msg(sock, b'JOBS:' + dn.dc.dumps_plain({'compute_id': 1}))
+        assert sock.recv(100) == b''        # ignored, then closed
+    st = wait_for(lambda: (lambda s: s if s['dropped_packets'] and s['refused_connections']
+                           else None)(status_json(node)), 10)
+    assert st and st['dropped_packets'] == 1 and st['refused_connections'] == 1, st
+    assert st['auth_failures'] == 1, st
+    with urllib.request.urlopen('http://127.0.0.1:%d/metrics' % mport, timeout=10) as r:
+        text = r.read().decode()
+    assert 'dispynode_refused_connections_total 1.0' in text, text
+    assert 'dispynode_dropped_packets_total 1.0' in text, text
     # Anything but /metrics is a 404.
     import urllib.error
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -233,6 +245,8 @@ def test_control_socket_refuses_other_users(node_factory):
     """The socket is mode 0600 (another user cannot connect); even when its
     mode is opened up, the node refuses other users by their peer
     credentials, and the status command refuses a socket not 0600."""
+    if os.geteuid() != 0:
+        pytest.skip('needs root to act as another user')
     base = Path(tempfile.mkdtemp(prefix='dispynode-obs-'))
     node = node_factory(prefix=base / 'prefix')
     path = node.prefix / SOCKET
