@@ -259,3 +259,35 @@ def test_worker_job_cgroup_and_oom_report(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_guard_mid_computation_client_retries(node_factory, legacy_python, tmp_path):
+    """Free disk drops below --min_free_disk while a real client's first two
+    jobs run: its next jobs are refused as 'all cpus busy' and the client
+    keeps them (no failure) until the disk is free again; then they run."""
+    reading = tmp_path / 'free_disk'
+    reading.write_text('10g')
+    node = node_factory(args=('--min_free_disk', '1g', '--cpus', '2'),
+                        env={'DISPYNODE_FREE_DISK': str(reading)})
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(res=run_client(
+        CLIENTS / 'obs_jobs.py', node.port, free_port(), 'mode=sleep', 'jobs=4',
+        'seconds=3', timeout=90, cwd=tmp_path)))
+    thread.start()
+    try:
+        assert wait_for(lambda: status(node.prefix)['cpus_busy'] == 2, 30), node.log()
+        reading.write_text('100m')
+        st = wait_for(lambda: (lambda s: s if s['guard_refusals'] >= 2 and s['cpus_busy'] == 0
+                               else None)(status(node.prefix)), 30, interval=0.2)
+        assert st, node.log()[-4000:]
+        assert st['jobs_done'] == {'Finished': 2} and st['serving'] is False, st
+        assert out == {}, out['res'].stdout           # the client waits, no failure
+        reading.write_text('10g')
+    finally:
+        thread.join(90)
+    data = check_client(out['res'], node)
+    assert [j['status'] for j in data['jobs']] == [FINISHED] * 4, describe(out['res'], node)
+    log = node.log()
+    assert log.count('not taking new computations or jobs: free disk 100m') == 1, log[-4000:]
+    st = status(node.prefix)
+    assert st['jobs_done'] == {'Finished': 4} and st['computations_total'] == 1, st
