@@ -311,3 +311,14 @@ def test_metrics_port_in_use_is_a_cli_error(tmp_path):
     assert r.returncode == 2, r
     assert r.stderr.decode().startswith(
         'dispynode: error: --metrics 127.0.0.1:%d: Address already in use' % port), r.stderr
+
+
+def test_parse_hostport_and_format_size_unit():
+    assert dn.parse_hostport('9100') == ('127.0.0.1', 9100)
+    assert dn.parse_hostport('0.0.0.0:9100') == ('0.0.0.0', 9100)
+    assert dn.parse_hostport(':9100') == ('127.0.0.1', 9100)
+    for bad in ('x:y', '9100:', '0', '65536', 'host:-1', ''):
+        with pytest.raises(ValueError):
+            dn.parse_hostport(bad)
+    assert [dn.format_size(n) for n in (None, 0, 1023, 1024, 1536, 64 << 20, 3 << 30)] == \
+        ['-', '0', '1023', '1k', '1.5k', '64m', '3g']
