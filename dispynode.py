@@ -45,6 +45,10 @@ so the node never runs more than 6 + TASK_THREADS + PONG_THREADS +
                          JOB_REPLY delivery, storing what cannot be delivered
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
                          results from its worker
+    control ............ the local status socket <prefix>/.dispynode-control
+                         (one connection at a time)
+    metrics ............ --metrics only: Prometheus text at /metrics
+                         (one request at a time)
 
     node (threads) --socketpair--> worker process (one per computation,
         single-threaded, started ahead of need, then moved into the
@@ -620,6 +624,8 @@ class Computation:
         self.stored = set()        # uids with a stored, undelivered reply
         self.file_uses = collections.Counter()
         self.worker = None
+        self.outcomes = collections.Counter()   # job status name -> count
+        self.started = time.time()
 
     @property
     def reply_addr(self):
@@ -854,6 +860,34 @@ class NodeState:
     def snapshot(self):
         with self.lock:
             return list(self.active.values()), list(self.detached.values())
+
+    # -- observing (status, metrics, log lines)
+    def note_outcome(self, comp, outcome):
+        with self.lock:
+            comp.outcomes[outcome] += 1
+
+    def observe(self):
+        """Plain data for the status query and the metrics endpoint."""
+        now = time.time()
+        with self.lock:
+            comps = []
+            for comp, attached in [(c, True) for c in self.active.values()] + \
+                    [(c, False) for c in self.detached.values()]:
+                state = 'running' if attached and not comp.zombie else \
+                    'closing' if attached else 'closed, results stored'
+                comps.append({'id': comp.id, 'name': comp.name,
+                              'client': '%s:%s' % (comp.scheduler_ip, comp.scheduler_port),
+                              'state': state, 'jobs_running': len(comp.running),
+                              'jobs_done': sum(comp.outcomes.values()),
+                              'jobs_by_outcome': dict(comp.outcomes),
+                              'stored': len(comp.stored),
+                              'seconds': round(now - comp.started, 3)})
+            jobs = [{'uid': e.uid, 'computation': e.compute_id,
+                     'seconds': round(now - e.start, 3)} for e in self.jobs.values()]
+            return {'cpus': self.cpus, 'cpus_busy': self.cpus - self.avail_cpus,
+                    'client': '%s:%s' % self.scheduler if self.scheduler else None,
+                    'computations': comps, 'jobs_running': jobs,
+                    'stored_results': sum(c['stored'] for c in comps)}
 
 
 # ---------------------------------------------------------------- result store
@@ -1185,12 +1219,14 @@ def import_implicit_modules():
                 _IMPLICIT[name] = module
 
 
-_REPLY_LEN = struct.Struct('>Q')   # job process -> worker: length, then the reply
+# job process -> worker: length, status, limit code (_LIMIT_NAMES), then the reply
+_REPLY_LEN = struct.Struct('>QBB')
 
 
 class _WorkerJob:
     __slots__ = ('uid', 'hash', 'pid', 'fd', 'chunks', 'got', 'size', 'replied', 'start',
-                 'kill_at', 'terminated')
+                 'kill_at', 'terminated', 'deadline', 'limit', 'status', 'limit_code',
+                 'cgroup')
 
     def __init__(self, uid, job_hash, pid, fd, start):
         self.uid, self.hash, self.pid, self.fd, self.start = uid, job_hash, pid, fd, start
@@ -1200,6 +1236,11 @@ class _WorkerJob:
         self.replied = False
         self.kill_at = None
         self.terminated = False
+        self.deadline = None     # --job_timeout, monotonic
+        self.limit = None        # why a limit ended the job
+        self.status = DispyJob.Terminated
+        self.limit_code = 0
+        self.cgroup = None
 
 
 class Worker:
@@ -1263,6 +1304,7 @@ class Worker:
 
     def _next_deadline(self):
         deadlines = [j.kill_at for j in self.jobs.values() if j.kill_at]
+        deadlines += [j.deadline for j in self.jobs.values() if j.deadline]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _read_command(self):
@@ -1312,16 +1354,20 @@ class Worker:
             return
         rfd, wfd = os.pipe()
         start = time.time()
+        cgroup = self._job_cgroup(uid)
         pid = os.fork()
         if pid == 0:
             os.close(rfd)
-            self._job_child(uid, job_hash, args, kwargs, code, wfd, start)
+            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, cgroup)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
         except OSError:
             pass
         job = _WorkerJob(uid, job_hash, pid, rfd, start)
+        job.cgroup = cgroup
+        if self.cfg.get('job_timeout'):
+            job.deadline = time.monotonic() + self.cfg['job_timeout']
         self.jobs[uid] = job
         self.sel.register(rfd, selectors.EVENT_READ, job)
 
@@ -1354,7 +1400,7 @@ class Worker:
         self.sel.unregister(self.chan)
 
     # -- job processes
-    def _job_child(self, uid, job_hash, args, kwargs, code, wfd, start):
+    def _job_child(self, uid, job_hash, args, kwargs, code, wfd, start, cgroup=None):
         """Runs in the forked child; never returns."""
         status = 1
         try:
@@ -1363,10 +1409,14 @@ class Worker:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             self.sel.close()
             self.chan.close()
+            self._apply_job_limits(cgroup)
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
             # waiting for this process to finish exiting.
-            view = memoryview(_REPLY_LEN.pack(len(data)) + data)
+            status = _JOB.reply.status      # user code could have set anything
+            status = status if isinstance(status, int) and 0 <= status < 256 else 0
+            view = memoryview(_REPLY_LEN.pack(len(data), status,
+                                              getattr(_JOB, 'limit_code', 0)) + data)
             while view:
                 view = view[os.write(wfd, view):]
             status = 0
@@ -1393,9 +1443,13 @@ class Worker:
             else:
                 reply.result = self.ns[self.cfg['name']](*args, **kwargs)
             reply.status = DispyJob.Finished
-        except BaseException:  # user code may raise anything
+        except BaseException as exc:  # user code may raise anything
             reply.status = DispyJob.Terminated
             reply.exception = traceback.format_exc()
+            if isinstance(exc, MemoryError) and self.cfg.get('job_memory'):
+                reply.exception = self._memory_note(
+                    'MemoryError in the job') + '\n' + reply.exception
+                _JOB.limit_code = 1
         if not is_prog:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             reply.stdout, reply.stderr = out.getvalue(), err.getvalue()
@@ -1439,10 +1493,12 @@ class Worker:
             if job.size is None and job.got >= _REPLY_LEN.size:
                 head = b''.join(job.chunks)
                 job.chunks = [head]
-                job.size = _REPLY_LEN.size + _REPLY_LEN.unpack_from(head)[0]
+                size, job.status, job.limit_code = _REPLY_LEN.unpack_from(head)
+                job.size = _REPLY_LEN.size + size
             if job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
-                self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:]))
+                self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
+                           job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
             return
         self.sel.unregister(job.fd)
@@ -1451,21 +1507,30 @@ class Worker:
         del self.jobs[job.uid]
         if job.terminated:
             kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
+        oom_killed = self._drop_job_cgroup(job)
         if job.replied:
             return
-        if job.terminated:
+        limit = None
+        if job.limit:
+            why, limit = job.limit, 'job_timeout'
+        elif job.terminated:
             why = None      # as the original: Terminated, no exception text
+        elif oom_killed:
+            why, limit = self._memory_note('the job was killed by the cgroup memory limit'), \
+                'job_memory'
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
+            if self.cfg.get('job_memory'):
+                why += ' (%s)' % self._memory_note('it may have run out of memory')
         else:
             why = 'job process exited with status %d without a result' % (status >> 8)
-        self._finish(job.uid, job.hash, job.start, None, why)
+        self._finish(job.uid, job.hash, job.start, None, why, limit)
 
-    def _finish(self, uid, job_hash, start, result, exception):
+    def _finish(self, uid, job_hash, start, result, exception, limit=None):
         reply = dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.cfg['ip_addr'],
                             status=DispyJob.Terminated, result=result,
                             exception=exception, start_time=start, end_time=time.time())
-        self.send(('done', uid, dc.dumps(reply)))
+        self.send(('done', uid, dc.dumps(reply), DispyJob.Terminated, limit))
 
     def _enforce_kills(self):
         now = time.monotonic()
@@ -1473,6 +1538,71 @@ class Worker:
             if job.kill_at and now >= job.kill_at:
                 kill_tree(job.pid, signal.SIGKILL)
                 job.kill_at = None
+            if job.deadline and now >= job.deadline:
+                # --job_timeout: end the job's whole tree like a TERMINATE_JOB.
+                job.deadline = None
+                if not job.replied and not job.terminated:
+                    job.limit = ('job exceeded --job_timeout %gs (ran %.1fs); its process '
+                                 'tree was killed' % (self.cfg['job_timeout'],
+                                                      time.time() - job.start))
+                    job.terminated = True
+                    job.kill_at = now + KILL_GRACE
+                    kill_tree(job.pid, signal.SIGTERM)
+
+    # -- per-job limits (see the observing section)
+    def _memory_note(self, what):
+        return '%s: --job_memory %s limits each job\'s address space to %d bytes' % (
+            what, self.cfg.get('job_memory_text') or self.cfg['job_memory'],
+            self.cfg['job_memory'])
+
+    def _job_cgroup(self, uid):
+        """A cgroup v2 group with the memory limit for one job, or None."""
+        base = self.cfg.get('cgroup')
+        if not base or not self.cfg.get('job_memory'):
+            return None
+        path = os.path.join(base, 'job-%d-%d' % (os.getpid(), uid))
+        try:
+            os.mkdir(path)
+            for name, value in (('memory.max', self.cfg['job_memory']), ('memory.swap.max', 0)):
+                try:
+                    with open(os.path.join(path, name), 'w') as fh:
+                        fh.write(str(value))
+                except FileNotFoundError:
+                    pass        # no swap accounting
+        except OSError:
+            return None
+        return path
+
+    def _apply_job_limits(self, cgroup):
+        """In the job child, before user code: join the job's cgroup, cap
+        its address space (inherited by everything it starts)."""
+        if cgroup:
+            try:
+                with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as fh:
+                    fh.write(str(os.getpid()))
+            except OSError:
+                pass
+        limit = self.cfg.get('job_memory')
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def _drop_job_cgroup(self, job):
+        """Remove a finished job's cgroup; True if its OOM killer fired."""
+        if not job.cgroup:
+            return False
+        oom = False
+        try:
+            with open(os.path.join(job.cgroup, 'memory.events')) as fh:
+                for line in fh:
+                    if line.startswith('oom_kill ') and int(line.split()[1]) > 0:
+                        oom = True
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            os.rmdir(job.cgroup)
+        except OSError:
+            pass
+        return oom
 
 
 def worker_main(fd):
@@ -1521,6 +1651,7 @@ class WorkerHandle:
         cmd = worker_command('node.worker_main(%d)' % theirs.fileno())
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
+                                         env=job_environment(node.config),
                                          pass_fds=(theirs.fileno(),),
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          **job_user_args(node.config.job_user))
@@ -1543,7 +1674,7 @@ class WorkerHandle:
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
-            'max_file_size': cfg.max_file_size}))
+            'max_file_size': cfg.max_file_size, **job_limits(cfg)}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)
         self.reader.start()
@@ -1569,7 +1700,7 @@ class WorkerHandle:
                 break
             try:
                 if msg[0] == 'done':
-                    self.node.job_done(self.comp, msg[1], msg[2])
+                    self.node.job_done(self.comp, msg[1], msg[2], *msg[3:5])
                 elif msg[0] in ('setup', 'closed'):
                     self.replies.put(msg)
             except Exception:  # keep reading whatever one result did
@@ -1702,6 +1833,7 @@ class Courier:
             with dc.connect(addr, cfg.msg_timeout, self.node.tls_client) as sock:
                 sock.settimeout(cfg.msg_timeout)
                 dc.send_msg(sock, b'JOB_REPLY:' + reply)
+                self.node.counters.add('bytes_out', 14 + len(reply))
                 return dc.recv_msg(sock, 1024) == b'ACK'
         except (OSError, ProtocolError) as exc:
             logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
@@ -1735,12 +1867,15 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.sock = self.request.sock
         self.sock.settimeout(self.cfg.msg_timeout)
         auth, msg = self.request.auth, self.request.msg
+        self.node.counters.add('bytes_in', len(auth) + 4 + len(msg))
         tag, payload = dc.split_tag(msg)
         self.payload = payload
         handler, recovery = HANDLERS.get(tag, (None, False))
         # The run whose token this is (None: not ours; PING needs none).
         self.token_sign = self.node.token_sign(auth, recovery)
         if handler is None or (tag != b'PING' and self.token_sign is None):
+            if handler is not None:
+                self.node.counters.add('auth_failures')
             self.node.refuse('request without a valid token' if handler
                              else 'unknown request', self.peer)
             if handler is None and self.token_sign is not None:
@@ -1765,6 +1900,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def reply(self, data):
         try:
             dc.send_msg(self.sock, data)
+            self.node.counters.add('bytes_out', 4 + len(data))
             return True
         except OSError:
             return False
@@ -1817,7 +1953,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def _handle_job(self, job):
         comp, entry, refusal = self.node.admit_job(job, self.peer)
         if refusal:
-            logger.warning('refusing job from %s: %s', self.peer, refusal.decode())
+            self.node.logs.log('job refused', logging.WARNING, 'refusing job from %s: %s',
+                               self.peer, refusal.decode())
             self.reply(refusal)
             return
         # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
@@ -2053,7 +2190,7 @@ class Reception(threading.Thread):
         except (OSError, ProtocolError) as exc:
             self.node.logs.log('dropped request', logging.DEBUG,
                                'dropping request from %s: %s', a.addr[0], exc)
-            self.node.counters.add('refused')
+            self.node.counters.add('refused_connections')
             self._drop(a)
 
     def _discard(self, a):
@@ -2116,7 +2253,7 @@ class Reception(threading.Thread):
         else:
             a.reserved = size
             return True
-        self.node.counters.add('refused')
+        self.node.counters.add('refused_connections')
         self.node.logs.log('request too large', logging.WARNING, 'refused a request of '
                            '%d bytes from %s: %s', size, a.addr[0], a.refusal[5:-1].decode())
         a.stage, a.need = 'discard', size
@@ -2500,10 +2637,12 @@ class Node(ServiceControl):
             else '<broadcast>'
         self._restore()
         self._init_service()
+        self._init_observers()
 
     # -- start and stop
     def start(self):
         self._started = True
+        self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare)
         for target, name in ((self.tcp.serve_forever, 'tcp-server'),
@@ -2521,6 +2660,7 @@ class Node(ServiceControl):
                 return
             self._closed = True
         self.stopping.set()
+        self._stop_observers()
         if self._started:
             self.tcp.shutdown()
             self.tcp.reception.stop()
@@ -2613,7 +2753,8 @@ class Node(ServiceControl):
 
     def announce(self):
         """Broadcast that we are free (and tell --scheduler_node directly)."""
-        if not self.state.is_free() or self.stopping.is_set() or not self.in_service():
+        if not self.state.is_free() or self.stopping.is_set() or not self.in_service() \
+                or self.guard.refusal():
             return
         for ext, brd in self.broadcast_targets():
             data = b'PING:' + dc.dumps_plain(self.ping_info(ip_addr=ext))
@@ -2681,9 +2822,9 @@ class Node(ServiceControl):
                 'cpus': self.state.cpus, 'auth': dc.auth_code(self.config.secret, info['sign']),
                 'scheduler_ip_addr': peer}
 
-    def refuse(self, what, peer, level=logging.WARNING):
+    def refuse(self, what, peer, level=logging.WARNING, kind='connection'):
         """Count and log (rate-limited, never once per packet) a refusal."""
-        self.counters.add('refused')
+        self.counters.add('refused_connections' if kind == 'connection' else 'dropped_packets')
         self.logs.log(what, level, 'refused %s from %s', what, peer)
 
     def queue_pongs(self, info, peer):
@@ -2711,7 +2852,7 @@ class Node(ServiceControl):
 
     def send_pongs(self, info, peer):
         """Answer a client's PING with a PONG to its addresses."""
-        if not self.state.is_free() or not self.in_service():
+        if not self.state.is_free() or not self.in_service() or self.guard.refusal():
             logger.debug('busy or out of service; not answering PING from %s', peer)
             return
         for ip in self.pong_targets(info, peer):
@@ -2754,7 +2895,9 @@ class Node(ServiceControl):
             if self._valid_ping(info) and not self.sign_refusal(info.get('sign')):
                 self.queue_pongs(info, addr[0])
             else:
-                self.pong_for(info, addr[0])    # counts and logs the refusal
+                why = (self.sign_refusal(info.get('sign')) if self._valid_ping(info)
+                       else 'malformed')
+                self.refuse('PING (%s)' % why, addr[0], kind='packet')
         elif isinstance(info, dict) and is_ipv4(info.get('ip_addr')):
             port = info.get('port')
             self.sign_of_life(info['ip_addr'], port if valid_port(port) else None)
@@ -2781,6 +2924,7 @@ class Node(ServiceControl):
                 last_pulse = self._tick(last_pulse)
                 self._service_tick()
                 self.logs.flush()
+                self.guard.refusal()    # logs changes, announces when work may resume
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
@@ -2888,6 +3032,8 @@ class Node(ServiceControl):
         if not self.state.is_free() and self.state.scheduler != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
+        if self.guard_refusal():
+            return None, b'Busy'
         try:
             return self._add_computation(compute, raw)
         except Exception as exc:  # validated input should never get here
@@ -2916,7 +3062,8 @@ class Node(ServiceControl):
             logger.error('could not start computation %s: %s', comp.id, exc)
             self.drop_computation(comp)
             return None, b'NAK (could not start computation: %s)' % str(exc).encode()
-        logger.info('computation %s (%s) from %s:%s in %s', comp.id, comp.name,
+        self.counters.add('computations')
+        logger.info('computation %s (%s) from %s:%s started in %s', comp.id, comp.name,
                     comp.scheduler_ip, comp.scheduler_port, dest)
         return comp, None
 
@@ -3001,8 +3148,11 @@ class Node(ServiceControl):
             self.store.remove_computation(comp)
         if comp.timed_out or comp.evicted:
             self.send_terminated(comp)
-        logger.info('computation %s closed%s', comp.id,
-                    ' (%d result(s) kept)' % len(comp.stored) if keep else '')
+        logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
+                    comp.name, comp.scheduler_ip, comp.scheduler_port,
+                    time.time() - comp.started,
+                    ', '.join('%s %d' % kv for kv in sorted(comp.outcomes.items())) or 'none',
+                    '; %d result(s) kept' % len(comp.stored) if keep else '')
         if self.state.detach(comp, keep):
             self.announce()
         self.computation_ended(comp, shutdown_asked)
@@ -3114,6 +3264,7 @@ class Node(ServiceControl):
                         break
                     fh.write(view[:n])
                     got += n
+                    self.counters.add('bytes_in', n)
                 os.fchmod(fh.fileno(), _safe_mode(xf.stat_buf.st_mode, target == comp.program))
                 if self.config.job_user:
                     os.fchown(fh.fileno(), self.config.job_user.uid, self.config.job_user.gid)
@@ -3153,6 +3304,11 @@ class Node(ServiceControl):
             if limit and getattr(xf.stat_buf, 'st_size', 0) > limit:
                 return None, None, b'NAK (file too big)'
             files.append(name)
+        if self.guard_refusal():
+            # What the client reads as busy; it retries the job at once,
+            # so the refusal is a little slow to come.
+            time.sleep(GUARD_REFUSAL_DELAY)
+            return None, None, b'NAK (all cpus busy)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
         refusal = self.state.start_job(comp, entry)
         if refusal is None:
@@ -3181,11 +3337,13 @@ class Node(ServiceControl):
                                     status=DispyJob.Terminated, exception=why,
                                     start_time=time.time(), end_time=time.time()))
 
-    def job_done(self, comp, uid, reply):
-        """A worker finished job ``uid`` with ``reply`` (pickled bytes)."""
+    def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None):
+        """A worker finished job ``uid`` with ``reply`` (pickled bytes);
+        ``status`` is the job's own status, ``limit`` the limit that ended it."""
         entry, _, unused = self.state.finish_job(uid)
         if entry is None:
             return
+        self.note_job(comp, entry, status, limit)
         for name in unused:
             try:
                 os.unlink(os.path.join(comp.dest_path, name))
@@ -3238,62 +3396,142 @@ class Node(ServiceControl):
                 continue
             self.courier.submit(Delivery(comp, uid, rec['hash'], rec['reply'], True))
 
+    # -- status, metrics, limits and guards (see the observing section)
+    def _init_observers(self):
+        cfg = self.config
+        self.started_at, self.started_mono = time.time(), time.monotonic()
+        self.job_times = JobTimes()
+        self.guard = ResourceGuard(self)
+        self.control = ControlServer(self)
+        self.metrics = None
+        self.cgroup_note = None
+        if getattr(cfg, 'job_memory', 0):
+            cfg.job_cgroup, self.cgroup_note = cgroup_v2_memory()
+            if cfg.job_cgroup:
+                logger.info('jobs get a cgroup v2 memory limit under %s', cfg.job_cgroup)
+            else:
+                logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)',
+                            self.cgroup_note)
+        if getattr(cfg, 'metrics', None):
+            try:
+                self.metrics = MetricsServer(self, cfg.metrics)
+            except OSError as exc:
+                self.tcp.server_close()
+                self.udp.close()
+                raise OSError('--metrics %s:%s: %s' % (cfg.metrics[0], cfg.metrics[1],
+                                                        exc.strerror or exc))
 
+    def _start_observers(self):
+        self.control.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            logger.info('metrics at http://%s:%d/metrics', *self.metrics.address[:2])
 
-# ---- status (placeholder; the obs branch replaces this block)
+    def _stop_observers(self):
+        self.control.stop()
+        group = getattr(self.config, 'job_cgroup', None)
+        if group:
+            self.spawn(_remove_cgroup_later, group)
 
-def _placeholder_status(self):
-    """The node's state as plain data (keys agreed with the obs branch)."""
-    active, detached = self.state.snapshot()
-    jobs = []
-    now = time.time()
-    with self.state.lock:
-        entries = list(self.state.jobs.values())
-        cpus, busy = self.state.cpus, self.state.cpus - self.state.avail_cpus
-        sched = self.state.scheduler
-    for e in entries:
-        jobs.append({'uid': e.uid, 'computation': e.compute_id, 'seconds': now - e.start})
-    comps = []
-    for comp in active + detached:
-        comps.append({'id': comp.id, 'name': comp.name,
-                      'client': '%s:%s' % (comp.scheduler_ip, comp.scheduler_port),
-                      'state': 'closed' if comp in detached else
-                               ('closing' if comp.zombie else 'active'),
-                      'jobs_running': len(comp.running), 'jobs_done': 0,
-                      'stored': len(comp.stored)})
-    counts = self.counters.snapshot()
-    return {'version': __version__, 'name': self.config.name,
-            'uptime': time.monotonic() - getattr(self, 'started_at', time.monotonic()),
-            'cpus': cpus, 'cpus_busy': busy,
-            'serving': bool(getattr(self, 'in_service', lambda: True)()),
-            'client': '%s:%s' % sched if sched else None, 'computations': comps,
-            'jobs_running': jobs, 'jobs_done': {},
-            'stored_results': sum(len(c.stored) for c in active + detached),
+    def note_job(self, comp, entry, status, limit):
+        """Count a finished job by its outcome (and the limit that ended it)."""
+        outcome = outcome_name(status)
+        self.counters.add('jobs_' + outcome)
+        if limit:
+            self.counters.add('limit_' + limit)
+        if comp is not None:
+            self.state.note_outcome(comp, outcome)
+        self.job_times.observe(max(0.0, time.time() - entry.start))
+
+    def guard_refusal(self):
+        """Why the resource guards refuse new work now, or None."""
+        why = self.guard.refusal()
+        if why:
+            self.counters.add('guard_refusals')
+        return why
+
+    def status(self):
+        """The node's status as plain data (the control socket's answer;
+        format_status_table renders it)."""
+        cfg = self.config
+        counts = self.counters.snapshot()
+        status = self.state.observe()
+        refusing = self.guard.refusal()
+        done = {k[5:]: v for k, v in counts.items() if k.startswith('jobs_')}
+        status.update({
+            'version': __version__, 'protocol': dc.PROTOCOL_VERSION, 'name': cfg.name,
+            'pid': os.getpid(), 'ip_addr': cfg.ext_ip_addr, 'port': self.port,
+            'uptime': round(time.monotonic() - self.started_mono, 3),
+            'started': self.started_at,
+            'serving': not self.stopping.is_set() and not refusing, 'refusing': refusing,
+            'free': status['client'] is None and status['cpus_busy'] == 0,
+            'jobs_done': done,
+            'computations_total': counts.get('computations', 0),
             'bytes_in': counts.get('bytes_in', 0), 'bytes_out': counts.get('bytes_out', 0),
-            'refused_connections': counts.get('refused_connections', 0)}
+            'refused_connections': counts.get('refused_connections', 0),
+            'auth_failures': counts.get('auth_failures', 0),
+            'dropped_packets': counts.get('dropped_packets', 0),
+            'guard_refusals': counts.get('guard_refusals', 0),
+            'limit_kills': {k[6:]: v for k, v in counts.items() if k.startswith('limit_')},
+            'limits': {'job_timeout': getattr(cfg, 'job_timeout', 0) or None,
+                       'job_memory': getattr(cfg, 'job_memory_text', '') or None,
+                       'job_threads': getattr(cfg, 'job_threads', 0) or None,
+                       'job_memory_cgroup': getattr(cfg, 'job_cgroup', None),
+                       'job_memory_cgroup_unavailable': self.cgroup_note},
+            'guards': {'min_free_memory': getattr(cfg, 'min_free_memory', 0),
+                       'min_free_disk': getattr(cfg, 'min_free_disk', 0),
+                       'free_memory': self.guard.memory, 'free_disk': self.guard.disk},
+        })
+        return status
 
+    def metrics_text(self):
+        """The Prometheus text exposition (version 0.0.4)."""
+        st = self.status()
+        counts = self.counters.snapshot()
+        out = []
 
-Node.status = _placeholder_status
+        def family(name, kind, text, samples):
+            out.append('# HELP %s %s' % (name, text))
+            out.append('# TYPE %s %s' % (name, kind))
+            for suffix, labels, value in samples:
+                label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
+                out.append('%s%s%s %s' % (name, suffix, label, float(value)))
 
+        outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
+        outcomes.update(st['jobs_done'])
+        family('dispynode_jobs_total', 'counter', 'Jobs ended, by outcome.',
+               [('', [('outcome', k)], v) for k, v in sorted(outcomes.items())])
+        limits = dict.fromkeys(('job_timeout', 'job_memory'), 0)
+        limits.update(st['limit_kills'])
+        family('dispynode_job_limit_kills_total', 'counter',
+               'Jobs ended by a per-job limit, by limit.',
+               [('', [('limit', k)], v) for k, v in sorted(limits.items())])
+        for name, key, text in (
+                ('computations', 'computations', 'Computations accepted.'),
+                ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
+                ('bytes_sent', 'bytes_out', 'Bytes sent to clients.'),
+                ('refused_connections', 'refused_connections',
+                 'Connections refused (capacity or authentication).'),
+                ('dropped_packets', 'dropped_packets', 'UDP datagrams ignored.'),
+                ('guard_refusals', 'guard_refusals',
+                 'Computations or jobs refused for low free memory or disk.')):
+            family('dispynode_%s_total' % name, 'counter', text,
+                   [('', [], counts.get(key, 0))])
+        for name, value, text in (
+                ('cpus', st['cpus'], 'CPUs offered.'),
+                ('cpus_busy', st['cpus_busy'], 'CPUs running a job.'),
+                ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
+                ('stored_results', st['stored_results'], 'Undelivered results stored.'),
+                ('serving', int(bool(st['serving'])), '1 while taking new work.'),
+                ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
+            family('dispynode_' + name, 'gauge', text, [('', [], value)])
+        buckets, total, seconds = self.job_times.snapshot()
+        samples = [('_bucket', [('le', repr(float(b)))], n) for b, n in buckets]
+        samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
+                    ('_count', [], total)]
+        family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
+        return '\n'.join(out) + '\n'
 
-def format_status_table(status):
-    """A plain-text table of ``Node.status()`` for a terminal."""
-    lines = ['dispynode %s  name %s  uptime %ds' % (status['version'], status['name'],
-                                                    int(status['uptime'])),
-             'cpus %d (busy %d)  serving: %s  client: %s' % (
-                 status['cpus'], status['cpus_busy'], 'yes' if status['serving'] else 'no',
-                 status['client'] or '-'),
-             '%-14s %-16s %-22s %-8s %7s %7s' % ('computation', 'name', 'client', 'state',
-                                                'running', 'stored')]
-    for c in status['computations']:
-        lines.append('%-14s %-16s %-22s %-8s %7d %7d' % (
-            c['id'], str(c['name'])[:16], c['client'], c['state'], c['jobs_running'],
-            c['stored']))
-    lines.append('jobs running: %d  stored results: %d' % (len(status['jobs_running']),
-                                                           status['stored_results']))
-    return '\n'.join(lines)
-
-# ---- end of status placeholder
 
 
 # ---------------------------------------------------------------- console
@@ -3385,6 +3623,594 @@ def _safe_mode(mode, executable=False):
     return bits | 0o100 if executable else bits
 
 
+# ---------------------------------------------------------------- observing and bounding the node
+# Status (a UNIX control socket), Prometheus metrics, per-job limits and
+# resource guards.  Everything here reads node state through NodeState and
+# Counters; nothing unpickles user data.
+
+CONTROL_SOCKET = '.dispynode-control'     # under --dest_path_prefix
+CONTROL_TIMEOUT = 2.0                     # per control or metrics connection
+CONTROL_REQUEST_MAX = 256
+GUARD_CHECK_SECONDS = 1.0                 # free memory/disk readings are cached this long
+GUARD_REFUSAL_DELAY = 0.5                 # slows a client that retries a refused job at once
+JOB_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
+# Environment variables that cap the threads of common numeric libraries.
+JOB_THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS',
+                   'NUMEXPR_NUM_THREADS', 'NUMEXPR_MAX_THREADS', 'VECLIB_MAXIMUM_THREADS',
+                   'BLIS_NUM_THREADS', 'RAYON_NUM_THREADS', 'NUMBA_NUM_THREADS',
+                   'JULIA_NUM_THREADS', 'GOTO_NUM_THREADS', 'TF_NUM_INTRAOP_THREADS',
+                   'TF_NUM_INTEROP_THREADS')
+# Test hooks: a size ('64m') or the path of a file holding one, read instead
+# of the real free memory / free disk.
+FREE_MEMORY_ENV = 'DISPYNODE_FREE_MEMORY'
+FREE_DISK_ENV = 'DISPYNODE_FREE_DISK'
+_STATUS_NAMES = {v: k for k, v in vars(DispyJob).items() if isinstance(v, int)}
+_LIMIT_NAMES = {1: 'job_memory', 2: 'job_timeout'}
+
+
+def outcome_name(status):
+    return _STATUS_NAMES.get(status, 'Unknown')
+
+
+def format_size(n):
+    """12345678 -> '11.8m' (None -> '-')."""
+    if n is None:
+        return '-'
+    for unit in ('', 'k', 'm', 'g', 't'):
+        if abs(n) < 1024 or unit == 't':
+            return '%d%s' % (n, unit) if n == int(n) else '%.1f%s' % (n, unit)
+        n /= 1024.0
+
+
+def job_environment(cfg):
+    """The environment of worker processes (and so of jobs)."""
+    env = dict(os.environ)
+    if getattr(cfg, 'job_threads', 0):
+        for name in JOB_THREAD_VARS:
+            env[name] = str(cfg.job_threads)
+    return env
+
+
+def job_limits(cfg):
+    """The per-job limits a worker enforces (see Worker)."""
+    return {'job_timeout': getattr(cfg, 'job_timeout', 0) or 0,
+            'job_memory': getattr(cfg, 'job_memory', 0) or 0,
+            'job_memory_text': getattr(cfg, 'job_memory_text', ''),
+            'cgroup': getattr(cfg, 'job_cgroup', None)}
+
+
+def _override_reading(env_name):
+    value = os.environ.get(env_name)
+    if not value:
+        return None
+    if value.startswith('/'):
+        try:
+            with open(value) as fh:
+                value = fh.read().strip()
+        except OSError:
+            return None
+    try:
+        return dc.parse_size(value)
+    except ValueError:
+        return None
+
+
+def free_memory():
+    """Bytes of memory available for new work (MemAvailable), or None."""
+    fake = _override_reading(FREE_MEMORY_ENV)
+    if fake is not None:
+        return fake
+    try:
+        with open('/proc/meminfo') as fh:
+            for line in fh:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_disk(path):
+    """Bytes free for unprivileged users on the file system of ``path``."""
+    fake = _override_reading(FREE_DISK_ENV)
+    if fake is not None:
+        return fake
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mounts',
+                     pid=None):
+    """Prepare cgroup v2 groups for per-job memory limits, if this process
+    may: returns (jobs group path, None) or (None, why not).
+
+    cgroup v2 lets a group hand the memory controller to its children only
+    while it holds no process itself, so a node that is alone in its group
+    (a systemd service with Delegate=yes, a container) first moves into a
+    leaf ``node-<pid>``; jobs then get leaves of ``dispynode-jobs-<pid>``
+    (see Worker).  The node's own leaf goes when its group is removed."""
+    pid = pid or os.getpid()
+    try:
+        with open(cgroup_file) as fh:
+            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
+        with open(mounts_file) as fh:
+            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
+    except OSError as exc:
+        return None, 'cannot read cgroup information: %s' % exc
+    if not own or not mounts:
+        return None, 'no cgroup v2 hierarchy'
+    base = os.path.join(mounts[0], own[0].lstrip('/'))
+
+    def read(name):
+        with open(os.path.join(base, name)) as fh:
+            return fh.read().split()
+
+    def write(path, text):
+        with open(path, 'w') as fh:
+            fh.write(text)
+
+    try:
+        if 'memory' not in read('cgroup.controllers'):
+            return None, 'the memory controller is not available in %s' % base
+        if 'memory' not in read('cgroup.subtree_control'):
+            procs = read('cgroup.procs')
+            if procs and procs != [str(pid)]:
+                return None, ('%s holds other processes, so it cannot delegate the memory '
+                              'controller' % base)
+            if procs:
+                leaf = os.path.join(base, 'node-%d' % pid)
+                os.makedirs(leaf, exist_ok=True)
+                write(os.path.join(leaf, 'cgroup.procs'), str(pid))
+            write(os.path.join(base, 'cgroup.subtree_control'), '+memory')
+        group = os.path.join(base, 'dispynode-jobs-%d' % pid)
+        os.makedirs(group, exist_ok=True)
+        write(os.path.join(group, 'cgroup.subtree_control'), '+memory')
+    except OSError as exc:
+        return None, 'cannot set up a memory cgroup under %s: %s' % (
+            base, exc.strerror or exc)
+    return group, None
+
+
+def _remove_cgroup_later(group, timeout=3.0):
+    """Remove the jobs' cgroup once the workers have removed their leaves."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for name in os.listdir(group):
+                if name.startswith('job-'):
+                    try:
+                        os.rmdir(os.path.join(group, name))
+                    except OSError:
+                        pass
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                logger.debug('could not remove the cgroup %s', group)
+                return
+            time.sleep(0.1)
+
+
+class JobTimes:
+    """A histogram of job run times (for the metrics endpoint)."""
+
+    def __init__(self, buckets=JOB_SECONDS_BUCKETS):
+        self.lock = threading.Lock()
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, seconds):
+        with self.lock:
+            self.total += 1
+            self.sum += seconds
+            for i, bound in enumerate(self.buckets):
+                if seconds <= bound:
+                    self.counts[i] += 1
+
+    def snapshot(self):
+        with self.lock:
+            return list(zip(self.buckets, self.counts)), self.total, self.sum
+
+
+class ResourceGuard:
+    """Refuses new computations and jobs while free memory or free disk
+    (under the prefix) is below the configured minimum.  Readings are
+    cached for GUARD_CHECK_SECONDS; the reason is logged once per episode."""
+
+    def __init__(self, node):
+        self.node = node
+        cfg = node.config
+        self.min_memory = getattr(cfg, 'min_free_memory', 0) or 0
+        self.min_disk = getattr(cfg, 'min_free_disk', 0) or 0
+        self.lock = threading.Lock()
+        self.checked = None
+        self.reason = None
+        self.memory = self.disk = None
+
+    @property
+    def enabled(self):
+        return bool(self.min_memory or self.min_disk)
+
+    def refusal(self):
+        """None if the node may take work, else why not (a short text)."""
+        if not self.enabled:
+            return None
+        now = time.monotonic()
+        with self.lock:
+            if self.checked is not None and now - self.checked < GUARD_CHECK_SECONDS:
+                return self.reason
+            self.checked = now
+        return self.check()
+
+    def check(self):
+        memory = free_memory() if self.min_memory else None
+        disk = free_disk(self.node.config.dest_path_prefix) if self.min_disk else None
+        why = None
+        if memory is not None and memory < self.min_memory:
+            why = 'free memory %s is below --min_free_memory %s' % (
+                format_size(memory), format_size(self.min_memory))
+        elif disk is not None and disk < self.min_disk:
+            why = 'free disk %s under %s is below --min_free_disk %s' % (
+                format_size(disk), self.node.config.dest_path_prefix,
+                format_size(self.min_disk))
+        with self.lock:
+            before, self.reason = self.reason, why
+            self.memory, self.disk = memory, disk
+        if why and not before:
+            logger.warning('not taking new computations or jobs: %s', why)
+        elif before and not why:
+            logger.info('taking work again: free memory and disk are above the minimums')
+            self.node.announce()
+        return why
+
+
+class ControlServer:
+    """The node's local control socket: ``status`` answers the status as
+    JSON.  One named thread serves one connection at a time, each bounded
+    by CONTROL_TIMEOUT; only the node's own user (or root) is served."""
+
+    def __init__(self, node):
+        self.node = node
+        self.path = os.path.join(node.config.dest_path_prefix, CONTROL_SOCKET)
+        self.sock = None
+
+    def start(self):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(self.path)
+        except OSError:
+            pass            # nobody answers: a socket left by an earlier run
+        else:
+            logger.warning('no control socket: another node serves %s', self.path)
+            return False
+        finally:
+            probe.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning('no control socket: %s', exc)
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            st = os.lstat(self.path)
+            if stat.S_IMODE(st.st_mode) != 0o600 or st.st_uid != os.geteuid():
+                raise OSError('%s has mode %o, owner %d' % (self.path, st.st_mode, st.st_uid))
+            sock.listen(8)
+            sock.settimeout(0.5)
+        except OSError as exc:
+            sock.close()
+            logger.warning('no control socket at %s: %s', self.path, exc)
+            return False
+        self.sock = sock
+        threading.Thread(target=self._serve, name='control', daemon=True).start()
+        return True
+
+    def stop(self):
+        """Remove the socket file now (the thread ends within its timeout)."""
+        if self.sock is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _serve(self):
+        try:
+            while not self.node.stopping.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    if self.node.stopping.is_set():
+                        break
+                    time.sleep(0.1)
+                    continue
+                with conn:
+                    try:
+                        self._answer(conn)
+                    except (OSError, ValueError) as exc:
+                        logger.debug('control request failed: %s', exc)
+        finally:
+            self.sock.close()
+            self.stop()
+
+    def _answer(self, conn):
+        conn.settimeout(CONTROL_TIMEOUT)
+        # Read the (short) request first: closing with it unread would reset
+        # the connection and lose our answer.
+        request = b''
+        while b'\n' not in request and len(request) < CONTROL_REQUEST_MAX:
+            chunk = conn.recv(CONTROL_REQUEST_MAX)
+            if not chunk:
+                break
+            request += chunk
+        uid = peer_uid(conn)
+        if uid is not None and uid not in (os.geteuid(), 0):
+            self.node.logs.log('control refused', logging.WARNING,
+                               'control socket: refusing a request of user %d', uid)
+            conn.sendall(b'{"error": "permission denied"}\n')
+            return
+        command = request.split(b'\n', 1)[0].strip()
+        if command == b'status':
+            import json
+            conn.sendall(json.dumps(self.node.status(), sort_keys=True).encode() + b'\n')
+        else:
+            conn.sendall(b'{"error": "unknown command"}\n')
+
+
+def peer_uid(conn):
+    """The user id of a UNIX socket's peer (SO_PEERCRED), or None where the
+    platform does not say."""
+    option = getattr(socket, 'SO_PEERCRED', None)
+    if option is None:
+        return None
+    creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize('3i'))
+    return struct.unpack('3i', creds)[1]
+
+
+class MetricsServer:
+    """Prometheus text format at /metrics: a plain (one request at a time)
+    HTTPServer in one named thread, each request bounded by CONTROL_TIMEOUT."""
+
+    def __init__(self, node, addr):
+        import http.server
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = CONTROL_TIMEOUT
+
+            def do_GET(self):
+                if self.path.split('?', 1)[0] != '/metrics':
+                    self.send_error(404)
+                    return
+                body = outer.node.metrics_text().encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                logger.debug('metrics: %s - %s', self.address_string(), fmt % args)
+
+        self.node = node
+        self.server = http.server.HTTPServer(addr, Handler)
+        self.server.timeout = 0.5
+        self.address = self.server.server_address
+
+    def start(self):
+        threading.Thread(target=self._serve, name='metrics', daemon=True).start()
+
+    def _serve(self):
+        try:
+            while not self.node.stopping.is_set():
+                self.server.handle_request()
+        finally:
+            self.server.server_close()
+
+
+def parse_hostport(text, default_host='127.0.0.1'):
+    """'HOST:PORT' or a bare 'PORT' -> (host, port); ValueError if invalid."""
+    host, sep, port = str(text).rpartition(':')
+    if not sep:
+        host = default_host
+    host = host.strip('[]') or default_host
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('invalid port in %r' % text)
+    return host, int(port)
+
+
+def format_status_table(status):
+    """The status dict (Node.status) as a plain-text table for a terminal."""
+    def when(seconds):
+        seconds = int(seconds or 0)
+        days, rest = divmod(seconds, 86400)
+        text = '%02d:%02d:%02d' % (rest // 3600, rest % 3600 // 60, rest % 60)
+        return '%dd %s' % (days, text) if days else text
+
+    done = status.get('jobs_done') or {}
+    rows = [
+        ('node', '%s (dispynode %s) at %s:%s, pid %s' % (
+            status.get('name'), status.get('version'), status.get('ip_addr', '?'),
+            status.get('port', '?'), status.get('pid', '?'))),
+        ('uptime', when(status.get('uptime'))),
+        ('cpus', '%s busy of %s' % (status.get('cpus_busy'), status.get('cpus'))),
+        ('serving', 'yes' if status.get('serving') else
+         'no (%s)' % (status.get('refusing') or 'stopping')),
+        ('client', status.get('client') or '-'),
+        ('jobs done', ', '.join('%s %d' % kv for kv in sorted(done.items())) or '0'),
+        ('stored results', status.get('stored_results')),
+        ('bytes in / out', '%s / %s' % (status.get('bytes_in'), status.get('bytes_out'))),
+        ('refused connections', status.get('refused_connections')),
+        ('dropped packets', status.get('dropped_packets', 0)),
+    ]
+    limits = status.get('limits') or {}
+    shown = []
+    if limits.get('job_timeout'):
+        shown.append('timeout %gs' % limits['job_timeout'])
+    if limits.get('job_memory'):
+        shown.append('memory %s (%s)' % (limits['job_memory'], 'RLIMIT_AS and cgroup %s'
+                                         % limits['job_memory_cgroup']
+                                         if limits.get('job_memory_cgroup')
+                                         else 'RLIMIT_AS only'))
+    if limits.get('job_threads'):
+        shown.append('threads %s' % limits['job_threads'])
+    rows.append(('job limits', ', '.join(shown) or 'none'))
+    guards = status.get('guards') or {}
+    if guards.get('min_free_memory') or guards.get('min_free_disk'):
+        rows.append(('free memory / disk', '%s / %s (minimums %s / %s)' % (
+            format_size(guards.get('free_memory')), format_size(guards.get('free_disk')),
+            format_size(guards.get('min_free_memory')),
+            format_size(guards.get('min_free_disk')))))
+    width = max(len(str(k)) for k, _ in rows)
+    lines = ['%-*s  %s' % (width, k, v) for k, v in rows]
+    comps = status.get('computations') or []
+    lines.append('')
+    lines.append('computations: %d' % len(comps))
+    if comps:
+        head = ('id', 'name', 'client', 'state', 'running', 'done', 'stored')
+        table = [head] + [(str(c.get('id')), str(c.get('name')), str(c.get('client')),
+                           str(c.get('state')), str(c.get('jobs_running')),
+                           str(sum((c.get('jobs_done') or {}).values())
+                               if isinstance(c.get('jobs_done'), dict) else c.get('jobs_done')),
+                           str(c.get('stored'))) for c in comps]
+        lines += _columns(table)
+    running = status.get('jobs_running') or []
+    lines.append('')
+    lines.append('jobs running: %d' % len(running))
+    if running:
+        table = [('uid', 'computation', 'seconds')] + [
+            (str(j.get('uid')), str(j.get('computation')), '%.1f' % (j.get('seconds') or 0))
+            for j in running]
+        lines += _columns(table)
+    return '\n'.join(lines) + '\n'
+
+
+def _columns(table):
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ['  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in table]
+
+
+def query_control(prefix, command='status', timeout=5.0):
+    """Ask the node serving ``prefix`` (its control socket); returns the
+    decoded JSON answer.  Raises OSError or ValueError with a clear text."""
+    import json
+    path = os.path.join(prefix, CONTROL_SOCKET)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise OSError('no node control socket at %s (%s): is a node running with '
+                      '--dest_path_prefix %s?' % (path, exc.strerror, prefix))
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError('%s is not a socket' % path)
+    if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid not in (os.geteuid(), 0):
+        raise OSError('refusing %s: mode %o, owner %d (expected 600 and your user)'
+                      % (path, stat.S_IMODE(st.st_mode), st.st_uid))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        uid = peer_uid(sock)
+        if uid is not None and uid not in (os.geteuid(), 0):
+            raise OSError('refusing %s: served by user %d' % (path, uid))
+        sock.sendall(command.encode() + b'\n')
+        data = b''
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > 64 * 1024 * 1024:
+                raise ValueError('answer too long')
+    answer = json.loads(data.decode())
+    if isinstance(answer, dict) and answer.get('error'):
+        raise OSError('node refused: %s' % answer['error'])
+    return answer
+
+
+def status_main(argv):
+    """``dispynode status [--dest_path_prefix P] [--json]``."""
+    import json
+    p = argparse.ArgumentParser(prog='dispynode status',
+                                description='Show the status of the node running with '
+                                            'this --dest_path_prefix.')
+    p.add_argument('--dest_path_prefix', default=None,
+                   help='the running node\'s prefix (default: <tmp>/dispy/node)')
+    p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    args = p.parse_args(argv)
+    prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
+    prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    try:
+        status = query_control(prefix)
+    except (OSError, ValueError) as exc:
+        p.exit(1, 'dispynode: error: %s\n' % exc)
+    if args.json:
+        sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + '\n')
+    else:
+        sys.stdout.write(format_status_table(status))
+    return 0
+
+
+def resolve_obs_options(args):
+    """Validate the options of this section (part of resolve_config)."""
+    for opt in ('job_memory', 'min_free_memory', 'min_free_disk'):
+        text = getattr(args, opt)
+        try:
+            setattr(args, opt, dc.parse_size(text) if text else 0)
+        except ValueError as exc:
+            raise ValueError('--%s: %s' % (opt, exc))
+        setattr(args, opt + '_text', text or '')
+    if args.job_memory and args.job_memory < 16 * 1024 * 1024:
+        raise ValueError('--job_memory must be at least 16m (a Python job needs more)')
+    if args.job_timeout < 0:
+        raise ValueError('--job_timeout must be 0 (off) or positive')
+    if args.job_threads < 0:
+        raise ValueError('--job_threads must be 0 (unset) or positive')
+    if args.metrics:
+        try:
+            args.metrics = parse_hostport(args.metrics)
+        except ValueError as exc:
+            raise ValueError('--metrics: %s (use HOST:PORT or PORT)' % exc)
+    args.job_cgroup = None
+
+
+def add_obs_options(p):
+    p.epilog = ('"%(prog)s status [--dest_path_prefix P] [--json]" shows the status of the '
+                'node running with that prefix.')
+    p.add_argument('--metrics', default=None, metavar='HOST:PORT',
+                   help='serve Prometheus metrics at http://HOST:PORT/metrics '
+                        '(a bare PORT binds 127.0.0.1; default: off)')
+    p.add_argument('--job_timeout', type=float, default=0, metavar='SECONDS',
+                   help='terminate a job running longer than this (default: no limit)')
+    p.add_argument('--job_memory', default='', metavar='SIZE',
+                   help='address-space (and, where possible, cgroup v2 memory) limit '
+                        'of each job, with k/m/g suffix (default: no limit)')
+    p.add_argument('--job_threads', type=int, default=0, metavar='N',
+                   help='set OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS '
+                        'and similar to N for jobs (default: unset)')
+    p.add_argument('--min_free_memory', default='', metavar='SIZE',
+                   help='take no new computation or job while free memory is below '
+                        'this (k/m/g suffix; default: off)')
+    p.add_argument('--min_free_disk', default='', metavar='SIZE',
+                   help='take no new computation or job while free disk under '
+                        '--dest_path_prefix is below this (default: off)')
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser():
@@ -3440,6 +4266,7 @@ def build_parser():
                    help='memory all requests being received may hold together, with '
                         'k/m/g suffix (default %(default)s)')
     add_service_options(p)
+    add_obs_options(p)
     p.add_argument('--version', action='version',
                    version='dispynode %s (dispy protocol %s)' % (__version__,
                                                                dc.PROTOCOL_VERSION))
@@ -3636,6 +4463,7 @@ def resolve_config(args):
     args.job_user = _job_user(args.job_user)
     override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
     args.zombie_seconds = float(override) if override else args.zombie_interval * 60
+    resolve_obs_options(args)
     args.secret = _read_secret(args)
     notes = []      # logged only once every option is valid
     resolve_addresses(args, notes)
@@ -3844,6 +4672,8 @@ def prepare_prefix(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['status']:
+        return status_main(argv[1:])
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default='')
