@@ -69,6 +69,7 @@ import collections
 import fcntl
 import io
 import ipaddress
+import itertools
 import logging
 import os
 import queue
@@ -808,16 +809,27 @@ class NodeState:
         """Drop ``comp`` from the active set (keeping it for its stored
         results if ``keep``).  Returns True if the node became free."""
         with self.lock:
-            if self.active.get(comp.id) is comp:
-                del self.active[comp.id]
-            if keep:
-                self.detached[comp.id] = comp
-            else:
-                self.detached.pop(comp.id, None)
-            was_busy = self.scheduler is not None
-            if not self.active:
-                self.scheduler = None
-            return was_busy and self.scheduler is None
+            return self._detach(comp, keep)
+
+    def _detach(self, comp, keep):
+        if self.active.get(comp.id) is comp:
+            del self.active[comp.id]
+        if keep:
+            self.detached[comp.id] = comp
+        else:
+            self.detached.pop(comp.id, None)
+        was_busy = self.scheduler is not None
+        if not self.active:
+            self.scheduler = None
+        return was_busy and self.scheduler is None
+
+    def retire_detach(self, comp):
+        """The retiring ``comp`` leaves the active set; it stays reachable
+        (detached) if it holds stored results, decided under the lock.
+        Returns (kept, the node became free)."""
+        with self.lock:
+            keep = bool(comp.stored)
+            return keep, self._detach(comp, keep)
 
     def add_stored(self, comp, uid):
         """Note a stored reply; a computation already retired stays
@@ -1334,7 +1346,7 @@ class Worker:
             exec(compile(self.cfg['code'], '<dispy computation>', 'exec'), self.ns)
         self.compute = dc.loads_full(self.cfg['compute_bytes'], self.ns)
 
-    def _cmd_setup(self):
+    def _cmd_setup(self, rid):
         try:
             self._load_namespace()
             func = self.compute.setup
@@ -1342,9 +1354,9 @@ class Worker:
             if result != 0:
                 raise RuntimeError('setup function %s returned %r, not 0' % (func.name, result))
         except BaseException:  # user code may raise anything, even SystemExit
-            self.send(('setup', False, traceback.format_exc()))
+            self.send(('setup', rid, False, traceback.format_exc()))
         else:
-            self.send(('setup', True, ''))
+            self.send(('setup', rid, True, ''))
 
     def _cmd_job(self, uid, job_hash, args, kwargs, code):
         try:
@@ -1384,7 +1396,7 @@ class Worker:
         honours it only with --client_shutdown)."""
         self.shutdown_asked = True
 
-    def _cmd_close(self, run_cleanup):
+    def _cmd_close(self, rid, run_cleanup):
         text = ''
         # Load the computation (user objects) only when there is a cleanup to run.
         if run_cleanup and self.cfg['has_cleanup']:
@@ -1395,7 +1407,7 @@ class Worker:
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
             except BaseException:  # user code may raise anything
                 text = traceback.format_exc()
-        self.send(('closed', text, getattr(self, 'shutdown_asked', False)))
+        self.send(('closed', rid, text, getattr(self, 'shutdown_asked', False)))
         self.running = False
         self.sel.unregister(self.chan)
 
@@ -1643,7 +1655,11 @@ class WorkerHandle:
     def __init__(self, node):
         self.node = node
         self.comp = None
-        self.replies = queue.Queue()        # setup/closed answers
+        # Requests awaiting the worker's answer, matched by id (a late
+        # answer to a setup that timed out is never taken for a close's).
+        self.waiting = {}                   # request id -> [Event, answer]
+        self.request_ids = itertools.count(1)
+        self.waiting_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.alive = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1685,12 +1701,31 @@ class WorkerHandle:
             dc.send_msg(self.chan, data)
 
     def request(self, msg, timeout):
-        """Send ``msg`` and wait for the worker's answer (or None)."""
+        """Send ``msg`` (tagged with a new request id) and wait for the
+        worker's answer to that id: ``(tag, *fields)``, or None when the
+        worker is gone or the time is up."""
+        waiter = [threading.Event(), None]
+        with self.waiting_lock:
+            rid = next(self.request_ids)
+            self.waiting[rid] = waiter
         try:
-            self.send(msg)
-            return self.replies.get(timeout=timeout)
-        except (OSError, queue.Empty):
-            return None
+            self.send((msg[0], rid) + tuple(msg[1:]))
+            waiter[0].wait(timeout)
+        except OSError:
+            pass
+        finally:
+            with self.waiting_lock:
+                self.waiting.pop(rid, None)
+        return waiter[1]
+
+    def _answer(self, msg):
+        with self.waiting_lock:
+            waiter = self.waiting.get(msg[1])
+        if waiter is None:
+            logger.debug('late %s answer from the worker of %s', msg[0], self.comp.id)
+            return
+        waiter[1] = (msg[0],) + tuple(msg[2:])
+        waiter[0].set()
 
     def _read_loop(self):
         while True:
@@ -1702,11 +1737,14 @@ class WorkerHandle:
                 if msg[0] == 'done':
                     self.node.job_done(self.comp, msg[1], msg[2], *msg[3:5])
                 elif msg[0] in ('setup', 'closed'):
-                    self.replies.put(msg)
+                    self._answer(msg)
             except Exception:  # keep reading whatever one result did
                 logger.exception('handling %r from the worker of %s failed', msg[0], self.comp.id)
         self.alive = False
-        self.replies.put(None)
+        with self.waiting_lock:
+            waiters = list(self.waiting.values())
+        for waiter in waiters:      # the worker is gone: nobody will answer
+            waiter[0].set()
         self.node.worker_lost(self.comp)
 
     def stop(self, timeout=5.0):
@@ -3141,11 +3179,14 @@ class Node(ServiceControl):
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._remove_computation_files(comp)
-        keep = bool(comp.stored)
-        if keep:
-            self.store.save_computation(comp)
-        else:
-            self.store.remove_computation(comp)
+        # Under dirs_lock, as reply_undelivered stores: a reply stored before
+        # this point keeps the record; one stored after it re-saves it.
+        with self.dirs_lock:
+            keep, freed = self.state.retire_detach(comp)
+            if keep:
+                self.store.save_computation(comp)
+            else:
+                self.store.remove_computation(comp)
         if comp.timed_out or comp.evicted:
             self.send_terminated(comp)
         logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
@@ -3153,7 +3194,7 @@ class Node(ServiceControl):
                     time.time() - comp.started,
                     ', '.join('%s %d' % kv for kv in sorted(comp.outcomes.items())) or 'none',
                     '; %d result(s) kept' % len(comp.stored) if keep else '')
-        if self.state.detach(comp, keep):
+        if freed:
             self.announce()
         self.computation_ended(comp, shutdown_asked)
 
@@ -3377,15 +3418,17 @@ class Node(ServiceControl):
 
     def reply_undelivered(self, item):
         comp = item.comp
-        try:
-            with self.dirs_lock:    # retire() must not remove the directory meanwhile
+        # Under dirs_lock: retire() must not remove the directory meanwhile,
+        # nor decide about the record between our store and our note of it.
+        with self.dirs_lock:
+            try:
                 self.store.save_reply(comp, item.uid, item.hash, item.reply)
-        except OSError as exc:
-            logger.error('could not store the reply of job %s: %s', item.uid, exc)
-            return
-        self.state.add_stored(comp, item.uid)
-        if comp.retiring:
-            self.store.save_computation(comp)   # retire may have removed it
+            except OSError as exc:
+                logger.error('could not store the reply of job %s: %s', item.uid, exc)
+                return
+            self.state.add_stored(comp, item.uid)
+            if comp.retiring:
+                self.store.save_computation(comp)   # retire may have removed it
 
     def resend(self, comp):
         for uid in sorted(comp.stored)[:64]:
