@@ -2212,6 +2212,9 @@ class Reception(threading.Thread):
                     self._discard(a)
                     return
                 chunk = a.sock.recv(min(a.need - len(a.buf), CHUNK))
+                if not chunk and a.stage == 'auth' and not a.buf:
+                    self._drop(a)   # connected and left (a port probe): no refusal
+                    return
                 if not chunk:
                     raise ProtocolError('closed after %d bytes' % len(a.buf))
                 a.buf += chunk
@@ -4238,7 +4241,7 @@ def add_obs_options(p):
     p.add_argument('--metrics', default=None, metavar='HOST:PORT',
                    help='serve Prometheus metrics at http://HOST:PORT/metrics '
                         '(a bare PORT binds 127.0.0.1; default: off)')
-    p.add_argument('--job_timeout', type=float, default=0, metavar='SECONDS',
+    p.add_argument('--job_timeout', type=float, default=0.0, metavar='SECONDS',
                    help='terminate a job running longer than this (default: no limit)')
     p.add_argument('--job_memory', default='', metavar='SIZE',
                    help='address-space (and, where possible, cgroup v2 memory) limit '

@@ -60,7 +60,10 @@ class PrefixWatcher:
     def scan(self):
         if not self.prefix.exists():
             return
-        for p in self.prefix.rglob('*'):
+        # os.walk, not rglob: the node prunes directories meanwhile.
+        paths = [Path(root) / name for root, _, names in os.walk(str(self.prefix))
+                 for name in names]
+        for p in paths:
             try:
                 if not p.is_file():
                     continue

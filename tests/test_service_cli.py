@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -244,6 +245,12 @@ def test_invalid_addresses(tmp_path, argv, words):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def fake_node(cfg):
+    """What ServiceControl.addr_for needs of a Node."""
+    import types
+    return types.SimpleNamespace(config=cfg, route_cache={}, lookup_lock=threading.Lock())
+
+
 def test_address_for_each_client(monkeypatch):
     """With several -i, a client is answered with the address its route
     leaves from, or the --ext_ip_addr paired with that -i."""
@@ -252,18 +259,18 @@ def test_address_for_each_client(monkeypatch):
     monkeypatch.setattr(dn, 'route_source', routes.get)
     cfg = types.SimpleNamespace(ip_addrs=[('10.1.0.1', '203.0.113.1'), ('10.2.0.1', None)],
                                 ip_addr='0.0.0.0', ext_ip_addr='203.0.113.1')
-    node = types.SimpleNamespace(config=cfg)
+    node = fake_node(cfg)
     addr_for = dn.ServiceControl.addr_for
     assert addr_for(node, '10.1.0.5') == '203.0.113.1'
     assert addr_for(node, '10.2.0.5') == '10.2.0.1'
     assert addr_for(node, '10.3.0.5') == '203.0.113.1'     # not ours: the first
     assert dn.ServiceControl.serves_address(node, '10.2.0.1')
     assert not dn.ServiceControl.serves_address(node, '10.3.0.1')
-    wild = types.SimpleNamespace(config=types.SimpleNamespace(
+    wild = fake_node(types.SimpleNamespace(
         ip_addrs=[('0.0.0.0', None)], ip_addr='0.0.0.0', ext_ip_addr='10.1.0.1'))
     assert addr_for(wild, '10.2.0.5') == '10.2.0.1'
     assert addr_for(wild, '10.3.0.5') == '10.3.0.1'
-    nat = types.SimpleNamespace(config=types.SimpleNamespace(
+    nat = fake_node(types.SimpleNamespace(
         ip_addrs=[('0.0.0.0', '198.51.100.7')], ip_addr='0.0.0.0', ext_ip_addr='198.51.100.7'))
     assert addr_for(nat, '10.2.0.5') == '198.51.100.7'
 
