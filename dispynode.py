@@ -2236,7 +2236,8 @@ class Reception(threading.Thread):
 
     def _discard(self, a):
         """Read and drop the body of a refused request (costing no memory),
-        then tell the client why: the legacy client logs a NAK's text."""
+        then close: the legacy client reads the NAK (sent at once, or now)
+        once it has sent everything, and logs its text."""
         while a.need > 0:
             got = len(a.sock.recv(min(a.need, CHUNK)))
             if not got:
@@ -2245,11 +2246,12 @@ class Reception(threading.Thread):
             a.deadline = time.monotonic() + self.node.config.msg_timeout
         self.sel.unregister(a.sock)
         self._forget(None)
-        try:
-            a.sock.settimeout(1.0)
-            dc.send_msg(a.sock, a.refusal)
-        except OSError:
-            pass
+        if a.refusal:
+            try:
+                a.sock.settimeout(1.0)
+                dc.send_msg(a.sock, a.refusal)
+            except OSError:
+                pass
         _close(a.sock)
 
     def _next_stage(self, a):
@@ -2298,6 +2300,13 @@ class Reception(threading.Thread):
         self.node.logs.log('request too large', logging.WARNING, 'refused a request of '
                            '%d bytes from %s: %s', size, a.addr[0], a.refusal[5:-1].decode())
         a.stage, a.need = 'discard', size
+        # Say it now: a peer that announced a length it will never send
+        # reads the NAK without waiting out --msg_timeout.
+        try:
+            a.sock.send(struct.pack('>L', len(a.refusal)) + a.refusal)
+            a.refusal = b''
+        except OSError:     # full buffer (or TLS wants more): say it at the end
+            pass
         return False
 
     def _drop(self, a):
@@ -2657,6 +2666,7 @@ class Node(ServiceControl):
         self.pongs = TaskPool('pong', PONG_THREADS, PONG_QUEUE, idle_seconds=2.0,
                               drop_oldest=True)
         self.ping_gate = RateGate(PING_SOURCE_INTERVAL, PING_RATE, PING_BURST)
+        self.service_threads = []   # tcp-server, udp-listener, timer
         self.client_signs = {}      # (client ip, port) -> sign of its last PING
         self.route_cache = {}       # client ip -> our address its route leaves from
         self.lookup_lock = threading.Lock()     # guards the two tables above
@@ -2686,9 +2696,11 @@ class Node(ServiceControl):
         self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare)
-        for target, name in ((self.tcp.serve_forever, 'tcp-server'),
+        for target, name in ((lambda: self.tcp.serve_forever(0.1), 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
-            threading.Thread(target=target, name=name, daemon=True).start()
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self.service_threads.append(thread)
+            thread.start()
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
         self.announce()
@@ -2729,6 +2741,14 @@ class Node(ServiceControl):
             spare.stop(2.0)
         self.tasks.close(3.0)
         self.pongs.close(1.0)
+        # The UDP port is free only once no thread is inside recvfrom: an
+        # empty datagram to ourselves wakes the listener.
+        try:
+            self.udp.sendto(b'', ('127.0.0.1', self.port))
+        except OSError:
+            pass
+        for thread in self.service_threads:
+            thread.join(2.0)
         self.udp.close()
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
 
@@ -2913,6 +2933,8 @@ class Node(ServiceControl):
                 if self.stopping.is_set():
                     break
                 continue
+            if self.stopping.is_set() or addr is None:
+                break               # woken by close()'s shutdown
             try:
                 self._udp_datagram(data, addr)
             except Exception:  # one bad datagram must not stop the listener

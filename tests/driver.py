@@ -18,6 +18,7 @@ It needs no legacy Python: everything is the current interpreter.
 """
 
 import atexit
+import logging
 import os
 import pickle
 import queue
@@ -197,6 +198,79 @@ class NodeProcess:
         except OSError:
             pass
         return self.proc.wait(5)
+
+
+class _Alive:
+    """``proc`` of an InProcessNode: poll() is None while the node serves."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def poll(self):
+        return 0 if self.node.stopping.is_set() else None
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+        self.setFormatter(logging.Formatter('%(asctime)s dispynode %(levelname)s %(message)s'))
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+class InProcessNode:
+    """Our Node running in this process, with NodeProcess's interface (port,
+    prefix, log(), stop(), stop_async(), proc.poll()).  It starts in
+    milliseconds (its workers are still processes), which keeps the unit
+    tests fast; tests of the command line and of signals use NodeProcess."""
+
+    def __init__(self, node, capture, prefix):
+        self.node, self.capture = node, capture
+        self.port, self.prefix = node.port, Path(prefix)
+        self.scheduler_port = node.config.scheduler_port
+        self.proc = _Alive(node)
+
+    @classmethod
+    def start(cls, workdir, args=(), port=None, scheduler_port=None, env=None, prefix=None,
+              **_ignored):
+        import dispynode
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        prefix = Path(prefix) if prefix else workdir / ('prefix-%d' % port)
+        argv = ['-i', '127.0.0.1', '-p', str(port), '--dest_path_prefix', str(prefix),
+                '--scheduler_port', str(scheduler_port or free_port()), '--daemon'] + \
+            [str(a) for a in args]
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) here
+        try:
+            cfg = dispynode.resolve_config(dispynode.build_parser().parse_args(argv))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        dispynode.prepare_prefix(cfg)
+        capture = _LogCapture()
+        log = logging.getLogger('dispynode')
+        log.addHandler(capture)
+        log.setLevel(logging.DEBUG)
+        node = dispynode.Node(cfg)
+        node.start()
+        return cls(node, capture, prefix)
+
+    def log(self):
+        return '\n'.join(self.capture.lines) + '\n'
+
+    def stop(self, sig=None, timeout=10.0):
+        self.node.close()
+        logging.getLogger('dispynode').removeHandler(self.capture)
+        return 0
+
+    stop_async = stop
 
 
 _REAPERS = []

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import driver  # noqa: F401  (puts the repository on sys.path)
-from driver import Driver, NodeProcess, wait_for
+from driver import Driver, InProcessNode, NodeProcess, wait_for
 import dispy_common as dc
 
 DOUBLE = 'def double(x):\n    print("doubling", x)\n    return 2 * x\n'
@@ -21,7 +21,7 @@ def unit_nodes(tmp_path):
     nodes, drivers = [], []
 
     def start(args=(), **kw):
-        node = NodeProcess.start(tmp_path / ('n%d' % len(nodes)), args=args, **kw)
+        node = InProcessNode.start(tmp_path / ('n%d' % len(nodes)), args=args, **kw)
         nodes.append(node)
         return node
 
@@ -149,10 +149,12 @@ def test_short_auth_then_eof_is_dropped(node, drv):
     assert drv.ping_tcp() is not None      # the node still serves
 
 
-def test_oversized_frame_is_dropped(node, drv):
+def test_oversized_frame_is_refused_at_once(node, drv):
     with drv.connect() as sock:
         sock.sendall(drv.auth + b'\xff\xff\xff\xf0' + b'JOB:')
-        assert drv._recv(sock) is None
+        answer = drv._recv(sock)
+    assert answer == (b'NAK (request of 4294967280 bytes is over the limit of 1073741824 '
+                      b'bytes: --max_request_size)'), answer
     assert drv.ping_tcp() is not None
 
 
