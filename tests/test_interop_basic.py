@@ -245,21 +245,24 @@ def test_smoke_other_pythons(version, node_factory, legacy_python, tmp_path):
 
 # ---------------------------------------------------------------- deployment
 
-@pytest.fixture
-def two_file_factory(node_factory, tmp_path):
-    """Nodes run from a folder holding only dispynode.py and dispy_common.py,
-    started by hand as the README says (with --clean), from that folder."""
+@pytest.fixture(params=['dispynode.py', 'compute-node.py'], ids=['named', 'renamed'])
+def two_file_factory(request, node_factory, tmp_path):
+    """Nodes run from a folder holding only dispynode.py (or a renamed copy:
+    workers load the running file by path) and dispy_common.py, started by
+    hand as the README says (with --clean), from that folder."""
     deploy = tmp_path / 'deploy'
     deploy.mkdir()
     from legacy import REPO
-    for name in ('dispynode.py', 'dispy_common.py'):
-        shutil.copy(str(REPO / name), str(deploy / name))
+    script = deploy / request.param
+    shutil.copy(str(REPO / 'dispynode.py'), str(script))
+    shutil.copy(str(REPO / 'dispy_common.py'), str(deploy / 'dispy_common.py'))
 
     def start(impl='ours', args=(), **kw):
         assert impl == 'ours'
         return node_factory(impl, args=tuple(args) + ('--clean',),
-                            script=deploy / 'dispynode.py', cwd=deploy, **kw)
+                            script=script, cwd=deploy, **kw)
     start.deploy = deploy
+    start.script = script
     return start
 
 
@@ -272,4 +275,4 @@ def test_two_file_deployment(scenario, two_file_factory, legacy_python, tmp_path
     """The basic scenarios against a node copied as two files into a folder."""
     scenario('ours', two_file_factory, legacy_python, tmp_path)
     left = sorted(n for n in os.listdir(str(two_file_factory.deploy)) if n != '__pycache__')
-    assert left == ['dispy_common.py', 'dispynode.py'], left
+    assert left == sorted(['dispy_common.py', two_file_factory.script.name]), left
