@@ -2595,7 +2595,7 @@ class ServiceControl:
         with self.state.lock:
             self.state.avail_cpus += cpus - self.state.cpus
             self.state.cpus = cpus
-        self.config.cpus = cpus
+        self.config = self.config.replace(cpus=cpus)
         logger.info('now offering %d cpus', cpus)
         if self.state.is_free():
             self.announce()
@@ -4499,8 +4499,30 @@ def resolve_service(args):
     args.service_clock = ServiceClock.from_env()
 
 
+class Config:
+    """The node's options, validated once by resolve_config and read-only
+    afterwards (``replace`` makes a changed copy)."""
+    __slots__ = ('_values',)
+
+    def __init__(self, values):
+        object.__setattr__(self, '_values', dict(values))
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError('the configuration is read-only (%s)' % name)
+
+    def replace(self, **changes):
+        return Config(dict(self._values, **changes))
+
+
 def resolve_config(args):
-    """Validate options; raise ValueError with a one-line message."""
+    """Validate the parsed options into a read-only Config; raise
+    ValueError with a one-line message."""
     resolve_service(args)
     total = os.cpu_count() or 1
     if args.cpus > total or args.cpus <= -total:
@@ -4555,7 +4577,7 @@ def resolve_config(args):
     args.dest_path_prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
     for level, note in notes:
         logger.log(level, note)
-    return args
+    return Config(vars(args))
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
