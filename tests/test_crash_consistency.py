@@ -35,11 +35,12 @@ from legacy import free_port, wait_for
 from recovery_util import REPLY_PREFIX, ProtoDriver, ResultSink, scan_store
 
 import dispy_common as dc
+from dispy_common import DispyJob
 
 ITERATIONS = int(os.environ.get('DISPYTEST_CRASH_ITERATIONS', '15'))
 JOBS = 10
 BLOB = 100 * 1024
-FINISHED = 11
+FINISHED = DispyJob.Finished
 
 CODE = '''
 def f(n, size):

@@ -21,12 +21,14 @@ import time
 
 import pytest
 
+from dispy_common import DispyJob
+
 from driver import exchange, frame, parse_frame
 from legacy import CLIENTS, free_port, run_client, wait_for
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 SECRET = 'hostile-s3cret'
 TAGS = (b'PING', b'COMPUTE', b'FILEXFER', b'SETUP', b'JOB', b'TERMINATE_JOB', b'CLOSE',
         b'RESEND_JOB_RESULTS', b'PENDING_JOBS', b'RETRIEVE_JOB', b'JOBS', b'NO_SUCH_TAG')

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import (CLIENTS, check_client, describe, files_under, free_port, pyenv_python,
                     run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED, CANCELLED, CREATED = 11, 9, 8, 5
+FINISHED, TERMINATED, CANCELLED, CREATED = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created
 
 
 _fmt = describe

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import (CLIENTS, check_client, describe, files_under, free_port, pid_alive,
                     run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED, CANCELLED, CREATED, PROVISIONAL = 11, 9, 8, 5, 7
+FINISHED, TERMINATED, CANCELLED, CREATED, PROVISIONAL = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created, DispyJob.ProvisionalResult
 
 
 def _bytes(v):

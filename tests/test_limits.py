@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import CLIENTS, REPO, check_client, describe, free_port, run_client, wait_for
 
 import driver  # noqa: F401  (puts the repository on sys.path)
@@ -18,7 +20,7 @@ from driver import Driver, NodeProcess
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED = 11, 9
+FINISHED, TERMINATED = DispyJob.Finished, DispyJob.Terminated
 
 
 def status(prefix):

@@ -18,11 +18,13 @@ import time
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import CLIENTS, free_port, run_client, wait_for
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 
 
 def threads_of(pid):

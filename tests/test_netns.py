@@ -18,12 +18,14 @@ import warnings
 
 import pytest
 
+from dispy_common import DispyJob
+
 import legacy
 import netns
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-FINISHED, ABANDONED = 11, 10
+FINISHED, ABANDONED = DispyJob.Finished, DispyJob.Abandoned
 CLIENT = 'netns_cluster.py'
 IN_CI = os.environ.get('CI') == 'true'
 

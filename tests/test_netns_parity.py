@@ -5,12 +5,14 @@ tests/test_netns.py (needs root and nft or iptables)."""
 
 import pytest
 
+from dispy_common import DispyJob
+
 import netns
 from test_netns import _check, _diag, _tcp_probe, _unavailable, lab  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-FINISHED, CANCELLED = 11, 8
+FINISHED, CANCELLED = DispyJob.Finished, DispyJob.Cancelled
 
 
 def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811

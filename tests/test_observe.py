@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import CLIENTS, REPO, check_client, describe, free_port, run_client, wait_for
 
 sys.path.insert(0, str(REPO))
@@ -21,7 +23,7 @@ import dispynode as dn  # noqa: E402
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED = 11, 9
+FINISHED, TERMINATED = DispyJob.Finished, DispyJob.Terminated
 SOCKET = dn.CONTROL_SOCKET
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import (CLIENTS, check_client, describe, files_under, free_port, pid_alive,
                     run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED, CANCELLED = 11, 9, 8
+FINISHED, TERMINATED, CANCELLED = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled
 
 
 def test_multihomed_client(impl, node_factory, legacy_python, tmp_path):

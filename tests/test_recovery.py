@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import (CLIENTS, ensure_legacy_venv, free_port, pid_alive, run_client,
                     wait_for)
 from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gone,
@@ -19,7 +21,7 @@ from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gon
 
 pytestmark = [pytest.mark.interop]
 
-RUNNING, PROVISIONAL, TERMINATED, ABANDONED, FINISHED = 6, 7, 9, 10, 11
+RUNNING, PROVISIONAL, TERMINATED, ABANDONED, FINISHED = DispyJob.Running, DispyJob.ProvisionalResult, DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished
 NODE_CLOSED = FINISHED + 5    # dispy.DispyNode.Closed
 
 

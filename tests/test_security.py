@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import CLIENTS, free_port, run_client
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, CREATED = 11, 5
+FINISHED, CREATED = DispyJob.Finished, DispyJob.Created
 SECRET = 'Sup3r-s3cret-%d' % os.getpid()
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from dispy_common import DispyJob
+
 import legacy
 from legacy import REPO, free_port, pid_alive, wait_for
 from recovery_util import LegacyProc, processes_gone
 
 pytestmark = [pytest.mark.interop]
 
-PROVISIONAL, TERMINATED, ABANDONED, FINISHED = 7, 9, 10, 11
+PROVISIONAL, TERMINATED, ABANDONED, FINISHED = DispyJob.ProvisionalResult, DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished
 NODE_CLOSED = FINISHED + 5    # dispy.DispyNode.Closed
 
 

@@ -7,11 +7,13 @@ import time
 
 import pytest
 
+from dispy_common import DispyJob
+
 import netns
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 CLIENT = 'netns_cluster.py'
 
 

@@ -18,11 +18,13 @@ import warnings
 
 import pytest
 
+from dispy_common import DispyJob
+
 from legacy import CLIENTS, REPO, free_port, run_client
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 
 
 def _openssl_cert(directory, name='dispytest', combined=False):
