@@ -984,7 +984,10 @@ class Worker:
     def __init__(self, chan):
         self.chan = chan
         self.sel = selectors.DefaultSelector()
-        self.jobs = {}          # uid -> _WorkerJob
+        # pid -> _WorkerJob.  Not by uid: the legacy client's uids are id()s of
+        # its job objects, reused as soon as a result is in, while the job's
+        # process may still be exiting.
+        self.jobs = {}
         self.cfg = None
         self.ns = None
         self.compute = None     # the fully loaded _Compute, for setup/cleanup
@@ -1090,11 +1093,11 @@ class Worker:
         except OSError:
             pass
         job = _WorkerJob(uid, job_hash, pid, rfd, start)
-        self.jobs[uid] = job
+        self.jobs[pid] = job
         self.sel.register(rfd, selectors.EVENT_READ, job)
 
     def _cmd_terminate(self, uid):
-        job = self.jobs.get(uid)
+        job = next((j for j in self.jobs.values() if j.uid == uid and not j.replied), None)
         if job is None or job.terminated:
             return
         job.terminated = True
@@ -1204,7 +1207,7 @@ class Worker:
         self.sel.unregister(job.fd)
         os.close(job.fd)
         _, status = os.waitpid(job.pid, 0)
-        del self.jobs[job.uid]
+        del self.jobs[job.pid]
         if job.terminated:
             kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
         if job.replied:
