@@ -1018,6 +1018,128 @@ def _stray_temp_files(directory):
         return []
 
 
+# ---------------------------------------------------------------- file streaming
+# Bulk bytes between a socket and a file, with no per-block Python work
+# beyond the system call: splice() socket -> pipe -> file on Linux (the
+# kernel moves the pages; no copy into Python), sendfile() file -> socket.
+# TLS sockets hold decrypted data in OpenSSL, so they take the plain path:
+# recv_into / readinto one reused buffer.
+
+import errno as _errno     # noqa: E402 (both already loaded by the imports above)
+import select as _select   # noqa: E402
+
+_SPLICE = getattr(os, 'splice', None) if sys.platform.startswith('linux') else None
+# splice() refusing this socket or file (not an I/O error): copy instead
+_NO_SPLICE = {_errno.EINVAL, _errno.ENOSYS, _errno.EOPNOTSUPP, _errno.ESPIPE}
+_F_SETPIPE_SZ = 1031            # fcntl.F_SETPIPE_SZ (named in Python >= 3.10 only)
+
+
+def _is_tls(sock):
+    ssl = sys.modules.get('ssl')    # not loaded: no TLS socket either
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
+def _write_all(fd, view):
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def recv_to_file(sock, fd, size, timeout):
+    """Copy exactly ``size`` bytes from ``sock`` to the file ``fd``; a wait
+    longer than ``timeout`` for the next bytes ends the transfer.  Returns
+    (bytes copied, the error that ended it early or None); a closed stream
+    ends it without an error."""
+    if size <= 0:
+        return 0, None
+    sock.settimeout(timeout)
+    got = 0
+    if _SPLICE is not None and not _is_tls(sock):
+        got, err, fallback = _splice_to_file(sock, fd, size, timeout)
+        if not fallback:
+            return got, err
+    return _copy_to_file(sock, fd, size, timeout, got)
+
+
+def _copy_to_file(sock, fd, size, timeout, got):
+    buf = bytearray(min(CHUNK, max(size - got, 1)))
+    view = memoryview(buf)
+    try:
+        while got < size:
+            n = sock.recv_into(view[:min(len(buf), size - got)])
+            if not n:
+                break
+            _write_all(fd, view[:n])
+            got += n
+    except OSError as exc:
+        return got, exc
+    return got, None
+
+
+def _splice_to_file(sock, fd, size, timeout):
+    """(copied, error, fallback): fallback when splice can't serve this
+    socket or file; the bytes already copied stay copied."""
+    got = 0
+    pr, pw = os.pipe()
+    try:
+        try:
+            fcntl.fcntl(pw, _F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass    # the default 64 kB pipe works, in smaller steps
+        sfd = sock.fileno()
+        poller = _select.poll()
+        poller.register(sfd, _select.POLLIN)
+        nonblock = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while got < size:
+            try:
+                n = _SPLICE(sfd, pw, min(CHUNK, size - got), flags=nonblock)
+            except BlockingIOError:
+                if not poller.poll(None if timeout is None else timeout * 1000.0):
+                    return got, socket.timeout('timed out'), False
+                continue
+            except OSError as exc:
+                if got == 0 and exc.errno in _NO_SPLICE:
+                    return 0, None, True
+                return got, exc, False
+            if not n:
+                return got, None, False     # the peer closed early
+            left = n
+            while left:
+                try:
+                    left -= _SPLICE(pr, fd, left, flags=os.SPLICE_F_MOVE)
+                except OSError as exc:
+                    if exc.errno not in _NO_SPLICE:
+                        return got + n - left, exc, False
+                    # a file system without splice: empty the pipe by hand
+                    while left:
+                        block = os.read(pr, left)
+                        _write_all(fd, memoryview(block))
+                        left -= len(block)
+                    return got + n, None, True
+            got += n
+        return got, None, False
+    finally:
+        os.close(pr)
+        os.close(pw)
+
+
+def send_from_file(sock, fh, size):
+    """Send the first ``size`` bytes of the open file ``fh`` over ``sock``
+    (timeouts as set on it).  Returns the count sent; a shorter file sends
+    less.  Raises OSError."""
+    if not _is_tls(sock):
+        return sock.sendfile(fh, 0, size) if size else 0
+    buf = bytearray(min(CHUNK, max(size, 1)))
+    view = memoryview(buf)
+    sent = 0
+    while sent < size:
+        n = fh.readinto(view[:min(len(buf), size - sent)])
+        if not n:
+            break
+        sock.sendall(view[:n])
+        sent += n
+    return sent
+
+
 # ---------------------------------------------------------------- workers
 # Everything in this section runs in worker processes and their job
 # children, never in the node process.
@@ -1174,13 +1296,7 @@ def dispy_send_file(path, timeout=None):
             dc.send_msg(sock, reply)
             if dc.recv_msg(sock, 1024) != b'ACK':
                 return -1
-            sent = 0
-            while sent < stat_buf.st_size:
-                block = fh.read(min(CHUNK, stat_buf.st_size - sent))
-                if not block:
-                    break
-                sock.sendall(block)
-                sent += len(block)
+            sent = send_from_file(sock, fh, stat_buf.st_size)
             if sent != stat_buf.st_size:
                 return -1
             return 0 if dc.recv_msg(sock, 1024) == b'ACK' else -1
@@ -1267,7 +1383,10 @@ class Worker:
     def __init__(self, chan):
         self.chan = chan
         self.sel = selectors.DefaultSelector()
-        self.jobs = {}          # uid -> _WorkerJob
+        # pid -> _WorkerJob.  Not by uid: the legacy client's uids are id()s of
+        # its job objects, reused as soon as a result is in, while the job's
+        # process may still be exiting.
+        self.jobs = {}
         self.cfg = None
         self.ns = None
         self.compute = None     # the fully loaded _Compute, for setup/cleanup
@@ -1380,11 +1499,11 @@ class Worker:
         job.cgroup = cgroup
         if self.cfg.get('job_timeout'):
             job.deadline = time.monotonic() + self.cfg['job_timeout']
-        self.jobs[uid] = job
+        self.jobs[pid] = job
         self.sel.register(rfd, selectors.EVENT_READ, job)
 
     def _cmd_terminate(self, uid):
-        job = self.jobs.get(uid)
+        job = next((j for j in self.jobs.values() if j.uid == uid and not j.replied), None)
         if job is None or job.terminated:
             return
         job.terminated = True
@@ -1516,7 +1635,7 @@ class Worker:
         self.sel.unregister(job.fd)
         os.close(job.fd)
         _, status = os.waitpid(job.pid, 0)
-        del self.jobs[job.uid]
+        del self.jobs[job.pid]
         if job.terminated:
             kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
         oom_killed = self._drop_job_cgroup(job)
@@ -3321,16 +3440,10 @@ class Node(ServiceControl):
         got = 0
         try:
             with os.fdopen(fd, 'wb') as fh:
-                buf = bytearray(min(CHUNK, max(size, 1)))
-                view = memoryview(buf)
-                while got < size:
-                    sock.settimeout(self.config.msg_timeout)
-                    n = sock.recv_into(view[:min(len(buf), size - got)])
-                    if not n:
-                        break
-                    fh.write(view[:n])
-                    got += n
-                    self.counters.add('bytes_in', n)
+                got, err = recv_to_file(sock, fh.fileno(), size, self.config.msg_timeout)
+                if err is not None:
+                    raise err
+                self.counters.add('bytes_in', got)
                 os.fchmod(fh.fileno(), _safe_mode(xf.stat_buf.st_mode, target == comp.program))
                 if self.config.job_user:
                     os.fchown(fh.fileno(), self.config.job_user.uid, self.config.job_user.gid)

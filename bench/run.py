@@ -3,6 +3,7 @@
 
     python3 bench/run.py [--rounds N] [--quick] [--only ours|original]
                          [--profile] [--profile-tool auto|py-spy|cprofile]
+                         [--files-only] [--big] [--xfer-repeat N] [--old-file]
 
 Both nodes are driven by the same real legacy client (dispy 4.5.5 on Python
 3.6, from the cached venv of tests/legacy.py), alternating A/B within each
@@ -15,8 +16,11 @@ in time is a failed round, reported as such.
 
 Measurements (definitions in bench/README.md), per node and round:
   tiny-job throughput and node CPU per job (-c 2 and -c 1), round-trip
-  latency, job-start latency (1 job vs the last of 20 queued), a 200 MB
-  depends-file transfer (MB/s and node peak RSS), idle RSS, process-tree
+  latency, job-start latency (1 job vs the last of 20 queued), 200 MB (and
+  with --big 2 GB) file transfers both ways as a user waits for them
+  (submit -> file on the node's disk; dispy_send_file -> client has it;
+  MB/s, node CPU, peak RSS) beside a plain loopback copy measured in the
+  same round (the ceiling), idle RSS, process-tree
   memory while 2 jobs share 100 MB of setup data, and RSS growth over
   5,000 jobs (first round only unless --leak-rounds).
 
@@ -480,6 +484,8 @@ class Bench:
         return True
 
     def file(self, rnd, impl, node):
+        """The former measurement (JobCluster() to first result), kept to show
+        why it disagreed with the issue's harness (see bench/README.md)."""
         with Sampler(lambda: {'rss': status_kb(node.pid, 'VmRSS')}, 0.02) as s:
             data, why = self.client('file', node, str(self.bigfile), 'wait=180', timeout=240)
         metrics = ['file_mbs', 'file_rss']
@@ -490,6 +496,37 @@ class Bench:
         self.put('file_rss', impl, s.peak['rss'] / 1024.0)
         log('  %s file: %.1f MB/s, node peak RSS %.1f MB (HWM %s kB)' % (
             impl, data['mb_per_s'], s.peak['rss'] / 1024.0, status_kb(node.pid, 'VmHWM')))
+        return True
+
+    def xfer(self, rnd, impl, node, mode, path, key):
+        """One direction of a file transfer (bench/clients/xfer.py): MB/s,
+        node CPU (node + descendants) and peak RSS (node process; for
+        'out' also the job process that sends, by its own VmHWM)."""
+        size_mb = os.path.getsize(str(path)) / 1048576.0
+        reps = self.o.xfer_repeat
+        paths = []
+        for i in range(reps):      # distinct names: the node must not have it yet
+            link = self.tmp / ('%s-%s-%d-%s' % (impl, key, i, path.name))
+            if not link.exists():
+                os.link(str(path), str(link))
+            paths.append(str(link))
+        with Sampler(lambda: {'rss': status_kb(node.pid, 'VmRSS')}, 0.02) as s:
+            data, why = self.client('xfer', node, str(node.pid), ','.join(paths),
+                                    'mode=' + mode, 'wait=%d' % (60 + size_mb / 20),
+                                    timeout=int(120 + reps * (size_mb / 10 + 2)))
+        metrics = [key + '_mbs', key + '_cpu', key + '_rss']
+        if why:
+            self.fail(rnd, impl, 'file %s (%s)' % (mode, key), why, metrics, node)
+            return False
+        rss = s.peak.get('rss', 0) / 1024.0
+        if mode == 'out':
+            rss = max(rss, data.get('job_hwm_kb', 0) / 1024.0)
+        self.put(key + '_mbs', impl, data['mb_per_s'])
+        self.put(key + '_cpu', impl, data['cpu_s'])
+        self.put(key + '_rss', impl, rss)
+        log('  %s %s: %.0f MB/s, node CPU %.3f s, peak RSS %.1f MB (median of %d: %s MB/s)'
+            % (impl, key, data['mb_per_s'], data['cpu_s'], rss, len(data['runs']),
+               ', '.join('%.0f' % r['mb_per_s'] for r in data['runs'])))
         return True
 
     def leak(self, rnd, impl, node):
@@ -520,6 +557,42 @@ class Bench:
     def round(self, rnd, impl):
         o = self.o
         log('round %d/%d: %s (load %s)' % (rnd + 1, o.rounds, impl, loadavg()))
+        if not o.files_only:
+            self.round_jobs(rnd, impl)
+        # node B: file transfers, no size limit
+        node = self.start_node(impl, ['-c', '2', '--max_file_size', '0'])
+        try:
+            steps = [lambda n: self.xfer(rnd, impl, n, 'in', self.bigfile, 'fin'),
+                     lambda n: self.xfer(rnd, impl, n, 'out', self.bigfile, 'fout')]
+            if o.big:
+                steps += [lambda n: self.xfer(rnd, impl, n, 'in', self.hugefile, 'fin2g'),
+                          lambda n: self.xfer(rnd, impl, n, 'out', self.hugefile, 'fout2g')]
+            if o.old_file:
+                steps.append(lambda n: self.file(rnd, impl, n))
+            for step in steps:
+                if not step(node):
+                    self.stop_node(node)
+                    node = self.start_node(impl, ['-c', '2', '--max_file_size', '0'])
+        finally:
+            self.stop_node(node)
+        if o.files_only:
+            return
+        # node C: one CPU
+        node = self.start_node(impl, ['-c', '1'])
+        try:
+            self.tiny(rnd, impl, node, o.tiny_jobs, 'c1')
+        finally:
+            self.stop_node(node)
+        # node D: leak check (first rounds only)
+        if rnd < o.leak_rounds:
+            node = self.start_node(impl, ['-c', '2'])
+            try:
+                self.leak(rnd, impl, node)
+            finally:
+                self.stop_node(node)
+
+    def round_jobs(self, rnd, impl):
+        o = self.o
         # node A (-c 2): idle RSS, tiny, latency, start latency, memory
         if impl == 'ours':
             script_node = self.start_node(impl, ['-c', '2'], self.ours_script_launcher)
@@ -540,25 +613,20 @@ class Bench:
                     node = self.start_node(impl, ['-c', '2'])
         finally:
             self.stop_node(node)
-        # node B: file transfer, no size limit
-        node = self.start_node(impl, ['-c', '2', '--max_file_size', '0'])
-        try:
-            self.file(rnd, impl, node)
-        finally:
-            self.stop_node(node)
-        # node C: one CPU
-        node = self.start_node(impl, ['-c', '1'])
-        try:
-            self.tiny(rnd, impl, node, o.tiny_jobs, 'c1')
-        finally:
-            self.stop_node(node)
-        # node D: leak check (first rounds only)
-        if rnd < o.leak_rounds:
-            node = self.start_node(impl, ['-c', '2'])
-            try:
-                self.leak(rnd, impl, node)
-            finally:
-                self.stop_node(node)
+
+    def ceiling(self, rnd):
+        """The loopback limit for file transfers, measured in the same round."""
+        files = [(self.bigfile, '')] + ([(self.hugefile, '2g')] if self.o.big else [])
+        for path, suffix in files:
+            for mode in ('f2s', 's2f', 'f2f'):
+                try:
+                    mbs = loopback_copy(path, self.tmp / 'ceiling.bin', mode)
+                except (OSError, RuntimeError) as exc:
+                    self.fail(rnd, 'ceiling', 'loopback copy ' + mode, exc,
+                              ['ceil_%s%s' % (mode, suffix)])
+                    continue
+                self.put('ceil_%s%s' % (mode, suffix), 'ceiling', mbs)
+                log('  ceiling %s%s: %.0f MB/s' % (mode, suffix, mbs))
 
     def run(self):
         o = self.o
@@ -568,11 +636,18 @@ class Bench:
         with open(str(self.bigfile), 'wb') as fh:
             for _ in range(o.file_mb):
                 fh.write(block)
+        self.hugefile = None
+        if o.big:
+            self.hugefile = self.tmp / 'huge-2048MB.bin'
+            with open(str(self.hugefile), 'wb') as fh:
+                for _ in range(2048):
+                    fh.write(block)
         impls = [o.only] if o.only else list(IMPLS)
         self.t0 = time.time()
         self.load_start = loadavg()
         for rnd in range(o.rounds):
             order = impls if rnd % 2 == 0 else impls[::-1]
+            self.ceiling(rnd)
             for impl in order:
                 try:
                     self.round(rnd, impl)
@@ -581,6 +656,75 @@ class Bench:
                     log('FAILED %s round %d: %s' % (impl, rnd + 1, exc))
         self.load_end = loadavg()
         self.elapsed = time.time() - self.t0
+
+
+# ---------------------------------------------------------------- ceiling
+
+def _write_all(fd, view):
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def loopback_copy(src, dst, mode):
+    """One plain copy over a loopback TCP connection, timed from connect()
+    until the receiving end has everything (and, writing, closed its file).
+
+    mode 'f2s' file -> socket: sock.sendfile() of src, the receiver
+    discards; 's2f' socket -> file: the sender sends a reused 1 MiB buffer,
+    the receiver recv_into()s a reused 1 MiB buffer and writes it to dst;
+    'f2f' both: sendfile() of src, received into dst.  Returns MB/s."""
+    import socket
+    size = os.path.getsize(str(src))
+    lsock = socket.socket()
+    lsock.bind(('127.0.0.1', 0))
+    lsock.listen(1)
+    err = []
+
+    def send():
+        try:
+            with socket.create_connection(lsock.getsockname()) as s:
+                if mode == 's2f':
+                    block = memoryview(bytearray(1 << 20))
+                    left = size
+                    while left:
+                        s.sendall(block[:min(left, len(block))])
+                        left -= min(left, len(block))
+                else:
+                    with open(str(src), 'rb') as fh:
+                        s.sendfile(fh)
+        except OSError as exc:
+            err.append(exc)
+    t0 = time.monotonic()
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    conn, _ = lsock.accept()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    got = 0
+    fd = os.open(str(dst), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) \
+        if mode != 'f2s' else None
+    try:
+        while got < size:
+            n = conn.recv_into(view)
+            if not n:
+                break
+            if fd is not None:
+                _write_all(fd, view[:n])
+            got += n
+    finally:
+        if fd is not None:
+            os.close(fd)
+        conn.close()
+        lsock.close()
+    elapsed = time.monotonic() - t0
+    sender.join(30)
+    try:
+        os.unlink(str(dst))
+    except OSError:
+        pass
+    if err or got != size:
+        raise RuntimeError('loopback copy %s: %d of %d bytes %s' % (mode, got, size, err))
+    return size / 1048576.0 / elapsed
 
 
 def percentile(sorted_vals, p):
@@ -781,8 +925,22 @@ METRICS = [
     ('start_1', 'Job-start latency, 1 job', 'ms', 'lower'),
     ('start_20', 'Job-start latency, last of 20 queued', 'ms', 'lower'),
     ('first_c2', 'New computation: JobCluster() to first result (1 tiny job)', 'ms', 'lower'),
-    ('file_mbs', 'File transfer (depends), to first result', 'MB/s', 'higher'),
-    ('file_rss', 'Node peak RSS during the transfer', 'MB', 'lower'),
+    ('fin_mbs', 'File to the node (200 MB job depends): submit to file on disk', 'MB/s',
+     'higher'),
+    ('fin_cpu', '... node CPU (node + children) for it', 's', 'lower'),
+    ('fin_rss', '... node peak RSS', 'MB', 'lower'),
+    ('fout_mbs', 'File to the client (200 MB `dispy_send_file`)', 'MB/s', 'higher'),
+    ('fout_cpu', '... node CPU (node + children, the job sends) for it', 's', 'lower'),
+    ('fout_rss', '... peak RSS (node process; sending job process)', 'MB', 'lower'),
+    ('fin2g_mbs', 'File to the node, 2 GB', 'MB/s', 'higher'),
+    ('fin2g_cpu', '... node CPU for it', 's', 'lower'),
+    ('fin2g_rss', '... node peak RSS', 'MB', 'lower'),
+    ('fout2g_mbs', 'File to the client, 2 GB', 'MB/s', 'higher'),
+    ('fout2g_cpu', '... node CPU for it', 's', 'lower'),
+    ('fout2g_rss', '... peak RSS (node; sending job)', 'MB', 'lower'),
+    ('file_mbs', 'Former measure: `JobCluster(depends=[200 MB])` to first result', 'MB/s',
+     'higher'),
+    ('file_rss', '... node peak RSS', 'MB', 'lower'),
     ('idle_rss', 'Node RSS idle', 'MB', 'lower'),
     ('idle_rss_script', 'Node RSS idle, ours started as `python3 dispynode.py`', 'MB', 'lower'),
     ('mem_pss', 'Tree PSS, 2 jobs on 100 MB setup data', 'MB', 'lower'),
@@ -830,15 +988,22 @@ def targets(bench):
     add('CPU per job (-c 2): ours / original <= 0.35', None if r is None else r <= 0.35,
         'ratio %s' % fmt(r, ''))
     r = ratio('tput_c2')
-    add('Throughput (-c 2): ours / original >= 1.0', None if r is None else r >= 1.0,
+    add('Throughput (-c 2): ours / original >= 1.5', None if r is None else r >= 1.5,
         'ratio %s' % fmt(r, ''))
     r = ratio('lat_med')
-    add('Round-trip latency (median): ours / original <= 0.7',
-        None if r is None else r <= 0.7, 'ratio %s' % fmt(r, ''))
-    r, rss = ratio('file_mbs'), m('file_rss', 'ours')
-    add('File transfer: ours / original >= 1.0 with our node peak RSS < 64 MB',
-        None if r is None or rss is None else (r >= 1.0 and rss < 64),
-        'ratio %s, our peak RSS %s MB' % (fmt(r, ''), fmt(rss, 'MB')))
+    add('Round-trip latency (median): ours / original <= 0.5',
+        None if r is None else r <= 0.5, 'ratio %s' % fmt(r, ''))
+    for key, what in (('fin', 'to the node, 200 MB'), ('fout', 'to the client, 200 MB'),
+                      ('fin2g', 'to the node, 2 GB'), ('fout2g', 'to the client, 2 GB')):
+        if key + '_mbs' not in V:
+            continue
+        r, c = ratio(key + '_mbs'), ratio(key + '_cpu')
+        rss = m(key + '_rss', 'ours')
+        ok = None if r is None or c is None or rss is None else (
+            r >= 1.5 and c <= 1.0 and rss < 64)
+        add('File %s: ours / original >= 1.5 at <= its node CPU, our peak RSS < 64 MB' % what,
+            ok, 'throughput ratio %s, CPU ratio %s, our peak RSS %s MB' % (
+                fmt(r, ''), fmt(c, ''), fmt(rss, 'MB')))
     a, b = m('idle_rss', 'ours'), m('idle_rss', 'original')
     add("Idle RSS: ours <= original's", None if a is None or b is None else a <= b,
         '%s MB vs %s MB' % (fmt(a, 'MB'), fmt(b, 'MB')))
@@ -848,6 +1013,41 @@ def targets(bench):
         'tree <= 2 MiB)', None if a is None or t is None else (a <= 1024 and t <= 2048),
         'node %s kB, tree %s kB' % (fmt(a, 'kB'), fmt(t, 'kB')))
     return out
+
+
+CEILINGS = (('f2s', 'file -> socket (`sendfile`, receiver discards)'),
+            ('s2f', 'socket -> file (`recv_into` a 1 MiB buffer + `write`)'),
+            ('f2f', 'file -> socket -> file (both of the above)'))
+
+
+def ceiling_lines(bench):
+    """The loopback ceiling and how close each node's transfers come to it."""
+    V = bench.values
+    L = []
+    for suffix, size in (('', '200 MB'), ('2g', '2 GB')):
+        if 'ceil_f2f' + suffix not in V:
+            continue
+        if not L:
+            L = ['## Loopback ceiling (same run)', '',
+                 'A plain copy over one loopback TCP connection in the bench process '
+                 '(Python %s), medians:' % '.'.join(map(str, sys.version_info[:3])), '']
+        for mode, label in CEILINGS:
+            L.append('- %s, %s: %s MB/s' % (
+                label, size, fmt(med(V.get('ceil_%s%s' % (mode, suffix), {}).get(
+                    'ceiling', [])), 'MB/s')))
+        top = med(V['ceil_f2f' + suffix]['ceiling'])
+        for key, what in (('fin', 'to the node'), ('fout', 'to the client')):
+            key += suffix
+            if key + '_mbs' not in V or not top:
+                continue
+            parts = []
+            for impl in IMPLS:
+                v = med(V[key + '_mbs'].get(impl, []))
+                if v is not None:
+                    parts.append('%s %.0f%%' % (impl, 100.0 * v / top))
+            L.append('- file %s, %s, as a share of file -> socket -> file: %s' % (
+                what, size, ', '.join(parts)))
+    return L
 
 
 def report(bench, cmdline, netns, profile_lines):
@@ -903,6 +1103,9 @@ def report(bench, cmdline, netns, profile_lines):
             ratio = '%.2f' % (a / b)
         L.append('| %s | %s | %s | %s | %s | %s |' % (label, unit, cells[0], cells[1], ratio,
                                                      better))
+    ceil = ceiling_lines(bench)
+    if ceil:
+        L += [''] + ceil
     L += ['', '## Targets', '']
     for text, ok, detail in targets(bench):
         L.append('- %s %s: %s' % ({True: '**met**', False: '**NOT met**',
@@ -929,6 +1132,9 @@ def report(bench, cmdline, netns, profile_lines):
                 parts.append('%s [%s]' % (impl, ', '.join(
                     'FAIL' if isinstance(v, Fail) else fmt(v, unit) for v in V[key][impl])))
         L.append('- %s (%s): %s' % (key, unit, '; '.join(parts)))
+    for key in sorted(k for k in V if k.startswith('ceil_')):
+        L.append('- %s (MB/s): %s' % (key, ', '.join(
+            'FAIL' if isinstance(v, Fail) else fmt(v, 'MB/s') for v in V[key]['ceiling'])))
     if profile_lines:
         L += ['', '## Profile of our node (tiny-job run)', ''] + profile_lines
     L += ['', 'Definitions: bench/README.md.', '']
@@ -1005,6 +1211,15 @@ def parse_args(argv):
     p.add_argument('--profile-top', type=int, default=15)
     p.add_argument('--leak-rounds', type=int, default=1,
                    help='rounds that include the (long) leak run (default 1)')
+    p.add_argument('--big', action='store_true',
+                   help='also transfer a 2 GB file each way')
+    p.add_argument('--old-file', action='store_true',
+                   help='also run the former file measurement (JobCluster() to first '
+                        'result, depends of the cluster)')
+    p.add_argument('--xfer-repeat', type=int, default=3,
+                   help='transfers per direction per round (median taken; default 3)')
+    p.add_argument('--files-only', action='store_true',
+                   help='only the file transfers and the loopback ceiling')
     p.add_argument('--no-write', action='store_true', help='print only; write no files')
     p.add_argument('--chart', metavar='JSON',
                    help='only draw the PNG chart of a results/<timestamp>.json (e.g. with '

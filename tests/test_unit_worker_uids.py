@@ -1,0 +1,57 @@
+"""The worker's job table against reused job uids.  The legacy client's
+uid is ``id()`` of its job object, so a uid comes back as soon as the
+client has dropped a finished job, while that job's process may still be
+exiting.  (The worker used to key its processes by uid: the second exit
+raised KeyError and killed the worker, and every later job of the
+computation was refused: a hang, seen in a 1,000-job benchmark run.)"""
+
+import time
+
+import driver  # noqa: F401  (puts the repository on sys.path)
+from driver import Driver, NodeProcess
+
+import pytest
+
+# A job whose process lingers after its reply: a grandchild holds the
+# result pipe open, so the worker sees the end of that process later.
+LINGER = '''import os, time
+def f(linger):
+    if linger and os.fork() == 0:
+        time.sleep(linger)
+        os._exit(0)
+    return linger
+'''
+
+
+@pytest.fixture
+def drv(tmp_path):
+    node = NodeProcess.start(tmp_path / 'n', args=('-c', '2'))
+    d = Driver('127.0.0.1', node.port)
+    assert d.ping_tcp() is not None
+    yield d
+    d.close_server()
+    node.stop_async()
+
+
+def test_uid_reused_while_its_first_process_exits(drv):
+    _, compute = drv.compute(LINGER, 'f')
+    assert drv.job(compute.id, 7, (1.0,)) == b'ACK'
+    assert drv.server.wait_reply(7).result == 1.0
+    assert drv.job(compute.id, 7, (0,)) == b'ACK'      # the same uid again
+    assert drv.server.wait_reply(7).result == 0
+    time.sleep(1.5)                                    # the first process ends
+    assert drv.job(compute.id, 8, (0,)) == b'ACK'
+    assert drv.server.wait_reply(8).result == 0
+
+
+def test_terminate_targets_the_running_job_of_a_reused_uid(drv):
+    _, compute = drv.compute(LINGER + 'def g(t):\n    time.sleep(t)\n    return t\n', 'f')
+    assert drv.job(compute.id, 5, (2.0,)) == b'ACK'
+    assert drv.server.wait_reply(5).result == 2.0
+    # uid 5 again, a long job this time, terminated by uid
+    assert drv.job(compute.id, 5, (0,), code='import time\nf = lambda x: time.sleep(30)\n') \
+        == b'ACK'
+    time.sleep(0.3)
+    drv.terminate(compute.id, 5)
+    reply = drv.server.wait_reply(5, timeout=10)
+    assert reply.status == 9          # Terminated, well before the 30 s
