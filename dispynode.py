@@ -3587,7 +3587,8 @@ class Node(ServiceControl):
         self.metrics = None
         self.cgroup_note = None
         if getattr(cfg, 'job_memory', 0):
-            cfg.job_cgroup, self.cgroup_note = cgroup_v2_memory()
+            group, self.cgroup_note = cgroup_v2_memory()
+            self.config = cfg = cfg.replace(job_cgroup=group)
             if cfg.job_cgroup:
                 logger.info('jobs get a cgroup v2 memory limit under %s', cfg.job_cgroup)
             else:

@@ -189,7 +189,8 @@ def _receive(sock, tmp_path, data, size=None):
         st = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid,
                              st.st_gid, size, st.st_atime, st.st_mtime, st.st_ctime))
     xf = dc.XferFile(name='src.bin', stat_buf=st, compute_id=1, sep='/')
-    node = types.SimpleNamespace(config=types.SimpleNamespace(msg_timeout=5))
+    node = types.SimpleNamespace(config=types.SimpleNamespace(msg_timeout=5, job_user=None),
+                                 counters=dn.Counters())
     comp = types.SimpleNamespace(dest_path=str(dest), program=None)
     answer = dn.Node.receive_file(node, sock, comp, str(dest / 'src.bin'), xf)
     return answer, sorted(os.listdir(str(dest))), dest / 'src.bin'
@@ -218,13 +219,13 @@ def test_receive_file_short_stream_leaves_no_file(pair, path_kind, tmp_path):
 def test_receive_file_stalled_peer_leaves_no_file(pair, path_kind, tmp_path, monkeypatch):
     sender, receiver = pair
     sender.sendall(b'q' * 100)
-    node_timeout = types.SimpleNamespace(msg_timeout=0.3)
+    node_timeout = types.SimpleNamespace(msg_timeout=0.3, job_user=None)
     dest = tmp_path / 'comp'
     dest.mkdir()
     st = os.stat_result((0o100644, 0, 0, 1, 0, 0, 5000, 0, 0, 0))
     xf = dc.XferFile(name='f', stat_buf=st, compute_id=1, sep='/')
     comp = types.SimpleNamespace(dest_path=str(dest), program=None)
-    answer = dn.Node.receive_file(types.SimpleNamespace(config=node_timeout), receiver, comp,
+    answer = dn.Node.receive_file(types.SimpleNamespace(config=node_timeout, counters=dn.Counters()), receiver, comp,
                                   str(dest / 'f'), xf)
     assert answer == b'NAK (read only 100 bytes)'
     assert os.listdir(str(dest)) == []
