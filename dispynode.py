@@ -1354,7 +1354,7 @@ _REPLY_LEN = struct.Struct('>QBB')
 class _WorkerJob:
     __slots__ = ('uid', 'hash', 'pid', 'fd', 'chunks', 'got', 'size', 'replied', 'start',
                  'kill_at', 'terminated', 'deadline', 'limit', 'status', 'limit_code',
-                 'cgroup')
+                 'cgroup', 'eof', 'exit_status')
 
     def __init__(self, uid, job_hash, pid, fd, start):
         self.uid, self.hash, self.pid, self.fd, self.start = uid, job_hash, pid, fd, start
@@ -1369,6 +1369,8 @@ class _WorkerJob:
         self.status = DispyJob.Terminated
         self.limit_code = 0
         self.cgroup = None
+        self.eof = False         # its pipe is closed
+        self.exit_status = None  # from waitpid, once reaped
 
 
 class Worker:
@@ -1423,15 +1425,44 @@ class Worker:
         os.chdir(self.cfg['cwd'])
         sys.path.insert(0, self.cfg['cwd'])
         self.sel.register(self.chan, selectors.EVENT_READ, None)
+        # Job processes are reaped when SIGCHLD says so (waitpid WNOHANG),
+        # never by a blocking wait: the handler only wakes the selector.
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_r, False)
+        os.set_blocking(self.wakeup_w, False)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.sel.register(self.wakeup_r, selectors.EVENT_READ, 'sigchld')
         while self.running or self.jobs:
             timeout = self._next_deadline()
             for key, _ in self.sel.select(timeout):
                 if key.data is None:
                     self._read_command()
+                elif key.data == 'sigchld':
+                    self._reap()
                 else:
                     self._read_result(key.data)
             self._enforce_kills()
         self.sel.close()
+
+    def _reap(self):
+        """Collect every job process that has exited."""
+        try:
+            while os.read(self.wakeup_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # waitpid per job (WNOHANG), not waitpid(-1): a process that setup
+        # started (a multiprocessing pool, say) is not ours to reap.
+        for job in [j for j in self.jobs.values() if j.exit_status is None]:
+            try:
+                pid, status = os.waitpid(job.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = job.pid, 0
+            if pid:
+                job.exit_status = status
+                if job.eof:
+                    self._end_job(job)
 
     def _next_deadline(self):
         deadlines = [j.kill_at for j in self.jobs.values() if j.kill_at]
@@ -1538,6 +1569,10 @@ class Worker:
             os.setpgid(0, 0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            os.close(self.wakeup_r)
+            os.close(self.wakeup_w)
             self.sel.close()
             self.chan.close()
             self._apply_job_limits(cgroup)
@@ -1634,7 +1669,16 @@ class Worker:
             return
         self.sel.unregister(job.fd)
         os.close(job.fd)
-        _, status = os.waitpid(job.pid, 0)
+        job.eof = True
+        if job.exit_status is None:
+            self._reap()            # it may have exited before its pipe closed
+        if job.exit_status is not None and job.pid in self.jobs:
+            self._end_job(job)
+
+    def _end_job(self, job):
+        """A job process whose pipe is closed has been reaped: forget it,
+        and reply for it if it did not."""
+        status = job.exit_status
         del self.jobs[job.pid]
         if job.terminated:
             kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
