@@ -21,8 +21,10 @@ see dispy_common for framing and records)::
       UDP PULSE  <-->  (node: every pulse interval; client echoes)
 
 Threads and processes (every thread is named and comes from a capped pool,
-so the node never runs more than 6 + TASK_THREADS + PONG_THREADS +
---max_connections + MAX_LANES + MAX_COMPUTATIONS threads; 110 by default)::
+so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
+--max_connections + MAX_LANES + MAX_COMPUTATIONS threads: 114 by default;
+8 fixed: main, console, tcp-server, reception, udp-listener, timer,
+control, metrics)::
 
     thread               touches
     main ............... waits for SIGINT/SIGTERM (or Node.quit: --serve,
@@ -2498,7 +2500,14 @@ def _close(sock):
 class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The listening socket: accepted connections go to the Reception;
     complete requests run in handler threads, at most --max_connections
-    at once (the excess is refused at once)."""
+    at once (the excess is refused at once).
+
+    socketserver's flow is split in two here: ``process_request`` (called
+    by ``serve_forever`` for each accepted socket) does not start a thread
+    but hands the socket to the Reception, which later calls
+    ``start_handler`` with a whole ``Request``; that calls the inherited
+    ``process_request`` (ThreadingMixIn: a thread running the handler).
+    ``shutdown_request`` therefore gets a ``Request``, not a socket."""
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
