@@ -2,52 +2,18 @@
 client started after the node, on another subnet, find it; a multi-homed
 node serves a client on each of its subnets."""
 
-import os
 import time
 
 import pytest
 
 from dispy_common import DispyJob
 
-import netns
+from test_netns import _check, _diag, lab  # noqa: F401 (lab is a fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 FINISHED = DispyJob.Finished
 CLIENT = 'netns_cluster.py'
-
-
-@pytest.fixture
-def lab(tmp_path, legacy_python):
-    ok, why = netns.available()
-    if not ok:
-        if os.environ.get('CI') == 'true':
-            pytest.fail('real-network tests cannot run under CI: %s' % why)
-        pytest.skip(why)
-    the_lab = netns.Lab(tmp_path / 'lab')
-    try:
-        yield the_lab
-    finally:
-        problems = the_lab.close()
-    assert not problems, 'lab cleanup: %s' % problems
-
-
-def _diag(res, nodes=()):
-    msg = res.describe() if res is not None else ''
-    for node in nodes:
-        msg += '\n--- node log (%s, %s) ---\n%s' % (node.host.role, node.ip_addr,
-                                                   node.log(8000))
-    return msg
-
-
-def _check(res, nodes=()):
-    data = res.data
-    assert data is not None, 'client printed no RESULT\n' + _diag(res, nodes)
-    assert 'error' not in data, 'client raised:\n%s\n%s' % (data['error'], _diag(res, nodes))
-    assert not data.get('watchdog'), 'client watchdog fired\n' + _diag(res, nodes)
-    assert data.get('all_final'), 'jobs not final\n' + _diag(res, nodes)
-    assert data.get('closed'), 'cluster.close() did not finish\n' + _diag(res, nodes)
-    return data
 
 
 def _routed(lab):
