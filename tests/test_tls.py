@@ -20,6 +20,7 @@ import pytest
 
 from dispy_common import DispyJob
 
+from driver import exchange
 from legacy import CLIENTS, REPO, free_port, run_client
 
 pytestmark = [pytest.mark.interop]
@@ -162,18 +163,7 @@ def test_plaintext_peer_gets_nothing(certpair, node_factory, tmp_path):
     node = _tls_node(node_factory, certfile, keyfile)
     reply_port = free_port()
     for attempt in range(3):
-        with socket.create_connection(('127.0.0.1', node.port), timeout=10) as sock:
-            sock.sendall(_ping_frame(reply_port))
-            got = b''
-            sock.settimeout(10)
-            try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    got += chunk
-            except (ConnectionResetError, socket.timeout):
-                pass
+        got = exchange(node.port, _ping_frame(reply_port), timeout=10, half_close=False)
         # nothing, or a TLS alert record (content type 21): never a frame
         assert got == b'' or got[:1] == b'\x15', got[:64]
         assert b'PONG' not in got and b'sign' not in got and b'version' not in got, got
