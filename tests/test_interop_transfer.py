@@ -1,8 +1,7 @@
 """Bulk file transfers with the real legacy client (dispy 4.5.5): multi-MB
 files to the node (cluster and per-job depends: the node's splice() path,
-or the copy path over TLS) and back (``dispy_send_file``: 5 MB by
-sendfile(), or a small file over TLS, see below).  Every byte is checked by
-SHA-256 on both ends."""
+or the copy path over TLS) and back (``dispy_send_file``: 5 MB, or a small
+file over TLS, see below).  Every byte is checked by SHA-256 on both ends."""
 
 import os
 

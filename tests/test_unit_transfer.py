@@ -1,6 +1,6 @@
 """File streaming paths of dispynode (recv_to_file, send_from_file and
 Node.receive_file on top of them): splice() socket -> pipe -> file on
-Linux, the recv_into copy it falls back to, sendfile() for sends, and TLS
+Linux, the recv_into copy it falls back to, reused-buffer sends, and TLS
 sockets, which must take the plain paths.  Real loopback TCP connections
 (and TLS over them); current Python only."""
 
@@ -249,7 +249,7 @@ def _drain(sock, out, count=None):
     return t
 
 
-@pytest.mark.parametrize('tls', [False, True], ids=['sendfile', 'tls-readinto'])
+@pytest.mark.parametrize('tls', [False, True], ids=['plain', 'tls'])
 def test_send_from_file_exact_count(tls, tmp_path, request):
     sender, receiver = request.getfixturevalue('tls_pair' if tls else 'pair')
     data = os.urandom(2 * 1024 * 1024 + 5)
@@ -277,7 +277,7 @@ def test_send_from_file_shorter_file_sends_less(pair, tmp_path):
     assert out == [b'a' * 1000]
 
 
-def test_tls_send_does_not_use_sendfile(tls_pair, tmp_path, monkeypatch):
+def test_send_does_not_use_sendfile(tls_pair, tmp_path, monkeypatch):
     sender, receiver = tls_pair
 
     def no_sendfile(*args, **kw):
