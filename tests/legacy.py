@@ -56,7 +56,7 @@ _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__ve
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
            'pyenv_root', 'pyenv_python', 'free_port', 'Node', 'ClientResult', 'run_client',
-           'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under']
+           'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 
 class LegacyUnavailable(Exception):
@@ -485,6 +485,15 @@ def check_client(res, node=None, expect_closed=True):
     if expect_closed:
         assert res.data.get('closed'), 'cluster.close() did not finish\n' + describe(res, node)
     return res.data
+
+
+def find_files(path, pattern):
+    """Absolute Paths of the files below ``path`` whose name matches the
+    fnmatch ``pattern``; like Path.rglob, but os.walk tolerates directories
+    that the node removes meanwhile."""
+    import fnmatch
+    return sorted(Path(top) / name for top, _, names in os.walk(str(path))
+                  for name in fnmatch.filter(names, pattern))
 
 
 def files_under(path):

@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 import dispy_common as dc
 from driver import (JUNK_AUTH, REPO, Driver, NodeProcess, ReplyServer, exchange, frame,
                     free_port, random_hex, raw_ping, wait_for)
-from legacy import check_client, run_client
+from legacy import check_client, find_files, run_client
 
 SECRET = 'attack-s3cret'
 FINISHED, TERMINATED = dc.DispyJob.Finished, dc.DispyJob.Terminated
@@ -309,7 +309,7 @@ def test_pulses_resend_stored_results_once_per_retry_interval(node, tmp_path):
     drv = Driver('127.0.0.1', node.port, secret=SECRET, server=ReplyServer(ack=False))
     drv.ping_tcp()
     store_one_result(drv, tmp_path)
-    wait_for(lambda: list(node.prefix.rglob('_dispy_job_reply_1')), 5)
+    wait_for(lambda: find_files(node.prefix, '_dispy_job_reply_1'), 5)
     before = len(drv.server.unacked)
     pulse = b'PULSE:' + pickle.dumps({'ip_addr': '127.0.0.1', 'port': drv.server.port}, 4)
     for _ in range(300):
@@ -479,12 +479,13 @@ def test_store_is_private(node):
     drv = Driver('127.0.0.1', node.port, secret=SECRET, server=ReplyServer(ack=False))
     drv.ping_tcp()
     store_one_result(drv, None)
-    reply = wait_for(lambda: list(node.prefix.rglob('_dispy_job_reply_1')), 5)
+    reply = wait_for(lambda: find_files(node.prefix, '_dispy_job_reply_1'), 5)
     records = [p for p in node.prefix.iterdir() if p.is_file()]
     assert reply and records
     for path in reply + records:
         assert path.stat().st_mode & 0o077 == 0, path
-    for path in [node.prefix] + [p for p in node.prefix.rglob('*') if p.is_dir()]:
+    for path in [node.prefix] + [Path(top) / d for top, dirs, _ in os.walk(str(node.prefix))
+                                 for d in dirs]:
         assert path.stat().st_mode & 0o077 == 0, path
 
 
@@ -537,11 +538,11 @@ def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
             answer, comp = drv.compute(code, 'probe', dest_path='work')
             assert answer == b'ACK'
             assert drv.job(comp.id, 1, (proc.pid,)) == b'ACK'      # its reply gets stored
-            assert wait_for(lambda: list(prefix.rglob('_dispy_job_reply_1')), 10)
+            assert wait_for(lambda: find_files(prefix, '_dispy_job_reply_1'), 10)
             # Still no ACK, so job 1's reply stays in the store meanwhile;
             # job 2's is stored too, and fetched as recover_jobs would.
             assert drv.job(comp.id, 2, (proc.pid,)) == b'ACK'
-            assert wait_for(lambda: list(prefix.rglob('_dispy_job_reply_2')), 15)
+            assert wait_for(lambda: find_files(prefix, '_dispy_job_reply_2'), 15)
             reply = drv.retrieve(comp.id, 2)
             assert reply is not None and reply.status == FINISHED, reply and reply.exception
             found = reply.result

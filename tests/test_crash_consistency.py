@@ -27,11 +27,10 @@ import os
 import random
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from legacy import free_port, wait_for
+from legacy import find_files, free_port, wait_for
 from recovery_util import REPLY_PREFIX, ProtoDriver, ResultSink, scan_store
 
 import dispy_common as dc
@@ -189,7 +188,7 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
                     received[uid] = received.get(uid, 0) + 1
                 rest.discard(uid)
                 # RETRIEVE_JOB deletes the result once we ACKed it
-                assert wait_for(lambda: not list(Path(prefix).rglob(REPLY_PREFIX + str(uid))),
+                assert wait_for(lambda: not find_files(prefix, REPLY_PREFIX + str(uid)),
                                 5, interval=0.05), (where, uid, node.log()[-3000:])
             count = drv.resend(cid, auth, node_auth=recovery_auth)
             # (pushes started by PENDING_JOBS / RETRIEVE_JOB may already have

@@ -21,7 +21,8 @@ from legacy import (CLIENTS, check_client, describe, files_under, free_port, pye
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED, CANCELLED, CREATED = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created
+FINISHED, TERMINATED, CANCELLED, CREATED = (
+    DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created)
 
 
 _fmt = describe

@@ -17,7 +17,9 @@ from legacy import (CLIENTS, check_client, describe, files_under, free_port, pid
 
 pytestmark = [pytest.mark.interop]
 
-FINISHED, TERMINATED, CANCELLED, CREATED, PROVISIONAL = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created, DispyJob.ProvisionalResult
+FINISHED, TERMINATED, CANCELLED, CREATED, PROVISIONAL = (
+    DispyJob.Finished, DispyJob.Terminated,
+    DispyJob.Cancelled, DispyJob.Created, DispyJob.ProvisionalResult)
 
 
 def _bytes(v):

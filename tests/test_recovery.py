@@ -8,20 +8,21 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from dispy_common import DispyJob
 
-from legacy import (CLIENTS, ensure_legacy_venv, free_port, pid_alive, run_client,
-                    wait_for)
+from legacy import (CLIENTS, ensure_legacy_venv, find_files, free_port, pid_alive,
+                    run_client, wait_for)
 from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gone,
                            scan_store, wait_node_free)
 
 pytestmark = [pytest.mark.interop]
 
-RUNNING, PROVISIONAL, TERMINATED, ABANDONED, FINISHED = DispyJob.Running, DispyJob.ProvisionalResult, DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished
+RUNNING, PROVISIONAL, TERMINATED, ABANDONED, FINISHED = (
+    DispyJob.Running, DispyJob.ProvisionalResult,
+    DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished)
 NODE_CLOSED = FINISHED + 5    # dispy.DispyNode.Closed
 
 
@@ -43,7 +44,7 @@ def _check(res, *nodes):
 
 
 def _reply_files(prefix):
-    return sorted(str(p) for p in Path(prefix).rglob(REPLY_PREFIX + '*'))
+    return [str(p) for p in find_files(prefix, REPLY_PREFIX + '*')]
 
 
 def _submit_and_die(node, client_port, recover_file, cwd, jobs=2, secs=1.5):

@@ -21,7 +21,8 @@ from recovery_util import LegacyProc, processes_gone
 
 pytestmark = [pytest.mark.interop]
 
-PROVISIONAL, TERMINATED, ABANDONED, FINISHED = DispyJob.ProvisionalResult, DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished
+PROVISIONAL, TERMINATED, ABANDONED, FINISHED = (
+    DispyJob.ProvisionalResult, DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished)
 NODE_CLOSED = FINISHED + 5    # dispy.DispyNode.Closed
 
 
