@@ -487,13 +487,13 @@ def check_client(res, node=None, expect_closed=True):
     return res.data
 
 
-def find_files(path, pattern):
-    """Absolute Paths of the files below ``path`` whose name matches the
-    fnmatch ``pattern``; like Path.rglob, but os.walk tolerates directories
-    that the node removes meanwhile."""
+def find_files(path, pattern, dirs=False):
+    """Absolute Paths of the files (and, with ``dirs``, directories) below
+    ``path`` whose name matches the fnmatch ``pattern``; like Path.rglob,
+    but os.walk tolerates directories that the node removes meanwhile."""
     import fnmatch
-    return sorted(Path(top) / name for top, _, names in os.walk(str(path))
-                  for name in fnmatch.filter(names, pattern))
+    return sorted(Path(top) / name for top, subdirs, names in os.walk(str(path))
+                  for name in fnmatch.filter(names + (subdirs if dirs else []), pattern))
 
 
 def files_under(path):

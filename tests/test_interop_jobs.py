@@ -12,8 +12,8 @@ import pytest
 
 from dispy_common import DispyJob
 
-from legacy import (CLIENTS, check_client, describe, files_under, free_port, pid_alive,
-                    run_client, wait_for)
+from legacy import (CLIENTS, check_client, describe, files_under, find_files, free_port,
+                    pid_alive, run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
 
@@ -283,11 +283,12 @@ def test_hostile_dest_path(kind, impl, node_factory, legacy_python, tmp_path):
                         p = os.path.realpath(j['result'][key])
                         assert p.startswith(str(prefix) + os.sep), (key, p, describe(res, node))
         escaped = [str(p) for p in Path('/tmp').glob('evil-%s*' % tag)]
-        escaped += [str(p) for p in tmp_path.rglob('*%s*' % tag)
+        escaped += [str(p) for p in find_files(tmp_path, '*%s*' % tag, dirs=True)
                     if not str(p.resolve()).startswith(str(prefix) + os.sep)]
         escaped += [str(p) for d in (tmp_path.parent, tmp_path.parent.parent)
                     for p in d.glob('*%s*' % tag)]
-        escaped += [str(p) for p in tmp_path.rglob('*') if p.name == name
+        escaped += [str(p) for p in find_files(tmp_path, name, dirs=True)
+                    if p.name == name
                     and p.parent != cwd
                     and not str(p.resolve()).startswith(str(prefix) + os.sep)]
         assert escaped == [], (escaped, describe(res, node))
