@@ -172,11 +172,16 @@ def small_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 64
 
 
+def valid_file_size(xf):
+    """A file announcement (``XferFile``) with a sane ``st_size``."""
+    size = getattr(getattr(xf, 'stat_buf', None), 'st_size', None)
+    return (isinstance(xf, dc.XferFile) and isinstance(size, int)
+            and not isinstance(size, bool) and 0 <= size < 2 ** 63)
+
+
 def valid_xfer(xf):
     """A file announcement with a usable name and a sane size."""
-    size = getattr(getattr(xf, 'stat_buf', None), 'st_size', None)
-    return (isinstance(xf, dc.XferFile) and bool(safe_basename(xf.name, xf.sep))
-            and isinstance(size, int) and 0 <= size < 2 ** 63)
+    return valid_file_size(xf) and bool(safe_basename(xf.name, xf.sep))
 
 
 def valid_port(value):
@@ -3129,12 +3134,12 @@ class Node(ServiceControl):
                           'ignoring %s from %s: %s', tag.decode(), addr[0], exc)
             return
         if tag == b'PING':
-            if self._valid_ping(info) and not self.sign_refusal(info.get('sign')):
-                self.queue_pongs(info, addr[0])
-            else:
-                why = (self.sign_refusal(info.get('sign')) if self._valid_ping(info)
-                       else 'malformed')
+            why = self.sign_refusal(info.get('sign')) if self._valid_ping(info) \
+                else 'malformed'
+            if why:
                 self.refuse('PING (%s)' % why, addr[0], kind='packet')
+            else:
+                self.queue_pongs(info, addr[0])
         elif isinstance(info, dict) and is_ipv4(info.get('ip_addr')):
             port = info.get('port')
             self.sign_of_life(info['ip_addr'], port if valid_port(port) else None)
@@ -3459,9 +3464,7 @@ class Node(ServiceControl):
 
     # -- files
     def file_target(self, xf, peer):
-        size = getattr(getattr(xf, 'stat_buf', None), 'st_size', None)
-        if not isinstance(xf, dc.XferFile) or not isinstance(size, int) \
-                or not 0 <= size < 2 ** 63:
+        if not valid_file_size(xf):
             return None, None, b'NAK (invalid file transfer)'
         comp = self.state.find(xf.compute_id)
         name = safe_basename(xf.name, xf.sep)
