@@ -2256,6 +2256,36 @@ class _Arrival:
         self.refusal = None      # set when the body is read only to be dropped
 
 
+class Waker:
+    """Wakes a selector loop from other threads at once (no polling): the
+    loop registers ``fileno()``, others call ``wake()``."""
+
+    def __init__(self):
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)   # a full pair already holds a wake-up
+
+    def fileno(self):
+        return self.r.fileno()
+
+    def wake(self):
+        try:
+            self.w.send(b'x')
+        except OSError:     # full (a wake-up is pending) or closed (loop ended)
+            pass
+
+    def drain(self):
+        try:
+            while self.r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        _close(self.r)
+        _close(self.w)
+
+
 class Reception(threading.Thread):
     """Reads every new connection's TLS handshake, auth prefix and frame in
     one selector loop.  Idle or trickling peers cost a descriptor here, not
@@ -2267,9 +2297,8 @@ class Reception(threading.Thread):
         self.server = server
         self.node = server.node
         self.sel = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.waker = Waker()
+        self.sel.register(self.waker, selectors.EVENT_READ, None)
         self.lock = threading.Lock()
         self.incoming = []
         self.count = 0               # arrivals pending (for the cap)
@@ -2298,7 +2327,7 @@ class Reception(threading.Thread):
             self.node.refuse('connection: too many pending', addr[0])
             _close(sock)
             return
-        self.wake_w.send(b'x')
+        self.waker.wake()
 
     def reserve(self, size):
         """Hold ``size`` bytes of the request memory budget; False if the
@@ -2317,7 +2346,7 @@ class Reception(threading.Thread):
     def stop(self):
         with self.lock:
             self.stopped = True
-        self.wake_w.send(b'x')
+        self.waker.wake()
 
     def run(self):
         while True:
@@ -2331,7 +2360,12 @@ class Reception(threading.Thread):
         for key in list(self.sel.get_map().values()):
             if key.data is not None:
                 _close(key.data.sock)
+        with self.lock:
+            incoming, self.incoming = self.incoming, []
+        for sock, _ in incoming:
+            _close(sock)
         self.sel.close()
+        self.waker.close()
 
     def _cycle(self):
         arrivals = [k.data for k in self.sel.get_map().values() if k.data is not None]
@@ -2351,10 +2385,7 @@ class Reception(threading.Thread):
                 self._drop(arrival)
 
     def _accept_incoming(self):
-        try:
-            self.wake_r.recv(4096)
-        except BlockingIOError:
-            pass
+        self.waker.drain()
         with self.lock:
             incoming, self.incoming = self.incoming, []
         deadline = time.monotonic() + self.node.config.msg_timeout
@@ -2514,7 +2545,10 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     but hands the socket to the Reception, which later calls
     ``start_handler`` with a whole ``Request``; that calls the inherited
     ``process_request`` (ThreadingMixIn: a thread running the handler).
-    ``shutdown_request`` therefore gets a ``Request``, not a socket."""
+    ``shutdown_request`` therefore gets a ``Request``, not a socket.
+    ``serve_forever`` and ``shutdown`` are replaced: the accept loop
+    waits on a Waker as well as the listening socket, so ``shutdown``
+    returns at once instead of after a poll interval."""
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
@@ -2525,6 +2559,41 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.slots = threading.BoundedSemaphore(node.config.max_connections)
         super().__init__(addr, RequestHandler)
         self.reception = Reception(self)
+        self.waker = Waker()
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+
+    def serve_forever(self, poll_interval=None):
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
+                sel.register(self.waker, selectors.EVENT_READ)
+                while not self.stopping.is_set():
+                    for key, _ in sel.select():
+                        if key.fileobj is self and not self.stopping.is_set():
+                            self._accept()
+        finally:
+            self.stopped.set()
+
+    def _accept(self):
+        try:
+            request, client_address = self.get_request()
+        except OSError:         # the peer left already, or out of descriptors
+            return
+        if self.verify_request(request, client_address):
+            self.process_request(request, client_address)
+        else:
+            self.shutdown_request(request)
+
+    def shutdown(self):
+        """End serve_forever (which must have been started) and wait for it."""
+        self.stopping.set()
+        self.waker.wake()
+        self.stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        self.waker.close()
 
     def verify_request(self, request, client_address):
         try:
@@ -2875,7 +2944,7 @@ class Node(ServiceControl):
         self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare)
-        for target, name in ((lambda: self.tcp.serve_forever(0.1), 'tcp-server'),
+        for target, name in ((self.tcp.serve_forever, 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self.service_threads.append(thread)
@@ -2906,8 +2975,11 @@ class Node(ServiceControl):
         if self._started:
             self.courier.drain(3.0)
         for comp in active:
+            # Its jobs are over (or past waiting for), and a worker runs no
+            # cleanup at shutdown: kill its tree rather than wait for a
+            # worker that may still be booting to read its end of the channel.
             if comp.worker is not None:
-                comp.worker.stop(2.0)
+                comp.worker.stop(0)
             if comp.stored:
                 self.store.save_computation(comp)
             else:
@@ -2917,7 +2989,7 @@ class Node(ServiceControl):
         with self.spare_lock:
             spare, self.spare = self.spare, None
         if spare is not None:
-            spare.stop(2.0)
+            spare.stop(0)   # killed: it holds no computation, and may still be booting
         self.tasks.close(3.0)
         self.pongs.close(1.0)
         # The UDP port is free only once no thread is inside recvfrom: an
@@ -3321,12 +3393,14 @@ class Node(ServiceControl):
         return worker
 
     def _refill_spare(self):
+        if self.stopping.is_set():
+            return
         worker = WorkerHandle(self)
         with self.spare_lock:
             if self.spare is None and not self.stopping.is_set():
                 self.spare, worker = worker, None
         if worker is not None:
-            worker.stop(2.0)
+            worker.stop(0)
 
     def drop_computation(self, comp):
         """Undo add_computation (the client never got our ACK)."""
@@ -4161,10 +4235,16 @@ class ControlServer:
         return True
 
     def stop(self):
-        """Remove the socket file now (the thread ends within its timeout)."""
+        """Remove the socket file now, and end the thread: on Linux, shutting
+        the listening socket down wakes its accept (elsewhere, its timeout
+        does)."""
         if self.sock is not None:
             try:
                 os.unlink(self.path)
+            except OSError:
+                pass
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
