@@ -127,6 +127,7 @@ MAX_XFER_FILES = 10000        # files one computation may announce
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
+TICK_SECONDS = 0.25           # the timer's period (shorter for a zombie interval under 2.5 s)
 KILL_GRACE = 0.5              # SIGTERM -> SIGKILL for a cancelled job
 CLEANUP_TIMEOUT = 30.0        # for a computation's cleanup function
 SETUP_TIMEOUT = 3600.0
@@ -3233,7 +3234,11 @@ class Node(ServiceControl):
     # -- timer: pulses, zombies, resends
     def _timer_loop(self):
         last_pulse = last_retry = time.monotonic()
-        while not self.stopping.wait(0.25):
+        # A zombie is found within a tenth of its interval (the tests use
+        # intervals of a fraction of a second).
+        zombie = self.config.zombie_seconds
+        tick = max(0.01, min(TICK_SECONDS, zombie / 10.0)) if zombie else TICK_SECONDS
+        while not self.stopping.wait(tick):
             try:
                 last_pulse = self._tick(last_pulse)
                 self._service_tick()

@@ -707,7 +707,7 @@ def test_udp_garbage_is_ignored(node, drv):
 
 
 def test_silent_client_becomes_zombie_and_node_is_freed(unit_nodes):
-    node = unit_nodes(env={'DISPYNODE_ZOMBIE_SECONDS': '1'})
+    node = unit_nodes(env={'DISPYNODE_ZOMBIE_SECONDS': '0.2'})
     d = new_driver(node, unit_nodes)
     _, compute = d.compute(DOUBLE, 'double')
     terminated = d.server.wait('TERMINATED', 6)
@@ -718,15 +718,18 @@ def test_silent_client_becomes_zombie_and_node_is_freed(unit_nodes):
 
 def test_pulses_keep_a_computation_alive(unit_nodes):
     import socket
-    node = unit_nodes(env={'DISPYNODE_ZOMBIE_SECONDS': '1'})
+    # The node checks for zombies every tenth of this interval; pulses come
+    # every tenth too, for twice the interval.
+    zombie = 0.4
+    node = unit_nodes(env={'DISPYNODE_ZOMBIE_SECONDS': str(zombie)})
     d = new_driver(node, unit_nodes)
     _, compute = d.compute(DOUBLE, 'double')
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        end = time.monotonic() + 2.0
+        end = time.monotonic() + 2 * zombie
         while time.monotonic() < end:
             udp.sendto(b'PULSE:' + dc.dumps_plain({'ip_addr': '127.0.0.1', 'port': 1}),
                        ('127.0.0.1', node.port))
-            time.sleep(0.2)
+            time.sleep(zombie / 10)
     assert d.job(compute.id, 1, (2,)) == b'ACK'
     assert d.server.wait_reply(1).result == 4
 

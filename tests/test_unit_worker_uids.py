@@ -5,41 +5,52 @@ exiting.  (The worker used to key its processes by uid: the second exit
 raised KeyError and killed the worker, and every later job of the
 computation was refused: a hang, seen in a 1,000-job benchmark run.)"""
 
-import time
+import glob
 
 import driver  # noqa: F401  (puts the repository on sys.path)
-from driver import Driver, NodeProcess
+from driver import Driver, InProcessNode, wait_for
 
 import pytest
 
 # A job whose process lingers after its reply: a grandchild holds the
-# result pipe open, so the worker sees the end of that process later.
+# result pipe open, so the worker sees the end of that process later.  Just
+# before it ends, the grandchild leaves the file 'lingered' in the job's
+# directory.
 LINGER = '''import os, time
 def f(linger):
     if linger and os.fork() == 0:
         time.sleep(linger)
+        open('lingered', 'w').close()
         os._exit(0)
     return linger
 '''
 
 
 @pytest.fixture
-def drv(tmp_path):
-    node = NodeProcess.start(tmp_path / 'n', args=('-c', '2'))
+def node(tmp_path):
+    node = InProcessNode.start(tmp_path / 'n', args=('-c', '2'))
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def drv(node):
     d = Driver('127.0.0.1', node.port)
     assert d.ping_tcp() is not None
     yield d
     d.close_server()
-    node.stop_async()
 
 
-def test_uid_reused_while_its_first_process_exits(drv):
+def test_uid_reused_while_its_first_process_exits(node, drv):
     _, compute = drv.compute(LINGER, 'f')
-    assert drv.job(compute.id, 7, (1.0,)) == b'ACK'
-    assert drv.server.wait_reply(7).result == 1.0
+    lingered = str(node.prefix / '127.0.0.1' / '*' / 'lingered')
+    assert drv.job(compute.id, 7, (0.5,)) == b'ACK'
+    assert drv.server.wait_reply(7).result == 0.5
     assert drv.job(compute.id, 7, (0,)) == b'ACK'      # the same uid again
     assert drv.server.wait_reply(7).result == 0
-    time.sleep(1.5)                                    # the first process ends
+    assert not glob.glob(lingered)      # while the first process still lingers
+    # the first process ends (its pipe closes a moment after the file appears)
+    assert wait_for(lambda: glob.glob(lingered), 10)
     assert drv.job(compute.id, 8, (0,)) == b'ACK'
     assert drv.server.wait_reply(8).result == 0
 
@@ -51,7 +62,6 @@ def test_terminate_targets_the_running_job_of_a_reused_uid(drv):
     # uid 5 again, a long job this time, terminated by uid
     assert drv.job(compute.id, 5, (0,), code='import time\nf = lambda x: time.sleep(30)\n') \
         == b'ACK'
-    time.sleep(0.3)
-    drv.terminate(compute.id, 5)
+    drv.terminate(compute.id, 5)        # the node gave the job to its worker before the ACK
     reply = drv.server.wait_reply(5, timeout=10)
     assert reply.status == 9          # Terminated, well before the 30 s
