@@ -9,7 +9,7 @@ import time
 import pytest
 
 import driver  # noqa: F401  (puts the repository on sys.path)
-from driver import Driver, InProcessNode, NodeProcess, wait_for
+from driver import Driver, InProcessNode, wait_for
 import dispy_common as dc
 
 DOUBLE = 'def double(x):\n    print("doubling", x)\n    return 2 * x\n'
@@ -623,7 +623,7 @@ def test_retrieve_job_returns_stored_reply_and_deletes_after_ack(node, drv):
     assert drv.pending_jobs(compute.id)['done'] == []
 
 
-def test_results_survive_close_and_node_restart(unit_nodes, tmp_path):
+def test_results_survive_close_and_node_restart(unit_nodes):
     """A dead client's results stay after CLOSE and after a node restart,
     and recovery (RESEND_JOB_RESULTS with the old auth) still gets them."""
     node = unit_nodes()
@@ -637,7 +637,7 @@ def test_results_survive_close_and_node_restart(unit_nodes, tmp_path):
     assert os.path.exists(reply_file(path, 3))
     assert (node.prefix / ('%d_%s' % (compute.id, compute.auth))).exists()
     # same prefix, same port, new run (new sign); the client keeps its old auth
-    node2 = NodeProcess.start(tmp_path / 'restart', port=node.port, prefix=node.prefix)
+    node2 = unit_nodes(port=node.port, prefix=node.prefix)
     try:
         d.server.ack = True
         d.server.ack_delay = 0.1

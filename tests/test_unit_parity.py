@@ -69,8 +69,8 @@ SLEEPER = 'def sleeper(t):\n    import time\n    time.sleep(t)\n    return t\n'
 def test_terminate_pending_reply_has_no_exception(tmp_path):
     """A job ended by CLOSE with terminate_pending (or TERMINATE_JOB) is
     Terminated with exception None, as on the original."""
-    from driver import Driver, NodeProcess
-    node = NodeProcess.start(tmp_path / 'node')
+    from driver import Driver, InProcessNode
+    node = InProcessNode.start(tmp_path / 'node')
     drv = Driver('127.0.0.1', node.port)
     try:
         drv.ping_tcp()
@@ -88,9 +88,10 @@ def test_terminate_pending_reply_has_no_exception(tmp_path):
 @pytest.fixture
 def sleeper_tree():
     import subprocess
-    import time
-    proc = subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & wait'], start_new_session=True)
-    time.sleep(0.3)
+    # 'ready' comes once both children are forked
+    proc = subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & echo ready; wait'],
+                            start_new_session=True, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b'ready\n'
     yield proc
     import os
     import signal
@@ -99,6 +100,7 @@ def sleeper_tree():
     except OSError:
         pass
     proc.wait()
+    proc.stdout.close()
 
 
 def test_descendants_without_proc_and_psutil(sleeper_tree, monkeypatch):
