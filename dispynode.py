@@ -4240,16 +4240,10 @@ class ControlServer:
         return True
 
     def stop(self):
-        """Remove the socket file now, and end the thread: on Linux, shutting
-        the listening socket down wakes its accept (elsewhere, its timeout
-        does)."""
+        """Remove the socket file now (the thread ends within its timeout)."""
         if self.sock is not None:
             try:
                 os.unlink(self.path)
-            except OSError:
-                pass
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
