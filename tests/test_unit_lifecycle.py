@@ -336,25 +336,33 @@ def _retiring(node, tmp_path):
     return comp
 
 
+def store_in_the_window(node, monkeypatch, transition, uid):
+    """Wrap NodeState.``transition`` so that right after it decides, a
+    courier thread stores the reply of job ``uid`` while the caller has yet
+    to write that decision.  Returns the courier threads."""
+    courier = []
+    real = getattr(node.state, transition)
+
+    def decide_then_store(comp, *args):
+        decided = real(comp, *args)
+        thread = threading.Thread(target=node.reply_undelivered, args=(
+            dispynode.Delivery(comp, uid, 'h', REPLY, False),))
+        thread.start()
+        courier.append(thread)
+        time.sleep(0.2)         # the window: the courier stores now, if it can
+        return decided
+
+    monkeypatch.setattr(node.state, transition, decide_then_store)
+    return courier
+
+
 def test_unit_reply_stored_while_retire_decides(node, tmp_path, monkeypatch):
     """The courier stores a reply just as retire decides about the record:
     whichever goes first, the record stays while the reply is stored."""
     comp = _retiring(node, tmp_path)
     record = node.workspace.record_path(comp.id, comp.auth)
-    courier = []
-    real = node.state.retire_detach
-
-    def retire_detach(c):
-        decided = real(c)       # nothing stored yet: the record is to go
-        # The courier comes in the window, from its own thread, and stores.
-        thread = threading.Thread(target=node.reply_undelivered, args=(
-            dispynode.Delivery(c, 5, 'h', REPLY, False),))
-        thread.start()
-        courier.append(thread)
-        time.sleep(0.2)
-        return decided
-
-    monkeypatch.setattr(node.state, 'retire_detach', retire_detach)
+    # nothing stored when retire decides: the record is to go
+    courier = store_in_the_window(node, monkeypatch, 'retire_detach', 5)
     node.retire(comp)
     courier[0].join(5)
     assert os.path.exists(os.path.join(comp.dest_path, '_dispy_job_reply_5'))
@@ -385,19 +393,8 @@ def test_unit_reply_stored_while_the_last_delivery_forgets(node, tmp_path, monke
     node.reply_undelivered(dispynode.Delivery(comp, 5, 'h', REPLY, False))
     node.retire(comp)
     assert comp.phase is Phase.DETACHED
-    courier = []
-    real = node.state.drop_stored
-
-    def drop_stored(c, uid):
-        decided = real(c, uid)  # 5 was the last: record and files are to go
-        thread = threading.Thread(target=node.reply_undelivered, args=(
-            dispynode.Delivery(c, 6, 'h', REPLY, False),))
-        thread.start()
-        courier.append(thread)
-        time.sleep(0.2)
-        return decided
-
-    monkeypatch.setattr(node.state, 'drop_stored', drop_stored)
+    # 5 is the last stored reply: once delivered, record and files are to go
+    courier = store_in_the_window(node, monkeypatch, 'drop_stored', 6)
     node.reply_delivered(dispynode.Delivery(comp, 5, 'h', None, True))
     courier[0].join(5)
     assert sorted(os.listdir(comp.dest_path)) == ['_dispy_job_reply_6']
