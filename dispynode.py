@@ -28,29 +28,49 @@ control, metrics)::
 
     thread               touches
     main ............... waits for SIGINT/SIGTERM (or Node.quit: --serve,
-                         console quit, dispynode_shutdown), then Node.close()
+                         console quit, dispynode_shutdown), then Node.close():
+                         evicts all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon)
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
                          thread); the request memory budget
     request threads .... one per complete request, at most --max_connections:
-                         NodeState through its methods, the store, workers
+                         COMPUTE claims (NEW -> ACTIVE) and creates the
+                         computation directory (Workspace); FILEXFER writes
+                         into it; JOB sends to the worker; CLOSE: ACTIVE ->
+                         ZOMBIE, or DETACHED -> GONE; recovery requests read
+                         and remove stored replies (Workspace)
     udp-listener ....... PING and PULSE datagrams: decodes them (bounded) and
-                         queues PONGs; refreshes computations
+                         queues PONGs; refreshes computations (last_pulse)
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
-    timer .............. pulses, zombie detection, retries of stored results,
-                         log summaries, service window, --ping_interval
-    task-N ............. at most TASK_THREADS: retirements, spare workers,
-                         notifications
+    timer .............. pulses, zombie detection (ACTIVE -> ZOMBIE), retries
+                         of stored results, log summaries, service window,
+                         --ping_interval
+    task-N ............. at most TASK_THREADS: evictions and retirements
+                         (ZOMBIE -> RETIRING -> DETACHED or GONE: the
+                         worker's close, then Workspace files and record),
+                         spare workers, notifications
     courier-<addr> ..... one lane per client address (at most MAX_LANES):
-                         JOB_REPLY delivery, storing what cannot be delivered
+                         JOB_REPLY delivery; stores what cannot be delivered
+                         (Workspace; GONE -> DETACHED) and removes what was
+                         (DETACHED -> GONE when nothing is left)
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
-                         results from its worker
+                         results from its worker; frees the job's CPU
+                         (NodeState) and hands the reply to the courier
     control ............ the local status socket <prefix>/.dispynode-control
                          (one connection at a time)
     metrics ............ --metrics only: Prometheus text at /metrics
                          (one request at a time)
+
+State and locks: NodeState (one lock) holds the computations, their
+phases and jobs; every phase change is one of its methods, checked
+against TRANSITIONS, returning a Change that names the I/O left to the
+caller (record, files, announce, TERMINATED).  Workspace (its own lock)
+owns everything under --dest_path_prefix and takes the record decisions
+together with the transition that makes them, so no reply is stored
+between a decision and its write.  Lock order: Workspace, then NodeState.
+No socket, fork or worker request happens under either lock.  Processes::
 
     node (threads) --socketpair--> worker process (one per computation,
         single-threaded, started ahead of need, then moved into the
