@@ -1175,6 +1175,18 @@ class Workspace:
                 self._prune_empty_parents(path, base)
 
     @staticmethod
+    def remove_job_files(comp, names):
+        """Remove per-job files no running job of ``comp`` uses any more
+        (NodeState.finish_job names them).  Without the lock: each is one
+        unlink of a name only this computation's jobs use, and the lock
+        may be held by a store's fsync."""
+        for name in names:
+            try:
+                os.unlink(os.path.join(comp.dest_path, name))
+            except OSError:
+                pass
+
+    @staticmethod
     def _prune_empty_parents(path, base):
         parent = os.path.dirname(path)
         while parent.startswith(base) and len(parent) > len(base):
@@ -3256,7 +3268,8 @@ class Node(ServiceControl):
     def _restore(self):
         for comp in self.workspace.restore():
             if not self.state.adopt(comp):
-                continue        # a second record of the same computation id
+                logger.warning('ignoring a second record of computation %s', comp.id)
+                continue
             self.old_auths[dc.auth_code(self.config.secret, comp.sign)] = comp.sign
             self.old_signs.add(comp.sign)
             logger.info('restored %d stored result(s) of computation %s for %s',
@@ -3638,7 +3651,8 @@ class Node(ServiceControl):
     def retire(self, comp, run_cleanup=True):
         """End a zombie computation once its jobs are done: cleanup, files,
         record; free the node.  Runs once per computation."""
-        if not self.state.begin_retire(comp):
+        started = self.state.begin_retire(comp)
+        if not started:
             return
         shutdown_asked = False
         if comp.worker is not None:
@@ -3647,7 +3661,7 @@ class Node(ServiceControl):
                 logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
-        self.workspace.remove_files(comp, self.state.transferred(comp))
+        self._drop_files(comp, started)     # before the record decision, as ever
         change = self._settle(comp, self.state.retire_detach)
         if not change:
             return      # the node shut down meanwhile and settled it
@@ -3798,11 +3812,7 @@ class Node(ServiceControl):
         if entry is None:
             return
         self.note_job(comp, entry, status, limit)
-        for name in unused:
-            try:
-                os.unlink(os.path.join(comp.dest_path, name))
-            except OSError:
-                pass
+        self.workspace.remove_job_files(comp, unused)
         # A job killed by evict() sends nothing: the client reschedules or
         # abandons it on our TERMINATED, as with the original node.
         if not entry.unacknowledged and uid not in comp.dropped:
