@@ -27,8 +27,11 @@ so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
 control, metrics)::
 
     thread               touches
-    main ............... waits for SIGINT/SIGTERM (or Node.quit: --serve,
-                         console quit, dispynode_shutdown), then Node.close():
+    main ............... resolve_config (validation only), then Node(),
+                         whose start_up does the side effects (secret and
+                         environment, lookups, TLS files, prefix); waits for
+                         SIGINT/SIGTERM (or Node.quit: --serve, console
+                         quit, dispynode_shutdown), then Node.close():
                          evicts all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon)
     tcp-server ......... socketserver accept loop; hands sockets to reception
@@ -2896,10 +2899,10 @@ class ServiceClock:
         self.minute_seconds = minute_seconds
 
     @classmethod
-    def from_env(cls):
-        start = os.environ.get('DISPYNODE_CLOCK_START')
+    def from_env(cls, environ=os.environ):
+        start = environ.get('DISPYNODE_CLOCK_START')
         try:
-            rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
+            rate = float(environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
         except ValueError:
             rate = 0
         if not rate > 0:
@@ -3140,7 +3143,7 @@ class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
-        self.config = config
+        config = self.config = start_up(config)
         self.state = NodeState(config.cpus)
         self.sign = dc.new_sign(config.secret)
         self.auth = dc.auth_code(config.secret, self.sign)
@@ -4887,7 +4890,6 @@ def resolve_service(args):
         raise ValueError('--service_start must differ from --service_stop/--service_end')
     args.service_start_minute, args.service_stop_minute, args.service_end_minute = \
         start, stop, end
-    args.service_clock = ServiceClock.from_env()
 
 
 class Config:
@@ -4913,7 +4915,8 @@ class Config:
 
 def resolve_config(args):
     """Validate the parsed options into a read-only Config; raise
-    ValueError with a one-line message."""
+    ValueError with a one-line message.  Pure: no name lookups, no files
+    read, the environment untouched (start_up does those)."""
     resolve_service(args)
     total = os.cpu_count() or 1
     if args.cpus > total or args.cpus <= -total:
@@ -4941,34 +4944,54 @@ def resolve_config(args):
         setattr(args, opt, value)
     if args.max_request_memory < args.max_request_size:
         raise ValueError('--max_request_memory must be at least --max_request_size')
-    args.job_user = _job_user(args.job_user)
-    override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
-    args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     resolve_obs_options(args)
-    args.secret = _read_secret(args)
-    notes = []      # logged only once every option is valid
-    resolve_addresses(args, notes)
-    if args.scheduler_node:
-        args.scheduler_node = _resolve(args.scheduler_node, '--scheduler_node')
-    args.name = args.name or socket.gethostname()
+    check_addresses(args)
     for opt in ('certfile', 'keyfile'):
-        path = getattr(args, opt)
-        if path:
-            if not os.access(path, os.R_OK):
-                raise ValueError('--%s %s: file is missing or unreadable' % (opt, path))
-            setattr(args, opt, os.path.abspath(path))
+        if getattr(args, opt):
+            setattr(args, opt, os.path.abspath(getattr(args, opt)))
     if args.keyfile and not args.certfile:
         raise ValueError('--keyfile needs --certfile')
-    if args.certfile:
-        try:
-            dc.server_tls_context(args.certfile, args.keyfile)
-        except OSError as exc:
-            raise ValueError('TLS certificate/key not usable: %s' % exc)
     prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     args.dest_path_prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    args.started_up = False
+    return Config(vars(args))
+
+
+# ---------------------------------------------------------------- start-up
+
+def start_up(cfg, environ=os.environ):
+    """The node's start-up side effects on a validated Config, in order:
+    take the secret (and remove it from the environment, which workers and
+    jobs inherit), look up --job_user, resolve addresses, check the TLS
+    files, create the prefix and try the job user.  Returns the completed
+    Config (a second call returns it unchanged); raises ValueError with a
+    one-line message."""
+    if cfg.started_up:
+        return cfg
+    secret = _read_secret(cfg, environ)
+    job_user = _job_user(cfg.job_user)
+    override = environ.get('DISPYNODE_ZOMBIE_SECONDS')
+    notes = []      # logged only once every lookup succeeded
+    cfg = cfg.replace(
+        secret=secret, job_user=job_user, service_clock=ServiceClock.from_env(environ),
+        zombie_seconds=float(override) if override else cfg.zombie_interval * 60,
+        scheduler_node=cfg.scheduler_node and _resolve(cfg.scheduler_node,
+                                                        '--scheduler_node'),
+        name=cfg.name or socket.gethostname(), **resolve_addresses(cfg, notes))
+    for opt in ('certfile', 'keyfile'):
+        path = getattr(cfg, opt)
+        if path and not os.access(path, os.R_OK):
+            raise ValueError('--%s %s: file is missing or unreadable' % (opt, path))
+    if cfg.certfile:
+        try:
+            dc.server_tls_context(cfg.certfile, cfg.keyfile)
+        except OSError as exc:
+            raise ValueError('TLS certificate/key not usable: %s' % exc)
     for level, note in notes:
         logger.log(level, note)
-    return Config(vars(args))
+    prepare_prefix(cfg)
+    check_job_user(cfg)
+    return cfg.replace(started_up=True)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
@@ -5018,25 +5041,30 @@ def job_user_args(job_user):
     return {'user': job_user.uid, 'group': job_user.gid, 'extra_groups': []}
 
 
-def resolve_addresses(args, notes):
-    """-i (repeatable; 0.0.0.0 = every interface) and --ext_ip_addr (the
-    n-th pairs with the n-th -i) -> args.ip_addrs [(bind, ext or None)],
-    args.ip_addr (what the TCP server binds) and args.ext_ip_addr (our
-    address where no client tells which)."""
-    given = [a.strip() for a in (args.ip_addr or []) if a is not None]
-    exts = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
-    if len(exts) > max(len(given), 1):
+def check_addresses(args):
+    """-i (repeatable; 0.0.0.0, * or '' = every interface) and
+    --ext_ip_addr (the n-th pairs with the n-th -i): what can be checked
+    without a lookup."""
+    args.ip_addr = [a.strip() for a in (args.ip_addr or []) if a is not None]
+    args.ext_ip_addr = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
+    if len(args.ext_ip_addr) > max(len(args.ip_addr), 1):
         raise ValueError('--ext_ip_addr is given %d times but -i only %d' % (
-            len(exts), len(given)))
+            len(args.ext_ip_addr), len(args.ip_addr)))
+    if len(args.ip_addr) > 1 and any(a in ('0.0.0.0', '*', '') for a in args.ip_addr):
+        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
+
+
+def resolve_addresses(cfg, notes):
+    """Look up -i and --ext_ip_addr.  Returns the Config fields ip_addrs
+    [(bind, ext or None)], ip_addr (what the TCP server binds) and
+    ext_ip_addr (our address where no client tells which)."""
     binds = []
-    for addr in given:
+    for addr in cfg.ip_addr:
         bind = '0.0.0.0' if addr in ('0.0.0.0', '*', '') else _resolve_local(addr,
                                                                              '-i/--ip_addr')
         if bind in binds:
             raise ValueError('-i %s is given twice' % addr)
         binds.append(bind)
-    if '0.0.0.0' in binds and len(binds) > 1:
-        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
     if not binds:
         binds = [primary_ipv4()]
         notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
@@ -5044,24 +5072,26 @@ def resolve_addresses(args, notes):
         if binds[0].startswith('127.'):
             notes.append((logging.WARNING, 'only a loopback address was found; other '
                           'machines cannot reach this node'))
-    args.ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
-                     for i, b in enumerate(binds)]
-    args.ip_addr = binds[0] if len(binds) == 1 else '0.0.0.0'
-    first_bind, first_ext = args.ip_addrs[0]
-    args.ext_ip_addr = first_ext or (first_bind if first_bind != '0.0.0.0' else primary_ipv4())
+    exts = cfg.ext_ip_addr
+    ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
+                for i, b in enumerate(binds)]
+    first_bind, first_ext = ip_addrs[0]
+    return {'ip_addrs': ip_addrs, 'ip_addr': binds[0] if len(binds) == 1 else '0.0.0.0',
+            'ext_ip_addr': first_ext or (first_bind if first_bind != '0.0.0.0'
+                                         else primary_ipv4())}
 
 
-def _read_secret(args):
+def _read_secret(cfg, environ):
     # Workers and jobs inherit the environment; they have no use for the secret.
-    env_secret = os.environ.pop('DISPYNODE_SECRET', '')
-    if args.secret_file:
+    env_secret = environ.pop('DISPYNODE_SECRET', '')
+    if cfg.secret_file:
         try:
-            with open(args.secret_file) as fh:
+            with open(cfg.secret_file) as fh:
                 return fh.read().strip()
         except OSError as exc:
             raise ValueError('--secret_file: %s' % exc.strerror)
-    if args.secret is not None:
-        return args.secret
+    if cfg.secret is not None:
+        return cfg.secret
     return env_secret
 
 
@@ -5179,13 +5209,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
     try:
-        cfg = resolve_config(args)
-        prepare_prefix(cfg)
-        check_job_user(cfg)
-        node = Node(cfg)
-    except ValueError as exc:
-        parser.exit(2, 'dispynode: error: %s\n' % exc)
-    except OSError as exc:
+        node = Node(resolve_config(args))
+    except (ValueError, OSError) as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
     stop = threading.Event()
 
@@ -5199,7 +5224,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node.start()
-    if Console.wanted(cfg):
+    if Console.wanted(node.config):
         Console(node).start()
     while not stop.wait(0.25) and not node.quit.is_set():
         pass
