@@ -648,7 +648,6 @@ class Do(enum.Enum):
     REMOVE_RECORD = 'remove the computation record'
     REMOVE_REPLY = 'remove the stored reply file'
     REMOVE_FILES = 'remove the transferred files'
-    RETIRE = 'retire it (now, or when its last job ends)'
     ANNOUNCE = 'the node became free: announce it'
     TERMINATED = 'send the client TERMINATED'
     LOG_DROP = 'log that the node drops it'
@@ -839,7 +838,7 @@ class NodeState:
         with self.lock:
             if not self._move(comp, Phase.ZOMBIE, Phase.ACTIVE):
                 return REFUSED
-            return Change(todo=(Do.RETIRE,))
+            return Change()
 
     def zombies(self, interval):
         """ACTIVE -> ZOMBIE for each computation whose client was silent for
@@ -860,7 +859,7 @@ class NodeState:
             if comp.phase is not Phase.ZOMBIE and not self._move(comp, Phase.ZOMBIE,
                                                                  Phase.ACTIVE):
                 return REFUSED
-            todo = [Do.RETIRE]
+            todo = []
             if comp.evicted is None:
                 comp.evicted = reason
                 todo.append(Do.LOG_DROP)
@@ -3256,7 +3255,7 @@ class Node(ServiceControl):
                            reason)
         for uid in change.uids:
             self.terminate_job(comp, uid)
-        if Do.RETIRE in change and not self.stopping.is_set():
+        if change and not self.stopping.is_set():
             self.retire(comp)       # at once, or when its last job ends
 
     def spawn(self, func, *args, key=None):
