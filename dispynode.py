@@ -981,6 +981,7 @@ class NodeState:
             self.avail_cpus -= 1
             self.jobs[entry.uid] = entry
             comp.running.add(entry.uid)
+            comp.last_pulse = time.monotonic()     # a job is as good as a pulse
             for name in entry.files:
                 comp.file_uses[name] += 1
             return None
@@ -1052,6 +1053,17 @@ class NodeState:
     def stored_uids(self, comp, limit=64):
         with self.lock:
             return sorted(comp.stored)[:limit]
+
+    def progress(self, comp, limit=50):
+        """(the first ``limit`` uids with stored results, how many are
+        stored, how many jobs run), read together."""
+        with self.lock:
+            return sorted(comp.stored)[:limit], len(comp.stored), len(comp.running)
+
+    def client(self):
+        """(ip, port) of the client served, or None."""
+        with self.lock:
+            return self.scheduler
 
     def snapshot(self):
         with self.lock:
@@ -2516,8 +2528,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if comp is None:
             self.reply(dc.dumps_plain(0))
             return
-        count = len(comp.stored) + len(comp.running)
-        self.reply(dc.dumps_plain(count))
+        _, stored, running = self.node.state.progress(comp)
+        self.reply(dc.dumps_plain(stored + running))
         self.node.resend(comp)
 
     @handles(b'PENDING_JOBS', recovery=True)
@@ -2525,7 +2537,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.lookup(info, self.token_sign)
         reply = {'done': [], 'pending': 0}
         if comp is not None:
-            reply = {'done': sorted(comp.stored)[:50], 'pending': len(comp.running)}
+            done, _, running = self.node.state.progress(comp)
+            reply = {'done': done, 'pending': running}
         self.reply(dc.dumps_plain(reply))
 
     @handles(b'RETRIEVE_JOB', recovery=True)
@@ -3109,7 +3122,7 @@ class ServiceControl:
                 self.client_signs[(peer, info['port'])] = info['sign']
 
     def _tell_cpus(self):
-        sched = self.state.scheduler
+        sched = self.state.client()
         with self.lookup_lock:
             sign = self.client_signs.get(sched) if sched else None
         if sign is None:
@@ -3499,7 +3512,7 @@ class Node(ServiceControl):
         active, _ = self.state.snapshot()
         if active and now - last_pulse >= self.pulse_interval(active):
             last_pulse = now
-            sched = self.state.scheduler
+            sched = self.state.client()
             if sched:
                 info = {'ip_addr': self.addr_for(sched[0]), 'port': self.port,
                         'cpus': self.state.busy_cpus(), 'scheduler_ip_addr': sched[0]}
@@ -3552,7 +3565,7 @@ class Node(ServiceControl):
             logger.info('refusing computation from %s: %s', compute.scheduler_ip_addr,
                         refusal.decode())
             return None, refusal
-        if not self.state.is_free() and self.state.scheduler != (
+        if not self.state.is_free() and self.state.client() != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
         if self.guard_refusal():
@@ -3780,10 +3793,7 @@ class Node(ServiceControl):
             time.sleep(GUARD_REFUSAL_DELAY)
             return None, None, b'NAK (all cpus busy)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
-        refusal = self.state.start_job(comp, entry)
-        if refusal is None:
-            comp.last_pulse = time.monotonic()
-        return comp, entry, refusal
+        return comp, entry, self.state.start_job(comp, entry)
 
     def launch_job(self, comp, job):
         try:
