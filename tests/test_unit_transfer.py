@@ -35,10 +35,16 @@ def pair():
     receiver.close()
 
 
+@pytest.fixture(scope='module')
+def tls_cert(tmp_path_factory):
+    """(certfile, keyfile): one certificate for the module (openssl takes a while)."""
+    return _openssl_cert(tmp_path_factory.mktemp('tls'))
+
+
 @pytest.fixture
-def tls_pair(tmp_path):
+def tls_pair(tls_cert):
     """(sender, receiver) wrapped in TLS with the node's own contexts."""
-    certfile, keyfile = _openssl_cert(tmp_path)
+    certfile, keyfile = tls_cert
     lsock = socket.socket()
     lsock.bind(('127.0.0.1', 0))
     lsock.listen(1)
