@@ -224,7 +224,15 @@ class InProcessNode:
     """Our Node running in this process, with NodeProcess's interface (port,
     prefix, log(), stop(), stop_async(), proc.poll()).  It starts in
     milliseconds (its workers are still processes), which keeps the unit
-    tests fast; tests of the command line and of signals use NodeProcess."""
+    tests fast; tests of the command line and of signals use NodeProcess.
+
+    Workers load dispynode.py through its bytecode cache, which an installed
+    node has (pip compiles it); with PYTHONDONTWRITEBYTECODE set nothing
+    writes that cache, and every worker would compile the module anew
+    (some 45 ms of CPU, before a computation's first job can run).  So the
+    first start writes it once, as an installation would."""
+
+    _compiled = False
 
     def __init__(self, node, capture, prefix):
         self.node, self.capture = node, capture
@@ -258,9 +266,22 @@ class InProcessNode:
         log = logging.getLogger('dispynode')
         log.addHandler(capture)
         log.setLevel(logging.DEBUG)
+        cls._compile_once(dispynode)
         node = dispynode.Node(cfg)
         node.start()
         return cls(node, capture, prefix)
+
+    @classmethod
+    def _compile_once(cls, module):
+        if cls._compiled:
+            return
+        cls._compiled = True
+        import py_compile
+        for path in (module.__file__, dc.__file__):
+            try:
+                py_compile.compile(path, doraise=True)
+            except (OSError, py_compile.PyCompileError):
+                pass        # a read-only tree: workers compile, as before
 
     def log(self):
         return '\n'.join(self.capture.lines) + '\n'
