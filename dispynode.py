@@ -466,10 +466,13 @@ class TaskPool:
         self.name, self.max_threads, self.max_queued = name, max_threads, max_queued
         self.idle_seconds = idle_seconds
         self.drop_oldest = drop_oldest
-        self.cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)           # tasks queued, or closing
+        self.started = threading.Condition(lock)        # a new thread has started
         self.tasks = collections.deque()
         self.keys = set()
         self.threads = set()
+        self.starting = 0           # threads in self.threads whose start() runs
         self.idle = 0
         self.closed = False
         self._serial = 0
@@ -493,7 +496,17 @@ class TaskPool:
             thread = threading.Thread(target=self._run, daemon=True,
                                       name='%s-%d' % (self.name, self._serial))
             self.threads.add(thread)
-        thread.start()
+            self.starting += 1
+        ok = False
+        try:
+            thread.start()
+            ok = True
+        finally:
+            with self.cond:
+                self.starting -= 1
+                if not ok:
+                    self.threads.discard(thread)
+                self.started.notify_all()
         return True
 
     def _run(self):
@@ -521,11 +534,14 @@ class TaskPool:
 
     def close(self, timeout):
         """Refuse new tasks, let queued ones finish (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            # A thread submit() has just made may not have started: join()
+            # would raise.  Its start takes moments, not the timeout.
+            self.started.wait_for(lambda: not self.starting, timeout)
             threads = list(self.threads)
-        deadline = time.monotonic() + timeout
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
@@ -3302,11 +3318,12 @@ class Node(ServiceControl):
         if self._started:
             self.courier.drain(3.0)
         for comp in active:
-            # Its jobs are over (or past waiting for), and a worker runs no
-            # cleanup at shutdown: kill its tree rather than wait for a
-            # worker that may still be booting to read its end of the channel.
+            # A retiring computation's worker may be running its cleanup: it
+            # gets 2 s.  Any other's jobs are over (or past waiting for), and
+            # a worker runs no cleanup at shutdown: its tree is killed rather
+            # than waited for (a worker still booting reads its channel late).
             if comp.worker is not None:
-                comp.worker.stop(0)
+                comp.worker.stop(2.0 if self.state.phase_of(comp) is Phase.RETIRING else 0)
             self._settle(comp, self.state.shut_down)
             self.send_terminated(comp)
         with self.spare_lock:

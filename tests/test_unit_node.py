@@ -409,6 +409,45 @@ def test_nodestate_concurrent_start_finish(tmp_path):
     assert accepted and comp.running == set() and st.jobs == {}
 
 
+# ---------------------------------------------------------------- TaskPool
+
+def test_task_pool_close_while_a_new_thread_starts(monkeypatch):
+    """close() right after submit() made a thread that has not started yet
+    waits for it, runs the queued task and raises nothing (it used to join
+    the unstarted thread: 'cannot join thread before it is started', seen
+    once in ten -k unit runs)."""
+    pool = dn.TaskPool('slowstart', 2, 4)
+    entered, release = threading.Event(), threading.Event()
+    real_start = threading.Thread.start
+
+    def slow_start(thread):
+        if thread.name.startswith('slowstart-'):
+            entered.set()
+            release.wait(10)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, 'start', slow_start)
+    ran, errors = [], []
+
+    def close():
+        try:
+            pool.close(10)
+        except Exception as exc:  # the failure this test is about
+            errors.append(exc)
+
+    submitter = threading.Thread(target=pool.submit, args=(ran.append, 1))
+    submitter.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(0.2)        # the old close() raised here at once
+    release.set()
+    submitter.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and errors == []
+    assert ran == [1] and pool.thread_count() == 0
+
+
 # ---------------------------------------------------------------- processes
 
 def _gone(pid):
