@@ -432,14 +432,19 @@ def test_provisional_result_and_send_file(drv):
             '    return dispy_send_file("out.txt")\n')
     _, compute = drv.compute(code, 'f')
     assert drv.job(compute.id, 1, (7,)) == b'ACK'
-    provisional = drv.server.wait('JOB_REPLY', 10)
-    assert provisional.obj.status == dc.DispyJob.ProvisionalResult
-    assert provisional.obj.result == 7
-    xfer = drv.server.wait('FILEXFER', 10)
-    assert xfer.obj.name == 'out.txt' and xfer.extra['data'] == b'xxxxxxx'
-    assert isinstance(xfer.obj.stat_buf, os.stat_result)
     reply = drv.server.wait_reply(1)
     assert reply.status == dc.DispyJob.Finished and reply.result == 0
+    # The job sent both before its reply, but the driver ACKs a message
+    # before it queues it, so they may be queued after the reply (and
+    # waiting for them in order dropped the reply once in ten runs).
+    provisional = wait_for(lambda: [m.obj for m in drv.server.all if m.tag == 'JOB_REPLY'
+                                    and m.obj.status == dc.DispyJob.ProvisionalResult], 5)
+    assert [(p.uid, p.result) for p in provisional] == [(1, 7)]
+    xfers = wait_for(lambda: [m for m in drv.server.all if m.tag == 'FILEXFER'], 5)
+    assert len(xfers) == 1
+    xfer = xfers[0]
+    assert xfer.obj.name == 'out.txt' and xfer.extra['data'] == b'xxxxxxx'
+    assert isinstance(xfer.obj.stat_buf, os.stat_result)
 
 
 def test_job_for_unknown_computation_is_refused(drv):
@@ -583,7 +588,8 @@ def test_dead_client_reply_is_stored_then_resent(node, drv):
     assert drv.job(compute.id, 5, (50,)) == b'ACK'
     assert wait_for(lambda: os.path.exists(reply_file(path, 5)), 10), node.log()
     assert drv.server.unacked and drv.server.unacked[0].obj.uid == 5
-    assert drv.pending_jobs(compute.id) == {'done': [5], 'pending': 0}
+    # the node writes the file first, then notes the result as stored
+    assert wait_for(lambda: drv.pending_jobs(compute.id) == {'done': [5], 'pending': 0}, 5)
     assert drv.pending_jobs(compute.id, auth='0000') == {'done': [], 'pending': 0}
     # the client is back
     drv.server.ack = True
