@@ -2904,11 +2904,12 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, addr, node):
         self.node = node
         self.slots = threading.BoundedSemaphore(node.config.max_connections)
-        super().__init__(addr, RequestHandler)
-        self.reception = Reception(self)
+        # Before binding: a failed bind calls server_close, which closes it.
         self.waker = Waker()
         self.stopping = threading.Event()
         self.stopped = threading.Event()
+        super().__init__(addr, RequestHandler)
+        self.reception = Reception(self)
 
     def serve_forever(self, poll_interval=None):
         try:
