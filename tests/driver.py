@@ -9,7 +9,7 @@ them with ``dc.loads_full`` exactly as a client would.
 
 It needs no legacy Python: everything is the current interpreter.
 
-    node = NodeProcess.start(tmp_path)          # python3 dispynode.py ... as a subprocess
+    node = NodeProcess.start(tmp_path)          # nodes.NodeProc: python3 dispynode.py ...
     drv = Driver('127.0.0.1', node.port)
     drv.ping_tcp()                               # learns the node's sign -> auth
     reply, comp = drv.compute('def f(x):\\n    return 2 * x\\n', 'f')
@@ -22,10 +22,8 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -36,40 +34,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import dispy_common as dc  # noqa: E402
+from legacy import free_port, wait_for  # noqa: E402,F401  (re-exported)
+from nodes import NODE_SCRIPT, NodeProc, reap_all  # noqa: E402,F401
 
-NODE_SCRIPT = REPO / 'dispynode.py'
+NodeProcess = NodeProc      # the name the unit tests (and InProcessNode's mirror) use
 JUNK_AUTH = b'x' * dc.AUTH_LEN
 
 
 # ---------------------------------------------------------------- helpers
-
-def free_port():
-    """A port free for both TCP and UDP on 127.0.0.1 (and the wildcard)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(('127.0.0.1', 0))
-            port = tcp.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(('', port))
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                tcp.bind(('', port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError('no free port found')
-
-
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    """Poll ``predicate`` until it returns something true; return it (or
-    the last falsy value after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
 
 def random_hex(nbytes=10):
     return os.urandom(nbytes).hex()
@@ -120,85 +92,7 @@ def raw_ping(port, sign='a' * 20, auth=JUNK_AUTH, reply_port=9, timeout=6.0):
     return pickle.loads(body) if body and body[:1] == b'\x80' else None
 
 
-# ---------------------------------------------------------------- node process
-
-class NodeProcess:
-    """Our dispynode.py running as a subprocess on 127.0.0.1."""
-
-    def __init__(self, proc, port, prefix, log_path, scheduler_port):
-        self.proc = proc
-        self.port = port
-        self.prefix = Path(prefix)
-        self.log_path = Path(log_path)
-        self.scheduler_port = scheduler_port
-
-    @classmethod
-    def start(cls, workdir, args=(), port=None, scheduler_port=None, wait=True,
-              env=None, timeout=15.0, prefix=None):
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        port = port or free_port()
-        scheduler_port = scheduler_port or free_port()
-        prefix = Path(prefix) if prefix else workdir / ('prefix-%d' % port)
-        log_path = workdir / ('node-%d.log' % port)
-        cmd = [sys.executable, str(NODE_SCRIPT), '-i', '127.0.0.1', '-p', str(port),
-               '--dest_path_prefix', str(prefix), '--scheduler_port', str(scheduler_port),
-               '-d'] + [str(a) for a in args]
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        with open(log_path, 'wb') as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=str(workdir),
-                                    env=full_env, start_new_session=True)
-        node = cls(proc, port, prefix, log_path, scheduler_port)
-        if wait:
-            node.wait_ready(timeout)
-        return node
-
-    def log(self):
-        try:
-            return self.log_path.read_text(errors='replace')
-        except OSError:
-            return ''
-
-    def wait_ready(self, timeout=15.0):
-        """Wait for the node's 'serving ...' log line (no probe connection,
-        which would hold a request slot for msg_timeout)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if 'serving' in self.log() and ' cpus at ' in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError('node exited with %s; log:\n%s'
-                                     % (self.proc.returncode, self.log()))
-            time.sleep(0.02)
-        raise AssertionError('node not ready after %ss; log:\n%s' % (timeout, self.log()))
-
-    def stop_async(self, sig=signal.SIGTERM, timeout=10.0):
-        """Signal the node now and reap it in the background (see reap_all)."""
-        thread = threading.Thread(target=self.stop, args=(sig, timeout), daemon=True)
-        thread.start()
-        _REAPERS.append(thread)
-        return thread
-
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
-        """Signal the node, wait, then SIGKILL its process group.
-        Returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        return self.proc.wait(5)
-
+# ---------------------------------------------------------------- in-process node
 
 class _Alive:
     """``proc`` of an InProcessNode: poll() is None while the node serves."""
@@ -271,16 +165,6 @@ class InProcessNode:
         return 0
 
     stop_async = stop
-
-
-_REAPERS = []
-
-
-def reap_all(timeout=15.0):
-    """Wait for nodes stopped with stop_async (call at session end)."""
-    deadline = time.monotonic() + timeout
-    while _REAPERS:
-        _REAPERS.pop().join(max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(reap_all)

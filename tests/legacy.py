@@ -11,11 +11,7 @@ Stable API (other test modules import these names):
 - ``pyenv_python(version_prefix)``: newest ``$(pyenv root)/versions/<prefix>*``
   interpreter, or None.
 - ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
-- ``Node``: ``Node.start(impl='ours'|'original', port=None, prefix=None, args=(),
-  python=None, env=None, cwd=None, debug=True, script=None)`` (``script``: another
-  copy of dispynode.py to run); ``wait_ready()``, ``stop()``,
-  ``kill()``, ``log()``, ``alive()``; attributes ``port, prefix, proc, pid,
-  log_path, impl``; usable as a context manager.
+- nodes are started by ``tests/nodes.py`` (``NodeProc``), which uses this module.
 - ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
   runs a legacy client script (a path, a name in ``tests/clients/`` or a string
   of code) with the legacy venv's python. ``ClientResult`` has ``returncode,
@@ -31,16 +27,13 @@ Stable API (other test modules import these names):
 - ``files_under(path)``: sorted relative paths of the regular files below path.
 """
 
-import errno
 import fcntl
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,7 +48,7 @@ LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
-           'pyenv_root', 'pyenv_python', 'free_port', 'Node', 'ClientResult', 'run_client',
+           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'run_client',
            'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 
@@ -230,7 +223,7 @@ def free_port():
 
 # ---------------------------------------------------------------- misc helpers
 
-def wait_for(predicate, timeout, interval=0.05):
+def wait_for(predicate, timeout=10.0, interval=0.02):
     """Poll predicate() until it returns a true value or timeout seconds pass.
     Returns the last value of predicate()."""
     deadline = time.monotonic() + timeout
@@ -257,7 +250,8 @@ def pid_alive(pid):
         return True
 
 
-def _killpg(proc, sig):
+def killpg(proc, sig):
+    """Signal ``proc``'s process group (it leads one), else ``proc`` alone."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -265,113 +259,6 @@ def _killpg(proc, sig):
             proc.send_signal(sig)
         except (ProcessLookupError, OSError):
             pass
-
-
-# ------------------------------------------------------------------------ node
-
-class Node:
-    """A dispy node process ('ours' = REPO/dispynode.py, 'original' = dispy 4.5.5)."""
-
-    def __init__(self, impl, port, prefix, proc, log_path, cmd):
-        self.impl = impl
-        self.port = port
-        self.prefix = Path(prefix)
-        self.proc = proc
-        self.pid = proc.pid
-        self.log_path = Path(log_path)
-        self.cmd = cmd
-
-    @classmethod
-    def start(cls, impl='ours', port=None, prefix=None, args=(), python=None, env=None,
-              cwd=None, debug=True, script=None):
-        if impl not in ('ours', 'original'):
-            raise ValueError('impl must be "ours" or "original"')
-        if port is None:
-            port = free_port()
-        if prefix is None:
-            prefix = Path(tempfile.mkdtemp(prefix='dispynode-')) / 'prefix'
-        prefix = Path(prefix)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        opts = ['-i', '127.0.0.1', '-p', str(port), '--dest_path_prefix', str(prefix)]
-        args = [str(a) for a in args]
-        if debug and '-d' not in args and '--debug' not in args:
-            opts.append('-d')
-        if impl == 'ours':
-            cmd = [str(python or sys.executable), str(script or REPO / 'dispynode.py')] + opts + args
-        else:
-            cmd = [str(python or ensure_legacy_venv()), '-m', 'dispy.dispynode'] + opts + args
-        log_path = prefix.parent / ('node-%s-%d.log' % (impl, port))
-        full_env = dict(os.environ)
-        full_env['PYTHONUNBUFFERED'] = '1'
-        if env:
-            full_env.update(env)
-        with open(str(log_path), 'ab') as log:
-            log.write(('$ %s\n' % ' '.join(cmd)).encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=full_env,
-                                    cwd=str(cwd) if cwd else str(prefix.parent),
-                                    start_new_session=True)
-        return cls(impl, port, prefix, proc, log_path, cmd)
-
-    def log(self):
-        try:
-            return self.log_path.read_text(errors='replace')
-        except OSError:
-            return ''
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def wait_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError('%s node exited with %s before listening on port %d; '
-                                     'log:\n%s' % (self.impl, self.proc.returncode, self.port,
-                                                   self.log()))
-            try:
-                with socket.create_connection(('127.0.0.1', self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError('%s node not listening on 127.0.0.1:%d after %ss; log:\n%s' % (
-            self.impl, self.port, timeout, self.log()))
-
-    def stop(self, sig=signal.SIGINT, timeout=10):
-        """Signal the node (default SIGINT), wait up to timeout, then SIGKILL
-        the whole process group. Returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _killpg(self.proc, signal.SIGKILL)   # leftovers (job processes) too
-        try:
-            return self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self):
-        _killpg(self.proc, signal.SIGKILL)
-        try:
-            return self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
-    def __repr__(self):
-        return '<Node %s port=%s pid=%s>' % (self.impl, self.port, self.pid)
 
 
 # ---------------------------------------------------------------------- client
@@ -443,7 +330,7 @@ def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _killpg(proc, signal.SIGKILL)
+            killpg(proc, signal.SIGKILL)
             out, err = proc.communicate()
             raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
                                  '--- stderr ---\n%s' % (
@@ -451,7 +338,7 @@ def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
                                      err.decode(errors='replace')[-8000:]))
         finally:
             if proc.poll() is None:
-                _killpg(proc, signal.SIGKILL)
+                killpg(proc, signal.SIGKILL)
                 proc.wait()
         out = out.decode(errors='replace')
         err = err.decode(errors='replace')

@@ -104,7 +104,7 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
     stats = {'stored_at_kill_a': [], 'left_at_kill_b': [], 'tmp_seen': 0, 'dup': 0}
 
     def start():
-        return node_factory('ours', port=port, prefix=prefix)
+        return node_factory(port=port, prefix=prefix)
 
     node = start()
     for it in range(ITERATIONS):

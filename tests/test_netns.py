@@ -7,8 +7,9 @@ lab creates and deletes (see tests/netns.py).  Clients and nodes use
 dispy's default ports (51347 / 51348): each host has its own stack.
 
 Needs root (skipped otherwise, failed under CI=true) and, for the NAT
-scenario, nft or iptables.  The node implementation comes from the
-``impl`` parameter (env DISPYTEST_IMPLS, default 'ours').
+scenario, nft or iptables.  Nodes start with ``lab.start_node`` (tests/nodes.py);
+the implementation comes from the ``node_mode`` parameter ('netns' runs ours,
+'original' dispy 4.5.5's, with DISPYTEST_IMPLS=ours,original; see conftest).
 """
 
 import json
@@ -127,6 +128,7 @@ def _tcp_probe(lab, host, addr, port, timeout=1.0):
 
 # ---------------------------------------------------------------- scenarios
 
+@pytest.mark.node_modes('netns', 'original')
 def test_broadcast_discovery_three_nodes(impl, lab):
     """One LAN; client 10.231.1.10 with no nodes= (broadcast discovery);
     nodes .21 and .22 with -i, .23 without -i (default address).  Jobs
@@ -153,6 +155,7 @@ def test_broadcast_discovery_three_nodes(impl, lab):
     assert all(n.alive() for n in nodes)
 
 
+@pytest.mark.node_modes('netns', 'original')
 def test_late_node_announces_itself(impl, lab):
     """Client and two nodes on 10.231.2.0/24; after the client submitted
     its jobs a third node (.23) starts; its broadcast announcement makes
@@ -181,6 +184,7 @@ def test_late_node_announces_itself(impl, lab):
 
 
 @pytest.mark.parametrize('reentrant', [True, False], ids=['reentrant', 'not_reentrant'])
+@pytest.mark.node_modes('netns', 'original')
 def test_node_killed_midrun(impl, lab, reentrant):
     """Three nodes on 10.231.3.0/24 (-c 1), client with pulse_interval=1.
     The third node is SIGKILLed 1.5 s into its first (3 s) job.  The 4.5.5
@@ -248,6 +252,7 @@ def test_node_killed_midrun(impl, lab, reentrant):
     assert _job_ips(data2) == alive_ips
 
 
+@pytest.mark.node_modes('netns', 'original')
 def test_scheduler_node_across_subnets(impl, lab):
     """Subnet A 10.231.11.0/24 (client .10) and subnet B 10.231.12.0/24
     joined by a router (.1 on both, ip_forward on).  Node B2 (.22) runs
@@ -279,6 +284,7 @@ def test_scheduler_node_across_subnets(impl, lab):
     assert node.alive() and hidden.alive()
 
 
+@pytest.mark.node_modes('netns', 'original')
 def test_nat_gateway(impl, lab):
     """Public LAN 10.231.50.0/24: client .10, gateway .1 and .2.  Private
     LAN 10.231.60.0/24 behind the gateway: node A .11 (port 51348, --ext_ip_addr
@@ -329,6 +335,7 @@ def test_nat_gateway(impl, lab):
 
 @pytest.mark.ours_only(reason='the original node serves on gethostbyname(gethostname()), '
                               'i.e. 127.0.1.1 here')
+@pytest.mark.node_modes('netns', 'original')
 def test_default_address_and_name(impl, lab):
     """Hosts whose hostname maps to 127.0.1.1 in their own /etc/hosts
     (Debian style; UTS + mount namespaces), LAN 10.231.70.0/24.  Host h1

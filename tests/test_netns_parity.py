@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 FINISHED, CANCELLED = DispyJob.Finished, DispyJob.Cancelled
 
 
+@pytest.mark.node_modes('netns', 'original')
 def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
     """Private LAN 10.231.60.0/24: the client at .10 behind gateway .1,
     whose public side has 10.231.50.1 and .2.  The gateway forwards

@@ -94,7 +94,7 @@ def test_recover_jobs_after_client_death(node_factory, legacy_python, tmp_path):
     soon as both are Running; a second legacy process on the same port runs
     dispy.recover_jobs(recover_file) and gets both results (Finished, right
     values); the node is then free again and its prefix holds nothing."""
-    node = node_factory('ours')
+    node = node_factory()
     client_port = free_port()
     recover_file = str(tmp_path / 'recover.dat')
     t0 = time.monotonic()
@@ -113,7 +113,7 @@ def test_recover_jobs_after_node_kill(node_factory, legacy_python, tmp_path):
     restarted with the same port and prefix (no --clean); recover_jobs still
     gets both results (the restarted node accepts the old run's auth for
     recovery), and the prefix then holds no reply files or records."""
-    node = node_factory('ours')
+    node = node_factory()
     client_port = free_port()
     recover_file = str(tmp_path / 'recover.dat')
     _submit_and_die(node, client_port, recover_file, tmp_path)
@@ -123,7 +123,7 @@ def test_recover_jobs_after_node_kill(node_factory, legacy_python, tmp_path):
     assert len(s['records']) == 1 and len(s['replies']) == 2 and not s['torn'], s
     node.kill()
     assert not node.alive()
-    node2 = node_factory('ours', port=node.port, prefix=node.prefix)
+    node2 = node_factory(port=node.port, prefix=node.prefix)
     assert len(_reply_files(node2.prefix)) == 2
     data, res = _recover(node2, client_port, recover_file, tmp_path)
     _assert_recovered(data, res, node2)
@@ -148,7 +148,7 @@ def test_zombie_client_frees_node(node_factory, legacy_python, tmp_path):
     result is kept in the store, and a new client on another port is served
     with correct results.  Bounded to ~20 s."""
     t_start = time.monotonic()
-    node = node_factory('ours', env={'DISPYNODE_ZOMBIE_SECONDS': '3'})
+    node = node_factory(env={'DISPYNODE_ZOMBIE_SECONDS': '3'})
     frozen_port = free_port()
     frozen = LegacyProc('recovery_zombie.py', node.port, frozen_port, 'jobs=1', 'secs=1.0',
                         cwd=tmp_path, watchdog=40)
@@ -201,7 +201,7 @@ def test_sigterm_ends_jobs_and_children(node_factory, legacy_python, tmp_path):
     SIGINT shows it (issue 11): no Terminated reply, only the node's
     TERMINATED message, so the (non-reentrant) jobs ended Abandoned and the
     cluster_status callback got DispyNode.Closed for the node."""
-    node = node_factory('ours')
+    node = node_factory()
     client = LegacyProc('recovery_sigterm.py', node.port, free_port(), 'jobs=2',
                         cwd=tmp_path, watchdog=50)
     try:
@@ -299,7 +299,7 @@ def test_shared_job_cluster_via_dispyscheduler(node_factory, legacy_python, tmp_
     (which talks to our node as its client): results are correct; after the
     first client closes, the node drops that computation and a fresh
     SharedJobCluster client is served again."""
-    node = node_factory('ours')
+    node = node_factory()
     sched = _Scheduler(node.port, tmp_path)
     try:
         sched.wait_ready()
@@ -365,7 +365,7 @@ def test_pong_ignores_unspecified_address(node_factory):
     test suite before the netns broadcast route got 'src 127.0.0.1')."""
     import socket as _socket
     import dispy_common as dc
-    node = node_factory('ours')
+    node = node_factory()
     lst = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     lst.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     lst.bind(('127.0.0.1', 0))     # 0.0.0.0:port reaches this on Linux
@@ -392,7 +392,7 @@ def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, t
     node sends replies from independent coroutines."""
     import socket as _socket
     from recovery_util import ProtoDriver
-    node = node_factory('ours', env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
+    node = node_factory(env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
     frozen = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     frozen.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     frozen.bind(('127.0.0.1', 0))
@@ -426,7 +426,7 @@ def test_resend_count_matches_replies(node_factory):
     400 KB make the window wide (the request thread reads them all from disk
     before counting while the courier already delivers)."""
     from recovery_util import ProtoDriver, ResultSink
-    node = node_factory('ours', debug=False)
+    node = node_factory(debug=False)
     code = "def f(n, size):\n    return {'n': n, 'blob': 'x' * size}\n"
     counts = []
     for r in range(2):
