@@ -215,6 +215,20 @@ class ReplyServer:
         except OSError:
             pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def replies(self):
+        """The JobReplies ACKed so far, in arrival order."""
+        return [m.obj for m in list(self.all) if m.tag == 'JOB_REPLY']
+
+    def uids(self):
+        return [reply.uid for reply in self.replies()]
+
     def _accept_loop(self):
         while not self._closed:
             try:
@@ -295,23 +309,29 @@ class ReplyServer:
 # ---------------------------------------------------------------- the driver
 
 class Driver:
-    """Plays a dispy 4.5 client against one node."""
+    """Plays a dispy 4.5 client against one node.
+
+    Its results go to ``server`` (a ReplyServer it makes by default); with
+    ``reply_port`` it runs none and announces that port instead (where the
+    test listens later, or nobody does, so that the node stores results)."""
 
     def __init__(self, node_host, node_port, secret='', timeout=10.0, server=None,
-                 scheduler_ip='127.0.0.1'):
+                 scheduler_ip='127.0.0.1', reply_port=None):
         self.node_addr = (node_host, node_port)
         self.secret = secret
         self.timeout = timeout
         self.sign = random_hex(10)          # the client's own sign (sent in PING)
         self.node_sign = None
         self.auth = None
-        self.server = server or ReplyServer(timeout=timeout)
+        self.server = None if reply_port else server or ReplyServer(timeout=timeout)
+        self.reply_port = reply_port or self.server.port
         self.scheduler_ip = scheduler_ip
         self.computes = {}                  # compute id -> dc.Compute
         self.job_hashes = {}                # uid -> hash
 
     def close_server(self):
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
 
     # -- transport
     def connect(self):
@@ -342,7 +362,7 @@ class Driver:
 
     # -- discovery
     def ping_info(self, version=dc.PROTOCOL_VERSION, port=None):
-        return {'version': version, 'sign': self.sign, 'port': port or self.server.port,
+        return {'version': version, 'sign': self.sign, 'port': port or self.reply_port,
                 'ip_addrs': ['127.0.0.1']}
 
     def ping_tcp(self, **kw):
@@ -362,13 +382,13 @@ class Driver:
     # -- computations
     def make_compute(self, code, name, dest_path=None, xfer_files=(), setup=None,
                      cleanup=None, compute_type=dc.Compute.func_type, compute_id=None,
-                     pulse_interval=None):
+                     pulse_interval=None, auth=None):
         return dc.Compute(
             type=compute_type, name=name, id=compute_id or int.from_bytes(os.urandom(4), 'big'),
             code=code, dest_path=dest_path, xfer_files=list(xfer_files), reentrant=False,
             setup=setup, cleanup=cleanup, scheduler_ip_addr=self.scheduler_ip,
-            scheduler_port=self.server.port, auth=random_hex(10),
-            job_result_port=self.server.port, pulse_interval=pulse_interval)
+            scheduler_port=self.reply_port, auth=auth or random_hex(10),
+            job_result_port=self.reply_port, pulse_interval=pulse_interval)
 
     def compute(self, code, name, **kw):
         """Send COMPUTE for function source ``code`` defining ``name``.
@@ -430,38 +450,40 @@ class Driver:
         compute = self.computes.get(compute_id)
         return compute.auth if compute is not None else None
 
-    def close(self, compute_id, auth=None, terminate_pending=False):
+    # ``auth`` below is the computation's; ``node_auth`` overrides the
+    # request's 40-byte prefix (e.g. the auth of a node's earlier run)
+    def close(self, compute_id, auth=None, terminate_pending=False, node_auth=None):
         """CLOSE; the node answers nothing, so this returns once the node
         has handled the request and closed the connection."""
         return self.request(b'CLOSE', {'compute_id': compute_id,
                                        'auth': self._compute_auth(compute_id, auth),
-                                       'terminate_pending': terminate_pending})
+                                       'terminate_pending': terminate_pending},
+                            auth=node_auth)
 
-    def _info_request(self, tag, compute_id, auth, **extra):
+    def _info_request(self, tag, compute_id, auth, node_auth=None):
         info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth)}
-        info.update(extra)
-        frame = self.request(tag, info)
+        frame = self.request(tag, info, auth=node_auth)
         return None if frame is None else dc.loads_full(frame)
 
-    def resend(self, compute_id, auth=None):
+    def resend(self, compute_id, auth=None, node_auth=None):
         """RESEND_JOB_RESULTS -> count of pending results + running jobs."""
-        return self._info_request(b'RESEND_JOB_RESULTS', compute_id, auth)
+        return self._info_request(b'RESEND_JOB_RESULTS', compute_id, auth, node_auth)
 
-    def pending_jobs(self, compute_id, auth=None):
+    def pending_jobs(self, compute_id, auth=None, node_auth=None):
         """PENDING_JOBS -> {'done': [uids], 'pending': n}."""
-        return self._info_request(b'PENDING_JOBS', compute_id, auth)
+        return self._info_request(b'PENDING_JOBS', compute_id, auth, node_auth)
 
     def jobs(self, compute_id, auth=None):
         """JOBS -> [{'uid': ..., 'hash': ..., 'start_time': ...}]."""
         return self._info_request(b'JOBS', compute_id, auth)
 
-    def retrieve(self, compute_id, uid, job_hash=None, auth=None, ack=True):
+    def retrieve(self, compute_id, uid, job_hash=None, auth=None, ack=True, node_auth=None):
         """RETRIEVE_JOB -> the stored JobReply (or None); ACKs it if asked."""
         info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth),
                 'uid': uid, 'hash': job_hash if job_hash is not None
                 else self.job_hashes.get(uid)}
         with self.connect() as sock:
-            sock.sendall(self.auth or JUNK_AUTH)
+            sock.sendall(node_auth or self.auth or JUNK_AUTH)
             dc.send_msg(sock, b'RETRIEVE_JOB:' + dc.dumps(info))
             frame = self._recv(sock)
             if frame is None:

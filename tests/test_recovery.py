@@ -15,6 +15,7 @@ from dispy_common import DispyJob
 
 from legacy import (CLIENTS, ensure_legacy_venv, find_files, free_port, pid_alive,
                     run_client, wait_for)
+from driver import Driver, ReplyServer
 from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gone,
                            scan_store, wait_node_free)
 
@@ -391,7 +392,6 @@ def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, t
     the frozen client's 5 s (msg_timeout) delivery attempts.  The original
     node sends replies from independent coroutines."""
     import socket as _socket
-    from recovery_util import ProtoDriver
     node = node_factory(env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
     frozen = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     frozen.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
@@ -399,10 +399,10 @@ def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, t
     frozen.listen(16)              # never accept(): connects succeed, no ACK ever
     fport = frozen.getsockname()[1]
     try:
-        drv = ProtoDriver(node.port)
-        drv.ping(fport)
-        assert drv.compute(7001, 'abcdef', fport, 'def f(n):\n    return n + 1\n',
-                           'f') == b'ACK'
+        drv = Driver('127.0.0.1', node.port, timeout=5.0, reply_port=fport)
+        drv.ping_tcp()
+        assert drv.compute('def f(n):\n    return n + 1\n', 'f', compute_id=7001,
+                           auth='abcdef', cleanup=True)[0] == b'ACK'
         assert drv.job(7001, 1, (41,)) == b'ACK'
         assert wait_node_free(node.port, 10), node.log()[-5000:]
         t0 = time.monotonic()
@@ -425,22 +425,21 @@ def test_resend_count_matches_replies(node_factory):
     timeout=None recover_jobs then waits forever.  40 stored results of
     400 KB make the window wide (the request thread reads them all from disk
     before counting while the courier already delivers)."""
-    from recovery_util import ProtoDriver, ResultSink
     node = node_factory(debug=False)
     code = "def f(n, size):\n    return {'n': n, 'blob': 'x' * size}\n"
     counts = []
     for r in range(2):
         cid, auth, rport, k = 900 + r, 'abcd%02d' % r, free_port(), 40
-        drv = ProtoDriver(node.port)
-        drv.ping(rport)
-        assert drv.compute(cid, auth, rport, code, 'f') == b'ACK'
+        drv = Driver('127.0.0.1', node.port, timeout=5.0, reply_port=rport)
+        drv.ping_tcp()
+        assert drv.compute(code, 'f', compute_id=cid, auth=auth, cleanup=True)[0] == b'ACK'
         for uid in range(1, k + 1):
             deadline = time.monotonic() + 10
             while drv.job(cid, uid, (uid, 400000)) != b'ACK':
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
         assert wait_for(lambda: len(_reply_files(node.prefix)) == k, 20, interval=0.1)
-        with ResultSink(port=rport) as sink:
+        with ReplyServer(port=rport) as sink:
             count = drv.resend(cid, auth)
             assert wait_for(lambda: len(sink.uids()) >= k, 15, interval=0.05), sink.uids()
             time.sleep(0.2)
