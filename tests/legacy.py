@@ -223,6 +223,8 @@ def free_port():
 
 # ---------------------------------------------------------------- misc helpers
 
+from clients._common import pid_alive  # noqa: E402,F401  (the client scripts' own)
+
 def wait_for(predicate, timeout=10.0, interval=0.02):
     """Poll predicate() until it returns a true value or timeout seconds pass.
     Returns the last value of predicate()."""
@@ -232,22 +234,6 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
-
-
-def pid_alive(pid):
-    """True if a process with this pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            state = f.read().rsplit(')', 1)[1].split()[0]
-        return state not in ('Z', 'X')
-    except (OSError, IndexError):
-        return True
 
 
 def killpg(proc, sig):
