@@ -6,7 +6,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 
 import dispy_common as dc
 from driver import Driver, NodeProcess, free_port
+from nodes import node_argv
 from legacy import wait_for
 
 import test_service as ts
@@ -61,10 +61,12 @@ class Terminal:
 
 
 def start_console_node(tmp_path, args=()):
+    """Our node with its stdin, stdout and stderr on a terminal (the test
+    reads its output there, not from a log file)."""
     term = Terminal()
     port = free_port()
     prefix = tmp_path / 'prefix'
-    cmd = [sys.executable, str(ts.REPO / 'dispynode.py'), '-i', '127.0.0.1', '-p', str(port),
+    cmd = node_argv() + ['-i', '127.0.0.1', '-p', str(port),
            '--dest_path_prefix', str(prefix), '-c', str(NCPU)] + list(args)
     proc = subprocess.Popen(cmd, stdin=term.slave, stdout=term.slave, stderr=term.slave,
                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
