@@ -12,6 +12,8 @@ Stable API (other test modules import these names):
   interpreter, or None.
 - ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
 - nodes are started by ``tests/nodes.py`` (``NodeProc``), which uses this module.
+- ``LegacyClient(script, *args, cwd, env=None, watchdog=60)``: a client in the
+  background (``wait_line``, ``signal``, ``kill``, ``finish``, ``result``).
 - ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
   runs a legacy client script (a path, a name in ``tests/clients/`` or a string
   of code) with the legacy venv's python. ``ClientResult`` has ``returncode,
@@ -30,6 +32,7 @@ Stable API (other test modules import these names):
 import fcntl
 import json
 import os
+import queue
 import random
 import signal
 import socket
@@ -48,7 +51,7 @@ LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
-           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'run_client',
+           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient', 'run_client',
            'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 
@@ -275,66 +278,148 @@ def _parse_result(stdout):
     return None
 
 
-def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
-    """Run a legacy client script with the legacy venv's python.
-
-    ``script`` is a Path, a file name in tests/clients/, or a string of code
-    (written to a temp file). ``cwd`` defaults to a fresh temp directory
-    (the client writes recovery files and received files there). Raises AssertionError (with the output) if it
-    runs longer than ``timeout`` seconds."""
-    tmpfile = None
-    if isinstance(script, Path):
-        path = script
-    elif '\n' not in script and (CLIENTS / script).exists():
-        path = CLIENTS / script
-    elif '\n' not in script and os.path.exists(script):
-        path = Path(script)
-    else:
-        fd, name = tempfile.mkstemp(prefix='dispyclient-', suffix='.py')
-        with os.fdopen(fd, 'w') as f:
-            f.write(script)
-        path = tmpfile = Path(name)
-    cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
-    if cwd is None:
-        # the client writes its _dispy_<time> recovery files into its cwd
-        cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
-    full_env = dict(os.environ)
-    full_env['PYTHONUNBUFFERED'] = '1'
-    # client scripts using tests/clients/_common.run() report partial state
-    # and exit a little before the harness would kill them
-    full_env['DISPYTEST_CLIENT_WATCHDOG'] = str(max(1.0, timeout - 5 if timeout > 10
-                                                    else timeout * 0.8))
-    # let client scripts import tests/clients/_common.py
+def client_env(watchdog, env=None):
+    """The environment of a client script: unbuffered, tests/clients on its
+    path (for _common.py), and a watchdog (_common.run reports its partial
+    state and exits after ``watchdog`` seconds, before the harness kills it)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', DISPYTEST_CLIENT_WATCHDOG=str(watchdog))
     full_env['PYTHONPATH'] = os.pathsep.join(
         [str(CLIENTS)] + ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))
-    if env:
-        full_env.update(env)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=full_env,
-                                cwd=str(cwd) if cwd else None, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            killpg(proc, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
-                                 '--- stderr ---\n%s' % (
-                                     ' '.join(cmd), timeout, out.decode(errors='replace')[-8000:],
-                                     err.decode(errors='replace')[-8000:]))
-        finally:
-            if proc.poll() is None:
-                killpg(proc, signal.SIGKILL)
-                proc.wait()
-        out = out.decode(errors='replace')
-        err = err.decode(errors='replace')
-        return ClientResult(proc.returncode, out, err, _parse_result(out), cmd)
-    finally:
-        if tmpfile is not None:
+    full_env.update(env or {})
+    return full_env
+
+
+def client_script(script):
+    """(path, temp file or None) of a client: a Path, a name in
+    tests/clients/, a path, or a string of code (written to a temp file)."""
+    if isinstance(script, Path):
+        return script, None
+    if '\n' not in script and (CLIENTS / script).exists():
+        return CLIENTS / script, None
+    if '\n' not in script and os.path.exists(script):
+        return Path(script), None
+    fd, name = tempfile.mkstemp(prefix='dispyclient-', suffix='.py')
+    with os.fdopen(fd, 'w') as f:
+        f.write(script)
+    return Path(name), Path(name)
+
+
+class LegacyClient:
+    """A legacy client script running in the background with the legacy
+    venv's python, in its own process group; its stdout is read line by line.
+
+    ``wait_line(prefix, timeout)`` returns the first stdout line starting
+    with ``prefix`` (without it), for tests that act while the client runs;
+    ``result(timeout)`` waits for the exit (AssertionError with the output
+    after ``timeout``) and returns a ClientResult; ``finish(timeout)`` waits,
+    SIGKILLs after ``timeout`` and returns the RESULT data (or None)."""
+
+    def __init__(self, script, *args, cwd, env=None, watchdog=60, python=None):
+        path, self.tmpfile = client_script(script)
+        self.cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=client_env(watchdog, env),
+                                     cwd=str(cwd), start_new_session=True)
+        self.pid = self.proc.pid
+        self.lines = queue.Queue()
+        self.out, self.err = [], []
+        self._threads = [threading.Thread(target=self._pump, args=(stream, store, keep),
+                                          daemon=True, name='client-%s-%d' % (name, self.pid))
+                         for stream, store, keep, name in (
+                             (self.proc.stdout, self.out, True, 'out'),
+                             (self.proc.stderr, self.err, False, 'err'))]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream, store, lines):
+        for raw in iter(stream.readline, b''):
+            line = raw.decode(errors='replace')
+            store.append(line)
+            if lines:
+                self.lines.put(line.rstrip('\n'))
+        stream.close()
+
+    def wait_line(self, prefix, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
             try:
-                tmpfile.unlink()
+                line = self.lines.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    # the process ended; give the pump a moment to deliver
+                    time.sleep(0.1)
+                    if self.lines.empty():
+                        return None
+                continue
+            if line.startswith(prefix):
+                return line[len(prefix):]
+
+    def signal(self, sig):
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _wait(self, timeout):
+        """Wait for the exit (SIGKILL after ``timeout``) and the output;
+        True if it exited in time."""
+        try:
+            self.proc.wait(timeout)
+            in_time = True
+        except subprocess.TimeoutExpired:
+            in_time = False
+        self.kill()         # leftovers of its group too
+        for t in self._threads:
+            t.join(5)
+        if self.tmpfile is not None:
+            try:
+                self.tmpfile.unlink()
             except OSError:
                 pass
+        return in_time
+
+    def finish(self, timeout):
+        self._wait(timeout)
+        return _parse_result(''.join(self.out))
+
+    def result(self, timeout):
+        if not self._wait(timeout):
+            raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
+                                 '--- stderr ---\n%s' % (' '.join(self.cmd), timeout,
+                                                         ''.join(self.out)[-8000:],
+                                                         ''.join(self.err)[-8000:]))
+        out = ''.join(self.out)
+        return ClientResult(self.proc.returncode, out, ''.join(self.err), _parse_result(out),
+                            self.cmd)
+
+    def kill(self):
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def describe(self):
+        return 'client %s (rc %s)\n--- stdout ---\n%s\n--- stderr ---\n%s' % (
+            ' '.join(self.cmd), self.proc.returncode, ''.join(self.out)[-6000:],
+            ''.join(self.err)[-6000:])
+
+
+def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
+    """Run a legacy client script (see client_script) to its exit with the
+    legacy venv's python; returns a ClientResult.  ``cwd`` defaults to a
+    fresh temp directory (the client writes its _dispy_<time> recovery files
+    and received files there).  Raises AssertionError (with the output) if
+    it runs longer than ``timeout`` seconds."""
+    if cwd is None:
+        cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
+    watchdog = max(1.0, timeout - 5 if timeout > 10 else timeout * 0.8)
+    return LegacyClient(script, *args, cwd=cwd, env=env, watchdog=watchdog,
+                        python=python).result(timeout)
 
 
 # ------------------------------------------------------------ test helpers

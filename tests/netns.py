@@ -504,18 +504,14 @@ class Lab:
     def start_client(self, host, script, *args, timeout=90, env=None, python=None):
         """Start a legacy client script (a name in tests/clients or a path)
         in ``host``, with the legacy venv's python; returns a ClientProc."""
-        path = Path(script)
-        if not path.is_absolute():
-            path = legacy.CLIENTS / script
+        path, _ = legacy.client_script(script)
         idx = len(self._procs)
         cwd = self.workdir / ('client%d-%s' % (idx, host.role))
         cwd.mkdir(parents=True, exist_ok=True)
-        full_env = {'PYTHONPATH': str(legacy.CLIENTS),
-                    'DISPYTEST_CLIENT_WATCHDOG': str(max(5.0, timeout - 5))}
-        if env:
-            full_env.update(env)
         argv = [str(python or legacy.ensure_legacy_venv()), str(path)] + [str(a) for a in args]
-        return host.spawn(argv, cwd / 'stdout.log', env=full_env, cwd=cwd, cls=ClientProc,
+        return host.spawn(argv, cwd / 'stdout.log', env=legacy.client_env(max(5.0, timeout - 5),
+                                                                         env),
+                          cwd=cwd, cls=ClientProc,
                           timeout=timeout, err_path=cwd / 'stderr.log')
 
     def run_client(self, host, script, *args, timeout=90, **kw):

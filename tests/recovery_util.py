@@ -1,8 +1,6 @@
 """Helpers for the recovery and crash-consistency tests.
 
-- ``LegacyProc``: a legacy client script run in the background, its stdout
-  read line by line (for scenarios where the test acts while the client
-  runs: freeze it, signal the node, ...).
+- ``LegacyProc``: legacy.LegacyClient, a client script in the background.
 (The protocol client and its result server are driver.Driver and
 driver.ReplyServer.)
 - ``node_is_free(port)`` / ``wait_node_free``: probe with a UDP PING whether
@@ -12,16 +10,12 @@ driver.ReplyServer.)
 """
 
 import os
-import queue
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from legacy import CLIENTS, REPO, ensure_legacy_venv
+from legacy import REPO, LegacyClient
 
 sys.path.insert(0, str(REPO))
 import dispy_common as dc  # noqa: E402
@@ -29,100 +23,7 @@ import dispy_common as dc  # noqa: E402
 REPLY_PREFIX = '_dispy_job_reply_'
 
 
-# ---------------------------------------------------------------- legacy client
-
-class LegacyProc:
-    """A legacy client script (in tests/clients/) running in the background.
-
-    ``wait_line(prefix, timeout)`` returns the first stdout line starting with
-    ``prefix`` (without the prefix); ``finish(timeout)`` waits for the exit and
-    returns the parsed ``RESULT:`` JSON (or None)."""
-
-    def __init__(self, script, *args, cwd, env=None, watchdog=60):
-        full_env = dict(os.environ)
-        full_env['PYTHONUNBUFFERED'] = '1'
-        full_env['DISPYTEST_CLIENT_WATCHDOG'] = str(watchdog)
-        full_env['PYTHONPATH'] = os.pathsep.join(
-            [str(CLIENTS)] + ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))
-        if env:
-            full_env.update(env)
-        path = CLIENTS / script if not os.path.isabs(str(script)) else Path(script)
-        self.cmd = [str(ensure_legacy_venv()), str(path)] + [str(a) for a in args]
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=full_env, cwd=str(cwd),
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-        self.lines = queue.Queue()
-        self.out = []
-        self.err = []
-        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.out,
-                                                                     True), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.err,
-                                                                     False), daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream, store, lines):
-        for raw in iter(stream.readline, b''):
-            line = raw.decode(errors='replace')
-            store.append(line)
-            if lines:
-                self.lines.put(line.rstrip('\n'))
-        stream.close()
-
-    def wait_line(self, prefix, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                line = self.lines.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    # the process ended; give the pump a moment to deliver
-                    time.sleep(0.1)
-                    if self.lines.empty():
-                        return None
-                continue
-            if line.startswith(prefix):
-                return line[len(prefix):]
-
-    def signal(self, sig):
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def finish(self, timeout):
-        """Wait for the exit (SIGKILL after ``timeout``); the RESULT JSON."""
-        import json
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        for t in self._threads:
-            t.join(5)
-        for line in reversed(self.out):
-            if line.startswith('RESULT:'):
-                try:
-                    return json.loads(line[len('RESULT:'):])
-                except ValueError:
-                    return None
-        return None
-
-    def kill(self):
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGKILL)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def describe(self):
-        return 'client %s (rc %s)\n--- stdout ---\n%s\n--- stderr ---\n%s' % (
-            ' '.join(self.cmd), self.proc.returncode, ''.join(self.out)[-6000:],
-            ''.join(self.err)[-6000:])
+LegacyProc = LegacyClient       # the name the recovery and service tests use
 
 
 # ---------------------------------------------------------------- node probes
