@@ -84,6 +84,56 @@ def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
     return got
 
 
+def accept_each(sock, seconds, handle, quiet=False):
+    """Accept connections on the listening ``sock`` for ``seconds`` (with
+    ``quiet``: until no connection came for ``seconds``) and call
+    ``handle(conn)`` on each, closing it after; a true answer from handle
+    stops early.  Returns whether handle stopped it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(min(left, 0.2))
+        try:
+            conn, _ = sock.accept()
+        except socket.timeout:
+            continue
+        with conn:
+            if handle(conn):
+                return True
+        if quiet:
+            deadline = time.monotonic() + seconds
+
+
+def udp_pongs(node_port, ip_addrs=('127.0.0.1',), wait=1.0, first=False):
+    """Send the node a UDP PING (from a client naming ``ip_addrs``) whose port
+    is a fresh TCP listener on 127.0.0.1; returns the PONG dicts that reach
+    it within ``wait`` seconds (with ``first``, stops at the first)."""
+    pongs = []
+
+    def take(conn):
+        conn.settimeout(2)
+        try:
+            msg = dc.recv_msg(conn, None, time.monotonic() + 2)
+        except (OSError, dc.ProtocolError):
+            return False
+        if msg.startswith(b'PONG:'):
+            pongs.append(dc.loads_plain(msg[len(b'PONG:'):]))
+        return first and bool(pongs)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(('127.0.0.1', 0))     # a PONG to 0.0.0.0:port reaches this on Linux
+        lst.listen(8)
+        udp.sendto(b'PING:' + dc.dumps_plain({
+            'version': dc.PROTOCOL_VERSION, 'sign': 'feedc0de', 'port': lst.getsockname()[1],
+            'ip_addrs': list(ip_addrs)}), ('127.0.0.1', node_port))
+        accept_each(lst, wait, take)
+    return pongs
+
+
 def raw_ping(port, sign='a' * 20, auth=JUNK_AUTH, reply_port=9, timeout=6.0):
     """A TCP PING naming ``sign``, sent as raw bytes; the PONG dict or None."""
     info = {'version': '4.5', 'sign': sign, 'port': reply_port, 'ip_addrs': []}

@@ -10,12 +10,12 @@ driver.ReplyServer.)
 """
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 from legacy import REPO, LegacyClient
+from driver import udp_pongs
 
 sys.path.insert(0, str(REPO))
 import dispy_common as dc  # noqa: E402
@@ -31,35 +31,7 @@ LegacyProc = LegacyClient       # the name the recovery and service tests use
 def node_is_free(node_port, wait=0.6):
     """True if the node answers a UDP PING with a TCP PONG (only a free node
     does)."""
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.bind(('127.0.0.1', 0))
-    lst.listen(8)
-    port = lst.getsockname()[1]
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        udp.sendto(b'PING:' + dc.dumps_plain({
-            'version': dc.PROTOCOL_VERSION, 'sign': 'feedc0de', 'port': port,
-            'ip_addrs': ['127.0.0.1']}), ('127.0.0.1', node_port))
-        lst.settimeout(wait)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                conn, _ = lst.accept()
-            except socket.timeout:
-                return False
-            with conn:
-                conn.settimeout(2)
-                try:
-                    msg = dc.recv_msg(conn, None, time.monotonic() + 2)
-                except (OSError, dc.ProtocolError):
-                    continue
-                if msg.startswith(b'PONG:'):
-                    return True
-        return False
-    finally:
-        udp.close()
-        lst.close()
+    return bool(udp_pongs(node_port, wait=wait, first=True))
 
 
 def wait_node_free(node_port, timeout):

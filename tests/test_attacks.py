@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dispy_common as dc
-from driver import (JUNK_AUTH, Driver, NodeProcess, ReplyServer, exchange, frame,
+from driver import (JUNK_AUTH, Driver, accept_each, NodeProcess, ReplyServer, exchange, frame,
                     free_port, random_hex, raw_ping, wait_for)
 from legacy import check_client, find_files, run_client
 from nodes import NodeProc, run_to_exit
@@ -283,24 +283,17 @@ def test_pong_amplification_is_bounded(node):
             data = b'PING:' + pickle.dumps(info, 4)
             sent_bytes += len(data)
             udp.sendto(data, ('127.0.0.1', node.port))
-    received, addresses, connections = 0, set(), 0
-    quiet_until = time.monotonic() + 2.0
-    while time.monotonic() < quiet_until:
-        try:
-            conn, _ = target.accept()
-        except socket.timeout:
-            continue
-        with conn:
-            addresses.add(conn.getsockname()[0])
-            connections += 1
-            conn.settimeout(2)
-            while True:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                received += len(chunk)
-        quiet_until = time.monotonic() + 2.0
+    received, addresses, connections = [0], set(), [0]
+
+    def count(conn):
+        addresses.add(conn.getsockname()[0])
+        connections[0] += 1
+        conn.settimeout(2)
+        for chunk in iter(lambda: conn.recv(65536), b''):
+            received[0] += len(chunk)
+    accept_each(target, 2.0, count, quiet=True)
     target.close()
+    received, connections = received[0], connections[0]
     assert addresses <= {'127.0.0.2', '127.0.0.3'}, addresses
     assert 0 < connections <= 2 * pings
     assert received <= 2 * sent_bytes, (received, sent_bytes)

@@ -15,7 +15,7 @@ from dispy_common import DispyJob
 
 from legacy import (CLIENTS, ensure_legacy_venv, find_files, free_port, pid_alive,
                     run_client, wait_for)
-from driver import Driver, ReplyServer
+from driver import Driver, ReplyServer, udp_pongs
 from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gone,
                            scan_store, wait_node_free)
 
@@ -335,28 +335,6 @@ def test_shared_job_cluster_via_dispyscheduler(node_factory, legacy_python, tmp_
 # fixed yet is strict-xfail: CI stays green and turns red (XPASS) once the
 # fix lands, when the marker must go.
 
-def _collect_pongs(sock, seconds):
-    import socket as _socket
-    import dispy_common as dc
-    pongs = []
-    deadline = time.monotonic() + seconds
-    sock.settimeout(0.1)
-    while time.monotonic() < deadline:
-        try:
-            conn, _ = sock.accept()
-        except _socket.timeout:
-            continue
-        with conn:
-            try:
-                conn.settimeout(2)
-                msg = dc.recv_msg(conn, None, time.monotonic() + 2)
-            except (OSError, dc.ProtocolError):
-                continue
-            if msg.startswith(b'PONG:'):
-                pongs.append(dc.loads_plain(msg[len(b'PONG:'):]))
-    return pongs
-
-
 def test_pong_ignores_unspecified_address(node_factory):
     """A PING whose ip_addrs (or source address: a broadcast from a host
     without an address) is 0.0.0.0 must not produce a PONG that names
@@ -364,23 +342,8 @@ def test_pong_ignores_unspecified_address(node_factory):
     first PONG it handles as its computation's scheduler_ip_addr, and the
     node then refuses every JOB from the client's real address (seen in this
     test suite before the netns broadcast route got 'src 127.0.0.1')."""
-    import socket as _socket
-    import dispy_common as dc
     node = node_factory()
-    lst = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    lst.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    lst.bind(('127.0.0.1', 0))     # 0.0.0.0:port reaches this on Linux
-    lst.listen(8)
-    port = lst.getsockname()[1]
-    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    try:
-        udp.sendto(b'PING:' + dc.dumps_plain({
-            'version': dc.PROTOCOL_VERSION, 'sign': 'feedc0de', 'port': port,
-            'ip_addrs': ['0.0.0.0']}), ('127.0.0.1', node.port))
-        pongs = _collect_pongs(lst, 1.5)
-    finally:
-        udp.close()
-        lst.close()
+    pongs = udp_pongs(node.port, ['0.0.0.0'], 1.5)
     assert pongs, 'no PONG at all\n' + node.log()[-3000:]
     assert [p['scheduler_ip_addr'] for p in pongs] == ['127.0.0.1'], pongs
 
