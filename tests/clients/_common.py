@@ -143,6 +143,18 @@ def submit(cluster, arg_tuples, ids=None, **kw):
     return jobs
 
 
+def numbered(compute, node_port, client_port, o, detail=True, **kw):
+    """o['jobs'] jobs compute(0), compute(1), ... on a cluster with secret
+    o['secret'] (and ``kw``), collected (o['wait'], o['give_up']) between the
+    times 't0' and 't1'.  Returns (cluster, jobs, result)."""
+    t0 = time.time()
+    job_cluster = cluster(compute, node_port, client_port, secret=o['secret'], **kw)
+    jobs = submit(job_cluster, [(n,) for n in range(o['jobs'])])
+    res = collect(job_cluster, jobs, {'t0': t0}, o['wait'], o['give_up'], detail)
+    res['t1'] = time.time()
+    return job_cluster, jobs, res
+
+
 def collect(cluster, jobs, res=None, wait=60, give_up=0, detail=True):
     """Into ``res``: 'gave_up' (with give_up > 0, see give_up_if_unscheduled),
     'all_final' after waiting up to ``wait`` seconds, and (with ``detail``)

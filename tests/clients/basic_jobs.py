@@ -16,17 +16,12 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import time
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=20, secret='', wait=60.0, give_up=0.0)
-        t0 = time.time()
-        cluster = c.cluster(compute, node_port, client_port, secret=o['secret'])
-        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
-        res = c.collect(cluster, jobs, {'t0': t0}, o['wait'], o['give_up'])
-        res['t1'] = time.time()
+        cluster, jobs, res = c.numbered(compute, node_port, client_port, o)
         c.finish(res, cluster)
 
     c.run(main, timeout=100)

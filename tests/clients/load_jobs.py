@@ -11,17 +11,12 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import time
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=200, secret='', wait=100.0, give_up=0.0)
-        t0 = time.time()
-        cluster = c.cluster(compute, node_port, client_port, secret=o['secret'])
-        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
-        res = c.collect(cluster, jobs, {'t0': t0}, o['wait'], o['give_up'], detail=False)
-        res['t1'] = time.time()
+        cluster, jobs, res = c.numbered(compute, node_port, client_port, o, detail=False)
         res['results'] = [[j.id, j.status, j.result] for j in jobs]
         res['bad'] = [c.job_info(j) for j in jobs
                       if j.status != 11 or j.result != j.id * 2 + 1][:10]

@@ -30,7 +30,6 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import time
     import _common as c
 
     def main():
@@ -39,12 +38,9 @@ if __name__ == '__main__':
                       certfile='', keyfile='', race_fix=True)
         if o['race_fix']:
             fix_asyncoro_connect_race()
-        t0 = time.time()
-        cluster = c.cluster(compute, node_port, client_port, secret=o['secret'],
-                            certfile=o['certfile'] or None, keyfile=o['keyfile'] or None)
-        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
-        res = c.collect(cluster, jobs, {'t0': t0}, o['wait'], o['give_up'])
-        res['t1'] = time.time()
+        cluster, jobs, res = c.numbered(compute, node_port, client_port, o,
+                                        certfile=o['certfile'] or None,
+                                        keyfile=o['keyfile'] or None)
         c.finish(res, cluster)
 
     c.run(main, timeout=100)
