@@ -62,10 +62,21 @@ def parse_frame(data):
     return data[4:4 + size] if len(data) >= 4 + size else None
 
 
+def read_all(sock):
+    """The bytes ``sock`` receives until the peer closes it; a timeout or a
+    reset (OSError) ends them too."""
+    got = bytearray()
+    try:
+        for chunk in iter(lambda: sock.recv(65536), b''):
+            got += chunk
+    except OSError:
+        pass
+    return bytes(got)
+
+
 def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
     """Send ``raw`` on a fresh TCP connection, then read until the node
     closes (or ``timeout``).  Returns the bytes received."""
-    got = b''
     with socket.create_connection((host, port), timeout=timeout) as sock:
         try:
             sock.sendall(raw)
@@ -73,15 +84,7 @@ def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:     # a timeout or a reset ends the answer
-            pass
-    return got
+        return read_all(sock)
 
 
 def accept_each(sock, seconds, handle, quiet=False):

@@ -14,6 +14,8 @@ Stable API (other test modules import these names):
 - nodes are started by ``tests/nodes.py`` (``NodeProc``), which uses this module.
 - ``LegacyClient(script, *args, cwd, env=None, watchdog=60)``: a client in the
   background (``wait_line``, ``signal``, ``kill``, ``finish``, ``result``).
+- ``start_client(script, *args, timeout=120, cwd=None, env=None)``: the same,
+  started in the background (a LegacyClient; ``result()`` waits for it).
 - ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
   runs a legacy client script (a path, a name in ``tests/clients/`` or a string
   of code) with the legacy venv's python. ``ClientResult`` has ``returncode,
@@ -51,7 +53,7 @@ LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
-           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient', 'run_client',
+           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient', 'start_client', 'run_client',
            'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 
@@ -314,7 +316,8 @@ class LegacyClient:
     after ``timeout``) and returns a ClientResult; ``finish(timeout)`` waits,
     SIGKILLs after ``timeout`` and returns the RESULT data (or None)."""
 
-    def __init__(self, script, *args, cwd, env=None, watchdog=60, python=None):
+    def __init__(self, script, *args, cwd, env=None, watchdog=60, python=None, timeout=None):
+        self.deadline = time.monotonic() + (timeout or watchdog + 5)   # for result()
         path, self.tmpfile = client_script(script)
         self.cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -363,9 +366,12 @@ class LegacyClient:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _wait(self, timeout):
-        """Wait for the exit (SIGKILL after ``timeout``) and the output;
-        True if it exited in time."""
+    def wait(self, timeout=None):
+        """Wait for the exit (SIGKILL after ``timeout``, by default what is
+        left of the one it started with) and the output; True if it exited
+        in time."""
+        if timeout is None:
+            timeout = max(1.0, self.deadline - time.monotonic())
         try:
             self.proc.wait(timeout)
             in_time = True
@@ -382,11 +388,11 @@ class LegacyClient:
         return in_time
 
     def finish(self, timeout):
-        self._wait(timeout)
+        self.wait(timeout)
         return _parse_result(''.join(self.out))
 
-    def result(self, timeout):
-        if not self._wait(timeout):
+    def result(self, timeout=None):
+        if not self.wait(timeout):
             raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
                                  '--- stderr ---\n%s' % (' '.join(self.cmd), timeout,
                                                          ''.join(self.out)[-8000:],
@@ -409,17 +415,23 @@ class LegacyClient:
             ''.join(self.err)[-6000:])
 
 
-def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
-    """Run a legacy client script (see client_script) to its exit with the
-    legacy venv's python; returns a ClientResult.  ``cwd`` defaults to a
-    fresh temp directory (the client writes its _dispy_<time> recovery files
-    and received files there).  Raises AssertionError (with the output) if
-    it runs longer than ``timeout`` seconds."""
+def start_client(script, *args, timeout=120, cwd=None, env=None, python=None):
+    """Start a legacy client script (see client_script) with the legacy
+    venv's python, to run for at most ``timeout`` seconds (its watchdog fires
+    a little earlier); returns the LegacyClient.  ``cwd`` defaults to a fresh
+    temp directory (the client writes its _dispy_<time> recovery files and
+    received files there)."""
     if cwd is None:
         cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
     watchdog = max(1.0, timeout - 5 if timeout > 10 else timeout * 0.8)
-    return LegacyClient(script, *args, cwd=cwd, env=env, watchdog=watchdog,
-                        python=python).result(timeout)
+    return LegacyClient(script, *args, cwd=cwd, env=env, watchdog=watchdog, python=python,
+                        timeout=timeout)
+
+
+def run_client(script, *args, timeout=120, **kw):
+    """start_client, run to its exit: a ClientResult.  Raises AssertionError
+    (with the output) if it runs longer than ``timeout`` seconds."""
+    return start_client(script, *args, timeout=timeout, **kw).result(timeout)
 
 
 # ------------------------------------------------------------ test helpers

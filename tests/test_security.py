@@ -4,11 +4,7 @@ secret never leaking into the node's log (-d), its files, or its command line.
 
 import hashlib
 import os
-import pickle
-import socket
-import struct
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ import pytest
 from dispy_common import DispyJob
 
 from legacy import CLIENTS, free_port, run_client
+from driver import raw_ping
 from nodes import run_to_exit
 
 pytestmark = [pytest.mark.interop]
@@ -25,18 +22,7 @@ SECRET = 'Sup3r-s3cret-%d' % os.getpid()
 
 
 def _ping_sign(port):
-    info = {'version': '4.5', 'port': free_port(), 'sign': 'a' * 20, 'ip_addrs': []}
-    data = b'PING:' + pickle.dumps(info, 4)
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
-        s.sendall(b'0' * 40 + struct.pack('>L', len(data)) + data)
-        s.shutdown(socket.SHUT_WR)
-        got = b''
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-    return pickle.loads(got[4:])['sign']
+    return raw_ping(port, reply_port=free_port(), timeout=5)['sign']
 
 
 class PrefixWatcher:
