@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import dispy_common as dc  # noqa: E402
-from legacy import free_port, wait_for  # noqa: E402,F401  (re-exported)
+from legacy import free_port, next_from, wait_for  # noqa: E402,F401  (re-exported)
 from nodes import NODE_SCRIPT, NodeProc, reap_all  # noqa: E402,F401
 
 NodeProcess = NodeProc      # the name the unit tests (and InProcessNode's mirror) use
@@ -335,20 +335,9 @@ class ReplyServer:
     def wait(self, tag=None, timeout=10.0, predicate=None):
         """Next message (with ``tag``, matching ``predicate``), or None.
         Messages skipped over are dropped from the queue (not from .all)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                message = self.messages.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if tag is not None and message.tag != tag:
-                continue
-            if predicate is not None and not predicate(message.obj):
-                continue
-            return message
+        return next_from(self.messages, timeout, lambda message: (
+            (tag is None or message.tag == tag)
+            and (predicate is None or predicate(message.obj))))
 
     def wait_reply(self, uid, timeout=10.0, final=True):
         """The JobReply of job ``uid`` (by default its final one)."""

@@ -241,6 +241,25 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def next_from(items, timeout, match=None, ended=None):
+    """The next entry of the queue ``items`` that ``match`` accepts (the
+    others are dropped), or None after ``timeout`` seconds or once
+    ``ended()``, asked when the queue is empty, says none can come."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            item = items.get(timeout=min(left, 0.2))
+        except queue.Empty:
+            if ended is not None and ended():
+                return None
+            continue
+        if match is None or match(item):
+            return item
+
+
 def killpg(proc, sig):
     """Signal ``proc``'s process group (it leads one), else ``proc`` alone."""
     try:
@@ -342,23 +361,16 @@ class LegacyClient:
                 self.lines.put(line.rstrip('\n'))
         stream.close()
 
+    def _ended(self):
+        if self.proc.poll() is None:
+            return False
+        time.sleep(0.1)         # the process ended; give the pump a moment to deliver
+        return self.lines.empty()
+
     def wait_line(self, prefix, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                line = self.lines.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    # the process ended; give the pump a moment to deliver
-                    time.sleep(0.1)
-                    if self.lines.empty():
-                        return None
-                continue
-            if line.startswith(prefix):
-                return line[len(prefix):]
+        line = next_from(self.lines, timeout, lambda line: line.startswith(prefix),
+                         self._ended)
+        return None if line is None else line[len(prefix):]
 
     def signal(self, sig):
         try:

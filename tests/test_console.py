@@ -110,12 +110,14 @@ def test_console_status_cpus_stop_start_quit(tmp_path):
         d.close(compute.id, terminate_pending=True)
         assert wait_for(lambda: 'computation %s closed' % compute.id in term.text, 15), \
             term.text
+        mark = len(term.text)       # (the text before may say these words already)
         term.type('stop')
-        assert term.wait_for('stopped:', 5)
+        assert term.wait_for('stopped:', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
         assert answer == b'NAK (node is stopped)'
+        mark = len(term.text)
         term.type('start')
-        assert term.wait_for('started', 5)
+        assert term.wait_for('started', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
         assert answer == b'ACK'
         term.type('help')

@@ -115,6 +115,19 @@ def _lan(lab, subnet, count, client=True):
     return sw, c, hosts
 
 
+def _routed(lab, net_a, net_b, roles=('n1', 'n2')):
+    """A client at ``net_a``.10 and two hosts at ``net_b``.21 and .22
+    (named ``roles``), with a router (.1 on both /24 subnets) between."""
+    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
+    lab.router('rt', (sw_a, net_a + '.1/24'), (sw_b, net_b + '.1/24'))
+    c = lab.host('client')
+    lab.link(c, sw_a, net_a + '.10/24', gateway=net_a + '.1')
+    hosts = [lab.host(role) for role in roles]
+    for i, h in enumerate(hosts):
+        lab.link(h, sw_b, '%s.%d/24' % (net_b, 21 + i), gateway=net_b + '.1')
+    return [c] + hosts
+
+
 def _tcp_probe(lab, host, addr, port, timeout=1.0):
     """'ok' or the error text of a TCP connect from inside ``host``."""
     code = ('import socket\n'
@@ -260,13 +273,7 @@ def test_scheduler_node_across_subnets(impl, lab):
     router, so the client never learns of it (though it is reachable).  Node
     B1 (.21) starts after the client with --scheduler_node <client>: the
     client gets it and all results come back across the router."""
-    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
-    lab.router('rt', (sw_a, '10.231.11.1/24'), (sw_b, '10.231.12.1/24'))
-    c = lab.host('client')
-    lab.link(c, sw_a, '10.231.11.10/24', gateway='10.231.11.1')
-    b1, b2 = lab.host('b1'), lab.host('b2')
-    lab.link(b1, sw_b, '10.231.12.21/24', gateway='10.231.12.1')
-    lab.link(b2, sw_b, '10.231.12.22/24', gateway='10.231.12.1')
+    c, b1, b2 = _routed(lab, '10.231.11', '10.231.12', ('b1', 'b2'))
     hidden = lab.start_node(b2, ip_addr=b2.addr, impl=impl)
     assert _tcp_probe(lab, c, b2.addr, 51348) == 'ok', 'router does not forward'
     marks = lab.workdir / 'marks'

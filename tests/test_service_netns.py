@@ -8,24 +8,12 @@ import pytest
 
 from dispy_common import DispyJob
 
-from test_netns import _check, _diag, lab  # noqa: F401 (lab is a fixture)
+from test_netns import _check, _diag, _routed, lab  # noqa: F401 (lab is a fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 FINISHED = DispyJob.Finished
 CLIENT = 'netns_cluster.py'
-
-
-def _routed(lab):
-    """Client on 10.231.21.0/24, nodes on 10.231.22.0/24, a router between."""
-    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
-    lab.router('rt', (sw_a, '10.231.21.1/24'), (sw_b, '10.231.22.1/24'))
-    c = lab.host('client')
-    lab.link(c, sw_a, '10.231.21.10/24', gateway='10.231.21.1')
-    n1, n2 = lab.host('n1'), lab.host('n2')
-    lab.link(n1, sw_b, '10.231.22.21/24', gateway='10.231.22.1')
-    lab.link(n2, sw_b, '10.231.22.22/24', gateway='10.231.22.1')
-    return c, n1, n2
 
 
 def test_ping_interval_finds_late_client(lab):
@@ -34,7 +22,7 @@ def test_ping_interval_finds_late_client(lab):
     The client (subnet A, behind a router, no ping_interval of its own)
     starts later: it finds n1, whose announcements repeat, and never n2,
     whose single announcement at start went nowhere.  All jobs run on n1."""
-    c, n1, n2 = _routed(lab)
+    c, n1, n2 = _routed(lab, '10.231.21', '10.231.22')
     with_ping = lab.start_node(n1, ip_addr=n1.addr, args=['--scheduler_node', c.addr,
                                                           '--ping_interval', '1'])
     without = lab.start_node(n2, ip_addr=n2.addr, args=['--scheduler_node', c.addr])
