@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import dispy_common as dc  # noqa: E402
-from legacy import free_port, next_from, wait_for  # noqa: E402,F401  (re-exported)
+from legacy import ClosesOnExit, free_port, next_from, wait_for  # noqa: E402,F401
 from nodes import NODE_SCRIPT, NodeProc, reap_all  # noqa: E402,F401
 
 NodeProcess = NodeProc      # the name the unit tests (and InProcessNode's mirror) use
@@ -235,7 +235,7 @@ class Message:
         return '<Message %s %r>' % (self.tag, self.obj)
 
 
-class ReplyServer:
+class ReplyServer(ClosesOnExit):
     """The client's TCP server: the node connects here to deliver results.
 
     ``ack``: True -> ACK each JOB_REPLY (a live client); False -> close
@@ -267,13 +267,6 @@ class ReplyServer:
             self.sock.close()
         except OSError:
             pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def replies(self):
         """The JobReplies ACKed so far, in arrival order."""

@@ -260,6 +260,17 @@ def next_from(items, timeout, match=None, ended=None):
             return item
 
 
+class ClosesOnExit:
+    """``with obj:`` calls ``obj.close()`` on the way out, however it leaves."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 def killpg(proc, sig):
     """Signal ``proc``'s process group (it leads one), else ``proc`` alone."""
     try:
@@ -269,6 +280,52 @@ def killpg(proc, sig):
             proc.send_signal(sig)
         except (ProcessLookupError, OSError):
             pass
+
+
+class GroupLeader(ClosesOnExit):
+    """A child process that leads its own process group (started with
+    start_new_session): ``popen`` (the Popen) and ``pid``; stop, kill,
+    close.  ``with`` stops it."""
+
+    def __init__(self, popen):
+        self.popen = popen
+        self.pid = popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def send_signal(self, sig):
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, sig=signal.SIGINT, timeout=10.0):
+        """Signal the process, wait up to ``timeout``, then SIGKILL its
+        process group (whatever it left running too).  Returns the exit
+        code (None if it would not die)."""
+        self.send_signal(sig)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.kill()
+
+    def kill(self, group=True):
+        """SIGKILL the process group (with ``group=False`` the process
+        alone: what it started must notice by itself)."""
+        if group:
+            killpg(self.popen, signal.SIGKILL)
+        else:
+            self.send_signal(signal.SIGKILL)
+        try:
+            return self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self):
+        self.stop()
 
 
 # ---------------------------------------------------------------------- client
@@ -325,7 +382,7 @@ def client_script(script):
     return Path(name), Path(name)
 
 
-class LegacyClient:
+class LegacyClient(ClosesOnExit):
     """A legacy client script running in the background with the legacy
     venv's python, in its own process group; its stdout is read line by line.
 
@@ -420,6 +477,8 @@ class LegacyClient:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+    close = kill            # (a ``with`` block kills a client it leaves running)
 
     def describe(self):
         return 'client %s (rc %s)\n--- stdout ---\n%s\n--- stderr ---\n%s' % (

@@ -157,56 +157,21 @@ def sweep_stale():
 
 # ------------------------------------------------------------------ processes
 
-class Proc:
+class Proc(legacy.GroupLeader):
     """A process started inside a namespace (``ip netns exec`` execs the
     command, so ``pid`` is the command's own pid)."""
 
     def __init__(self, popen, log_path, argv, host):
-        self.popen = popen
-        self.pid = popen.pid
+        super().__init__(popen)
         self.log_path = Path(log_path)
         self.argv = argv
         self.host = host
-
-    def alive(self):
-        return self.popen.poll() is None
 
     def log(self, tail=20000):
         try:
             return self.log_path.read_text(errors='replace')[-tail:]
         except OSError:
             return ''
-
-    def send_signal(self, sig):
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self):
-        """SIGKILL this process only (not its children)."""
-        self.send_signal(signal.SIGKILL)
-        try:
-            return self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, sig=signal.SIGINT, timeout=8):
-        """Signal, wait, then SIGKILL the process group."""
-        self.send_signal(sig)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            return self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
 
     def __repr__(self):
         return '<Proc %s in %s: %s>' % (self.pid, self.host.name, ' '.join(self.argv[-6:]))
@@ -347,7 +312,7 @@ class Host(Namespace):
         return proc
 
 
-class Lab:
+class Lab(legacy.ClosesOnExit):
     """A set of namespaces and the processes in them; close() removes all."""
 
     def __init__(self, workdir=None):
@@ -559,13 +524,6 @@ class Lab:
         with _live_lock:
             _live_labs.discard(self)
         return problems
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _network(cidr):

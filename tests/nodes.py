@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from legacy import REPO, ensure_legacy_venv, free_port, killpg
+from legacy import REPO, GroupLeader, ensure_legacy_venv, free_port
 
 NODE_SCRIPT = REPO / 'dispynode.py'
 DEPLOY_FILES = ('dispynode.py', 'dispy_common.py')
@@ -73,13 +73,13 @@ def run_to_exit(args, workdir, timeout=20, env=None, python=None):
         timeout=timeout, env=dict(os.environ, **(env or {})), universal_newlines=True)
 
 
-class NodeProc:
+class NodeProc(GroupLeader):
     """One node process, however it runs (see the module docstring)."""
 
     def __init__(self, proc, cmd, impl, port, prefix, log_path, ip_addr, host=None,
                  scheduler_port=None, deploy=None):
-        self.proc = self.popen = proc
-        self.pid = proc.pid
+        super().__init__(proc)
+        self.proc = proc
         self.cmd, self.impl, self.port = cmd, impl, port
         self.prefix, self.log_path = Path(prefix), Path(log_path)
         self.ip_addr, self.host = ip_addr, host
@@ -142,9 +142,6 @@ class NodeProc:
             return ''
         return text[-tail:] if tail else text
 
-    def alive(self):
-        return self.proc.poll() is None
-
     def _accepts(self):
         """Whether the node's TCP port takes a connection (from its host)."""
         addr = self.ip_addr or '127.0.0.1'
@@ -173,32 +170,7 @@ class NodeProc:
         raise AssertionError('%s node not serving on port %d after %ss; log:\n%s' % (
             self.impl, self.port, timeout, self.log()))
 
-    # -- stopping
-    def send_signal(self, sig):
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, sig=signal.SIGINT, timeout=10.0):
-        """Signal the node, wait up to ``timeout``, then SIGKILL its process
-        group (leftover jobs too).  Returns the exit code (None if it
-        would not die)."""
-        self.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        return self.kill()
-
-    def kill(self):
-        killpg(self.proc, signal.SIGKILL)
-        try:
-            return self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
+    # -- stopping (GroupLeader: send_signal, stop, kill, close)
     def stop_async(self, sig=signal.SIGINT, timeout=10.0):
         """Signal the node now and reap it in the background (reap_all)."""
         thread = threading.Thread(target=self.stop, args=(sig, timeout), daemon=True,
@@ -206,13 +178,6 @@ class NodeProc:
         thread.start()
         _REAPERS.append(thread)
         return thread
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
 
     def __repr__(self):
         return '<NodeProc %s port=%s pid=%s>' % (self.impl, self.port, self.pid)

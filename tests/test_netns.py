@@ -219,7 +219,7 @@ def test_node_killed_midrun(impl, lab, reentrant):
     _wait_marker(marks, 'running-%s' % victim.ip_addr, client, 30, nodes)
     time.sleep(1.5)
     t_kill = time.time()
-    victim.kill()
+    victim.kill(group=False)    # the node alone: its workers must notice
     if impl == 'ours':
         # the node's worker and job processes notice and go (bounded)
         left = legacy.wait_for(lambda: not netns._ns_pids(victim.host.name), 10) or \
