@@ -128,6 +128,14 @@ def _routed(lab, net_a, net_b, roles=('n1', 'n2')):
     return [c] + hosts
 
 
+def _nat_switches(lab):
+    """The public and the private switch of a NAT scenario (which needs nft
+    or iptables)."""
+    if netns.nat_tool() is None:
+        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
+    return lab.switch('pub'), lab.switch('priv')
+
+
 def _tcp_probe(lab, host, addr, port, timeout=1.0):
     """'ok' or the error text of a TCP connect from inside ``host``."""
     code = ('import socket\n'
@@ -306,10 +314,7 @@ def test_nat_gateway(impl, lab):
     keys nodes by IP address alone: two nodes announcing one address (with
     different ports) replace each other ("rediscovered"), so only one of
     them can ever be used."""
-    tool = netns.nat_tool()
-    if tool is None:
-        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
-    pub, priv = lab.switch('pub'), lab.switch('priv')
+    pub, priv = _nat_switches(lab)
     c = lab.host('client')
     lab.link(c, pub, '10.231.50.10/24')
     lab.nat_gateway('gw', public=(pub, ['10.231.50.1/24', '10.231.50.2/24']),

@@ -8,7 +8,7 @@ import pytest
 from dispy_common import DispyJob
 
 import netns
-from test_netns import _check, _diag, _tcp_probe, _unavailable, lab  # noqa: F401 (fixture)
+from test_netns import _check, _diag, _nat_switches, _tcp_probe, lab  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -23,10 +23,7 @@ def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
     announces 10.231.50.1 (ext_ip_addr), but its TCP connections to the node
     leave SNATed from 10.231.50.2.  The node at 10.231.50.20 (public LAN)
     runs setup, a file transfer, jobs and a cancel for it."""
-    tool = netns.nat_tool()
-    if tool is None:
-        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
-    pub, priv = lab.switch('pub'), lab.switch('priv')
+    pub, priv = _nat_switches(lab)
     hn = lab.host('node')
     lab.link(hn, pub, '10.231.50.20/24')
     gw = lab.nat_gateway('gw', public=(pub, ['10.231.50.1/24', '10.231.50.2/24']),
