@@ -216,4 +216,4 @@ def test_console_cpus_reaches_legacy_client(legacy_python, tmp_path):
     assert data is not None and 'error' not in data and not data.get('watchdog'), \
         client.describe() + node.log()[-4000:]
     assert data['before'] == 2 and data['after'] == 1, (data, node.log()[-4000:])
-    assert data['all_final'] and data['job']['status'] == 11, data
+    assert data['all_final'] and data['job']['status'] == dc.DispyJob.Finished, data

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
+from dispy_common import DispyJob
 from legacy import CLIENTS, check_client, describe, free_port, run_client
 from test_tls import _openssl_cert
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 
 
 def _files(tmp_path):

@@ -17,9 +17,6 @@ import threading
 import time
 import traceback
 
-FINAL = (8, 9, 10, 11)   # Cancelled, Terminated, Abandoned, Finished
-STATUS_NAMES = {5: 'Created', 6: 'Running', 7: 'ProvisionalResult', 8: 'Cancelled',
-                9: 'Terminated', 10: 'Abandoned', 11: 'Finished'}
 
 _out_lock = threading.Lock()
 _emitted = [False]
@@ -84,17 +81,27 @@ def wait_until(predicate, timeout, interval=0.05):
     return predicate()
 
 
+def status():
+    """dispy.DispyJob, whose attributes name the job statuses (imported
+    late: the harness imports this module without dispy)."""
+    import dispy
+    return dispy.DispyJob
+
+
 def wait_final(jobs, timeout):
     """Poll job.status until every job is final (job() returns at the first
     provisional result). Returns True if all became final in time."""
-    return wait_until(lambda: all(job.status in FINAL for job in jobs), timeout)
+    s = status()
+    final = (s.Cancelled, s.Terminated, s.Abandoned, s.Finished)
+    return wait_until(lambda: all(job.status in final for job in jobs), timeout)
 
 
 def wait_provisional_dicts(jobs, timeout):
     """Wait until every job has reported a dict as its provisional result
     (the scripts' jobs report their pids so); returns those dicts."""
-    wait_until(lambda: all(j.status == 7 and isinstance(j.result, dict) for j in jobs),
-               timeout, 0.02)
+    provisional = status().ProvisionalResult
+    wait_until(lambda: all(j.status == provisional and isinstance(j.result, dict)
+                           for j in jobs), timeout, 0.02)
     return [j.result for j in jobs if isinstance(j.result, dict)]
 
 
@@ -172,7 +179,7 @@ def give_up_if_unscheduled(cluster, jobs, seconds, res):
     """If no job leaves status Created within ``seconds``, cancel them all and
     set res['gave_up'] (the node refused or never answered)."""
     def started():
-        return any(j.status != 5 for j in jobs)
+        return any(j.status != status().Created for j in jobs)
     deadline = time.time() + seconds
     while time.time() < deadline and not started():
         time.sleep(0.1)

@@ -45,7 +45,7 @@ if __name__ == '__main__':
         if o['cancel']:
             long_job = cluster.submit(-1)
             long_job.id = -1
-            c.wait_until(lambda: long_job.status == 6, 20)    # Running
+            c.wait_until(lambda: long_job.status == c.status().Running, 20)
             time.sleep(0.3)
             cluster.cancel(long_job)
             jobs.append(long_job)

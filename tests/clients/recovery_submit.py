@@ -26,7 +26,8 @@ if __name__ == '__main__':
         o = c.options(extra, recover_file='', jobs=2, secs=1.5, wait=20.0)
         cluster = c.cluster(compute, node_port, client_port, recover_file=o['recover_file'])
         jobs = c.submit(cluster, [(n, o['secs']) for n in range(o['jobs'])])
-        c.wait_until(lambda: all(j.status == 6 for j in jobs), o['wait'], 0.02)
+        c.wait_until(lambda: all(j.status == c.status().Running for j in jobs), o['wait'],
+                     0.02)
         statuses = [j.status for j in jobs]
         c.emit({'statuses': statuses, 'submitted_at': time.time(),
                 'recover_file': o['recover_file']})

@@ -24,7 +24,8 @@ if __name__ == '__main__':
         o = c.options(extra, jobs=1, secs=1.0, wait=20.0)
         cluster = c.cluster(compute, node_port, client_port)
         jobs = c.submit(cluster, [(n, o['secs']) for n in range(o['jobs'])])
-        c.wait_until(lambda: all(j.status == 6 for j in jobs), o['wait'], 0.02)
+        c.wait_until(lambda: all(j.status == c.status().Running for j in jobs), o['wait'],
+                     0.02)
         c.say('SUBMITTED', [j.status for j in jobs])
         os.kill(os.getpid(), signal.SIGSTOP)
         # resumed (the test normally SIGKILLs us instead)
