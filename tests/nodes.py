@@ -183,6 +183,15 @@ class NodeProc(GroupLeader):
         return '<NodeProc %s port=%s pid=%s>' % (self.impl, self.port, self.pid)
 
 
+class Node(NodeProc):
+    """The call of the former legacy.Node, which bench/ still makes:
+    ``Node.start(impl, port=, prefix=, args=, ...)``, not waited for."""
+
+    @classmethod
+    def start(cls, impl='ours', port=None, prefix=None, args=(), wait=False, **kw):
+        return super().start(None, args, impl=impl, port=port, prefix=prefix, wait=wait, **kw)
+
+
 _REAPERS = []
 
 
