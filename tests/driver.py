@@ -191,16 +191,16 @@ class InProcessNode:
                 '--scheduler_port', str(scheduler_port or free_port()), '--daemon'] + \
             [str(a) for a in args]
         saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) here
+        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) by start_up
         try:
-            cfg = dispynode.resolve_config(dispynode.build_parser().parse_args(argv))
+            cfg = dispynode.start_up(
+                dispynode.resolve_config(dispynode.build_parser().parse_args(argv)))
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        dispynode.prepare_prefix(cfg)
         capture = _LogCapture()
         log = logging.getLogger('dispynode')
         log.addHandler(capture)

@@ -115,7 +115,7 @@ def test_console_status_cpus_stop_start_quit(tmp_path):
         assert term.wait_for('stopped:', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
         assert answer == b'NAK (node is stopped)'
-        mark = len(term.text)
+        mark = len(term.text)   # 'started' also ends an earlier log line
         term.type('start')
         assert term.wait_for('started', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
