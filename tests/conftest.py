@@ -150,9 +150,13 @@ def node_factory(tmp_path, node_mode):
             kw.update(OURS_MODES[node_mode])
         if 'copy_as' in kw:
             args = tuple(args) + ('--clean',)    # as the README starts a copied node
-        if (node_mode == 'netns') != ('host' in kw) and node_mode != 'original':
+        host = kw.pop('host', None)
+        if (host is not None) != (node_mode == 'netns') and node_mode != 'original':
             raise ValueError('a netns node needs host=, and only a netns node takes one')
-        node = NodeProc.start(workdir, args, **kw)
+        if host is not None:        # with the lab's defaults (dispy's port, no -i)
+            node = host.lab.start_node(host, args, **kw)
+        else:
+            node = NodeProc.start(workdir, args, **kw)
         started.append(node)
         return node
 

@@ -53,7 +53,8 @@ LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
-           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient', 'start_client', 'run_client',
+           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient',
+           'start_client', 'run_client',
            'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 

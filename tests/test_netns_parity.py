@@ -16,7 +16,7 @@ FINISHED, CANCELLED = DispyJob.Finished, DispyJob.Cancelled
 
 
 @pytest.mark.node_modes('netns', 'original')
-def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
+def test_client_behind_nat_with_two_public_addresses(impl, node_factory, lab):  # noqa: F811
     """Private LAN 10.231.60.0/24: the client at .10 behind gateway .1,
     whose public side has 10.231.50.1 and .2.  The gateway forwards
     10.231.50.1:51347 (the client's port) to the client, and the client
@@ -38,7 +38,7 @@ def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
     else:
         gw.run(['iptables', '-t', 'nat', '-I', 'POSTROUTING', '1', '-s', '10.231.60.10', '-p',
                 'tcp', '--dport', '51348', '-j', 'SNAT', '--to-source', '10.231.50.2'])
-    node = lab.start_node(hn, ip_addr=hn.addr, args=['-c', '2'], impl=impl)
+    node = node_factory(host=hn, ip_addr=hn.addr, args=['-c', '2'])
     # the NAT is real: the node reaches the client only at its public address
     assert _tcp_probe(lab, hn, '10.231.60.10', 51347).startswith('fail')
     seen = lab.python_in(c, 'import socket\n'
