@@ -3102,6 +3102,8 @@ class ServiceControl:
             active, _ = self.state.snapshot()
             if not active:
                 self.request_exit('served %d computation(s) (--serve)' % served)
+        if not (self.quit.is_set() or self.stopping.is_set()):
+            self.spawn(self._refill_spare, key='spare')     # for the next computation
 
     def _service_tick(self):
         phase = self.service_phase()
@@ -3287,7 +3289,7 @@ class Node(ServiceControl):
         self._started = True
         self._start_observers()
         self.tcp.reception.start()
-        self.spawn(self._refill_spare)
+        self.spawn(self._refill_spare, key='spare')
         for target, name in ((self.tcp.serve_forever, 'tcp-server'),
                              (self._udp_loop, 'udp-listener'), (self._timer_loop, 'timer')):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -3699,19 +3701,21 @@ class Node(ServiceControl):
         return comp, None
 
     def take_worker(self):
-        """The spare worker if it is alive (else a new one); a new spare
-        starts in the background."""
+        """The spare worker if it is alive, else a new one.  The next spare
+        starts when a computation ends (computation_ended), not now: on a
+        small machine a second interpreter booting beside this one delays
+        the computation waiting for it."""
         with self.spare_lock:
             worker, self.spare = self.spare, None
         if worker is None or not worker.usable():
             worker = WorkerHandle(self)
-        if not self.stopping.is_set():
-            self.spawn(self._refill_spare)
         return worker
 
     def _refill_spare(self):
-        if self.stopping.is_set():
-            return
+        """Start a spare worker, unless there is one or the node stops."""
+        with self.spare_lock:
+            if self.spare is not None or self.stopping.is_set():
+                return
         worker = WorkerHandle(self)
         with self.spare_lock:
             if self.spare is None and not self.stopping.is_set():
@@ -3724,6 +3728,8 @@ class Node(ServiceControl):
         if comp.worker is not None:
             comp.worker.stop(2.0)
         self._settle(comp, self.state.unclaim)
+        if not self.stopping.is_set():
+            self.spawn(self._refill_spare, key='spare')     # the one it took
 
     def lookup(self, info, token_sign):
         """The computation a request dict names, if the dict carries that
