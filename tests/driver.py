@@ -180,6 +180,7 @@ class InProcessNode:
     first start writes it once, as an installation would."""
 
     _compiled = False
+    _parser = None          # build_parser() is pure; building it costs milliseconds
 
     def __init__(self, node, capture, prefix):
         self.node, self.capture = node, capture
@@ -198,11 +199,13 @@ class InProcessNode:
         argv = ['-i', '127.0.0.1', '-p', str(port), '--dest_path_prefix', str(prefix),
                 '--scheduler_port', str(scheduler_port or free_port()), '--daemon'] + \
             [str(a) for a in args]
+        if cls._parser is None:
+            cls._parser = dispynode.build_parser()
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) by start_up
         try:
             cfg = dispynode.start_up(
-                dispynode.resolve_config(dispynode.build_parser().parse_args(argv)))
+                dispynode.resolve_config(cls._parser.parse_args(argv)))
         finally:
             for key, value in saved.items():
                 if value is None:
