@@ -440,7 +440,7 @@ def test_task_pool_close_while_a_new_thread_starts(monkeypatch):
     assert entered.wait(10)
     closer = threading.Thread(target=close)
     closer.start()
-    closer.join(0.2)        # the old close() raised here at once
+    closer.join(0.1)        # the old close() raised here at once
     release.set()
     submitter.join(10)
     closer.join(10)

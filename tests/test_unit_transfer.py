@@ -130,7 +130,7 @@ def test_recv_short_stream_reports_count(pair, path_kind, tmp_path):
 def test_recv_stalled_peer_times_out(pair, path_kind, tmp_path):
     sender, receiver = pair
     sender.sendall(b'y' * 10)          # then nothing, connection left open
-    got, err = recv_into_file(receiver, tmp_path / 'out', 5000, timeout=0.1)
+    got, err = recv_into_file(receiver, tmp_path / 'out', 5000, timeout=0.05)
     assert got == 10 and isinstance(err, socket.timeout)
 
 
@@ -225,7 +225,7 @@ def test_receive_file_short_stream_leaves_no_file(pair, path_kind, tmp_path):
 def test_receive_file_stalled_peer_leaves_no_file(pair, path_kind, tmp_path, monkeypatch):
     sender, receiver = pair
     sender.sendall(b'q' * 100)
-    node_timeout = types.SimpleNamespace(msg_timeout=0.1, job_user=None)
+    node_timeout = types.SimpleNamespace(msg_timeout=0.05, job_user=None)
     dest = tmp_path / 'comp'
     dest.mkdir()
     st = os.stat_result((0o100644, 0, 0, 1, 0, 0, 5000, 0, 0, 0))
