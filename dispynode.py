@@ -4059,53 +4059,8 @@ class Node(ServiceControl):
         return status
 
     def metrics_text(self):
-        """The Prometheus text exposition (version 0.0.4)."""
-        st = self.status()
-        counts = self.counters.snapshot()
-        out = []
-
-        def family(name, kind, text, samples):
-            out.append('# HELP %s %s' % (name, text))
-            out.append('# TYPE %s %s' % (name, kind))
-            for suffix, labels, value in samples:
-                label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
-                out.append('%s%s%s %s' % (name, suffix, label, float(value)))
-
-        outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
-        outcomes.update(st['jobs_done'])
-        family('dispynode_jobs_total', 'counter', 'Jobs ended, by outcome.',
-               [('', [('outcome', k)], v) for k, v in sorted(outcomes.items())])
-        limits = dict.fromkeys(('job_timeout', 'job_memory'), 0)
-        limits.update(st['limit_kills'])
-        family('dispynode_job_limit_kills_total', 'counter',
-               'Jobs ended by a per-job limit, by limit.',
-               [('', [('limit', k)], v) for k, v in sorted(limits.items())])
-        for name, key, text in (
-                ('computations', 'computations', 'Computations accepted.'),
-                ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
-                ('bytes_sent', 'bytes_out', 'Bytes sent to clients.'),
-                ('refused_connections', 'refused_connections',
-                 'Connections refused (capacity or authentication).'),
-                ('dropped_packets', 'dropped_packets', 'UDP datagrams ignored.'),
-                ('guard_refusals', 'guard_refusals',
-                 'Computations or jobs refused for low free memory or disk.')):
-            family('dispynode_%s_total' % name, 'counter', text,
-                   [('', [], counts.get(key, 0))])
-        for name, value, text in (
-                ('cpus', st['cpus'], 'CPUs offered.'),
-                ('cpus_busy', st['cpus_busy'], 'CPUs running a job.'),
-                ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
-                ('stored_results', st['stored_results'], 'Undelivered results stored.'),
-                ('serving', int(bool(st['serving'])), '1 while taking new work.'),
-                ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
-            family('dispynode_' + name, 'gauge', text, [('', [], value)])
-        buckets, total, seconds = self.job_times.snapshot()
-        samples = [('_bucket', [('le', repr(float(b)))], n) for b, n in buckets]
-        samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
-                    ('_count', [], total)]
-        family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
-        return '\n'.join(out) + '\n'
-
+        return prometheus_text(self.status(), self.counters.snapshot(),
+                               self.job_times.snapshot())
 
 
 # ---------------------------------------------------------------- console
@@ -4607,6 +4562,54 @@ def parse_hostport(text, default_host='127.0.0.1'):
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError('invalid port in %r' % text)
     return host, int(port)
+
+
+def prometheus_text(st, counts, job_times):
+    """The Prometheus text exposition (version 0.0.4) of a status (see
+    Node.status), counter snapshot and JobTimes snapshot."""
+    out = []
+
+    def family(name, kind, text, samples):
+        out.append('# HELP %s %s' % (name, text))
+        out.append('# TYPE %s %s' % (name, kind))
+        for suffix, labels, value in samples:
+            label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
+            out.append('%s%s%s %s' % (name, suffix, label, float(value)))
+
+    outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
+    outcomes.update(st['jobs_done'])
+    family('dispynode_jobs_total', 'counter', 'Jobs ended, by outcome.',
+           [('', [('outcome', k)], v) for k, v in sorted(outcomes.items())])
+    limits = dict.fromkeys(('job_timeout', 'job_memory'), 0)
+    limits.update(st['limit_kills'])
+    family('dispynode_job_limit_kills_total', 'counter',
+           'Jobs ended by a per-job limit, by limit.',
+           [('', [('limit', k)], v) for k, v in sorted(limits.items())])
+    for name, key, text in (
+            ('computations', 'computations', 'Computations accepted.'),
+            ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
+            ('bytes_sent', 'bytes_out', 'Bytes sent to clients.'),
+            ('refused_connections', 'refused_connections',
+             'Connections refused (capacity or authentication).'),
+            ('dropped_packets', 'dropped_packets', 'UDP datagrams ignored.'),
+            ('guard_refusals', 'guard_refusals',
+             'Computations or jobs refused for low free memory or disk.')):
+        family('dispynode_%s_total' % name, 'counter', text,
+               [('', [], counts.get(key, 0))])
+    for name, value, text in (
+            ('cpus', st['cpus'], 'CPUs offered.'),
+            ('cpus_busy', st['cpus_busy'], 'CPUs running a job.'),
+            ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
+            ('stored_results', st['stored_results'], 'Undelivered results stored.'),
+            ('serving', int(bool(st['serving'])), '1 while taking new work.'),
+            ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
+        family('dispynode_' + name, 'gauge', text, [('', [], value)])
+    buckets, total, seconds = job_times
+    samples = [('_bucket', [('le', repr(float(b)))], n) for b, n in buckets]
+    samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
+                ('_count', [], total)]
+    family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
+    return '\n'.join(out) + '\n'
 
 
 def format_status_table(status):

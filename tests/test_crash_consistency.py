@@ -28,7 +28,6 @@ import random
 import threading
 import time
 
-import pytest
 
 from legacy import find_files, free_port, wait_for
 from driver import Driver, ReplyServer

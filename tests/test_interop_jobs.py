@@ -4,7 +4,6 @@ real dispy 4.5.5 client against a node (``node_mode``, see conftest).
 """
 
 import os
-import sys
 import uuid
 from pathlib import Path
 

@@ -8,7 +8,6 @@ fatal for that client (``setup_node`` drops the node), so the flood tests
 check that the real client still completes every job.
 """
 
-import os
 import random
 import selectors
 import socket
