@@ -1,6 +1,7 @@
 """Unit tests of dispy_common: framing, auth, records, restricted loaders,
 sizes and TLS contexts.  Current Python only; no legacy stack, no node."""
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -609,30 +610,47 @@ def test_tls_contexts_cap_at_tls12(cert):
     dc.server_tls_context(cert['combined'])
 
 
-def test_tls_handshake_negotiates_tls12(cert):
-    server_ctx = dc.server_tls_context(cert['cert'], cert['key'])
-    client_ctx = dc.client_tls_context(cert['cert'])
+@contextlib.contextmanager
+def tls_server(server_ctx, session=None):
+    """A one-connection loopback TLS server in a thread; yields its address.
+    ``session(tls)`` runs on the accepted connection; a failed handshake
+    just closes it (the client side asserts what it saw)."""
     lsock = socket.socket()
     lsock.bind(('127.0.0.1', 0))
     lsock.listen(1)
-    result = {}
 
     def serve():
         conn, _ = lsock.accept()
-        with server_ctx.wrap_socket(conn, server_side=True) as tls:
-            result['server'] = tls.version()
-            dc.send_msg(tls, dc.recv_msg(tls))
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                if session:
+                    session(tls)
+        except (ssl.SSLError, OSError):
+            conn.close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
-        with dc.connect(lsock.getsockname(), 5, client_ctx) as sock:
-            assert sock.version() == 'TLSv1.2'
-            dc.send_msg(sock, b'PING:x')
-            assert dc.recv_msg(sock) == b'PING:x'
+        yield lsock.getsockname()
         t.join(5)
     finally:
         lsock.close()
+
+
+def test_tls_handshake_negotiates_tls12(cert):
+    server_ctx = dc.server_tls_context(cert['cert'], cert['key'])
+    client_ctx = dc.client_tls_context(cert['cert'])
+    result = {}
+
+    def echo(tls):
+        result['server'] = tls.version()
+        dc.send_msg(tls, dc.recv_msg(tls))
+
+    with tls_server(server_ctx, echo) as addr:
+        with dc.connect(addr, 5, client_ctx) as sock:
+            assert sock.version() == 'TLSv1.2'
+            dc.send_msg(sock, b'PING:x')
+            assert dc.recv_msg(sock) == b'PING:x'
     assert result['server'] == 'TLSv1.2'
 
 
@@ -642,26 +660,10 @@ def test_tls13_only_client_is_refused(cert):
     client_ctx.check_hostname = False
     client_ctx.verify_mode = ssl.CERT_NONE
     client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    lsock = socket.socket()
-    lsock.bind(('127.0.0.1', 0))
-    lsock.listen(1)
-
-    def serve():
-        conn, _ = lsock.accept()
-        try:
-            server_ctx.wrap_socket(conn, server_side=True).close()
-        except (ssl.SSLError, OSError):
-            conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with tls_server(server_ctx) as addr:
         with pytest.raises((ssl.SSLError, OSError)):
-            with socket.create_connection(lsock.getsockname(), timeout=5) as raw:
+            with socket.create_connection(addr, timeout=5) as raw:
                 client_ctx.wrap_socket(raw).close()
-        t.join(5)
-    finally:
-        lsock.close()
 
 
 def test_client_context_rejects_other_certificate(cert, tmp_path):
@@ -675,22 +677,6 @@ def test_client_context_rejects_other_certificate(cert, tmp_path):
     assert r.returncode == 0
     server_ctx = dc.server_tls_context(str(tmp_path / 'c.pem'), str(tmp_path / 'k.pem'))
     client_ctx = dc.client_tls_context(cert['cert'])
-    lsock = socket.socket()
-    lsock.bind(('127.0.0.1', 0))
-    lsock.listen(1)
-
-    def serve():
-        conn, _ = lsock.accept()
-        try:
-            server_ctx.wrap_socket(conn, server_side=True).close()
-        except (ssl.SSLError, OSError):
-            conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with tls_server(server_ctx) as addr:
         with pytest.raises(ssl.SSLError):
-            dc.connect(lsock.getsockname(), 5, client_ctx)
-        t.join(5)
-    finally:
-        lsock.close()
+            dc.connect(addr, 5, client_ctx)

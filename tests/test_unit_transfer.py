@@ -21,15 +21,20 @@ from test_tls import _openssl_cert
 needs_splice = pytest.mark.skipif(dn._SPLICE is None, reason='os.splice: Linux, Python >= 3.10')
 
 
+def loopback_pair():
+    """(connecting end, accepted end) of a loopback TCP connection."""
+    with socket.socket() as lsock:
+        lsock.bind(('127.0.0.1', 0))
+        lsock.listen(1)
+        sender = socket.create_connection(lsock.getsockname(), timeout=10)
+        receiver, _ = lsock.accept()
+    return sender, receiver
+
+
 @pytest.fixture
 def pair():
     """(sender, receiver): a connected loopback TCP pair."""
-    lsock = socket.socket()
-    lsock.bind(('127.0.0.1', 0))
-    lsock.listen(1)
-    sender = socket.create_connection(lsock.getsockname(), timeout=10)
-    receiver, _ = lsock.accept()
-    lsock.close()
+    sender, receiver = loopback_pair()
     yield sender, receiver
     sender.close()
     receiver.close()
@@ -45,12 +50,7 @@ def tls_cert(tmp_path_factory):
 def tls_pair(tls_cert):
     """(sender, receiver) wrapped in TLS with the node's own contexts."""
     certfile, keyfile = tls_cert
-    lsock = socket.socket()
-    lsock.bind(('127.0.0.1', 0))
-    lsock.listen(1)
-    raw = socket.create_connection(lsock.getsockname(), timeout=10)
-    conn, _ = lsock.accept()
-    lsock.close()
+    raw, conn = loopback_pair()
     conn.settimeout(10)
     server = dc.server_tls_context(str(certfile), str(keyfile))
     out = {}
