@@ -66,6 +66,9 @@ only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
 """
 
+import _random
+import _signal
+import _thread
 import argparse
 import collections
 import fcntl
@@ -1360,6 +1363,53 @@ def import_implicit_modules():
 _REPLY_LEN = struct.Struct('>QBB')
 
 
+class _Forker:
+    """Forks job processes for the (single-threaded) worker.
+
+    ``os.fork`` runs the interpreter's at-fork callbacks in every child;
+    those of threading, random and logging (all implicit modules) touch
+    scattered objects and code, and each page touched after a fork is a
+    fault or a copy: half the CPU of a tiny job's process.  While this is
+    the worker's only thread and no code but the standard library's
+    registered callbacks, libc's fork with the GIL held (ctypes.PyDLL)
+    skips them, and the child does the one that matters itself: a fresh
+    seed for ``random``.  Otherwise it is ``os.fork``.
+    """
+
+    def __init__(self):
+        self.raw = None
+        self.foreign = False    # someone registered at-fork callbacks after us
+        try:
+            import ctypes
+            self.raw = ctypes.PyDLL(None).fork
+            self.raw.restype = ctypes.c_int
+            self.raw.argtypes = ()
+        except (ImportError, OSError, AttributeError):     # no ctypes / no fork symbol
+            self.raw = None
+            return
+        register = os.register_at_fork
+
+        def register_at_fork(**callbacks):
+            self.foreign = True
+            return register(**callbacks)
+        register_at_fork.__doc__ = register.__doc__
+        os.register_at_fork = register_at_fork
+
+    def fork(self):
+        if self.raw is None or self.foreign or _thread._count():
+            return os.fork()
+        pid = self.raw()
+        if pid < 0:
+            return os.fork()    # let os.fork raise the error (or succeed after all)
+        if pid == 0:
+            # what random's at-fork callback does, minus the Python-level call
+            inst = getattr(sys.modules.get('random'), '_inst', None)
+            if inst is not None:
+                _random.Random.seed(inst)
+                inst.gauss_next = None
+        return pid
+
+
 class _WorkerJob:
     __slots__ = ('uid', 'hash', 'pid', 'fd', 'chunks', 'got', 'size', 'replied', 'start',
                  'kill_at', 'terminated', 'deadline', 'limit', 'status', 'limit_code',
@@ -1403,6 +1453,7 @@ class Worker:
         self.compute = None     # the fully loaded _Compute, for setup/cleanup
         self.running = True
         self.orphaned = False   # the node's end of the channel is gone
+        self.forker = _Forker()
 
     # -- plumbing
     def send(self, msg):
@@ -1526,7 +1577,7 @@ class Worker:
         rfd, wfd = os.pipe()
         start = time.time()
         cgroup = self._job_cgroup(uid)
-        pid = os.fork()
+        pid = self.forker.fork()
         if pid == 0:
             os.close(rfd)
             self._job_child(uid, job_hash, args, kwargs, code, wfd, start, cgroup)
@@ -1576,14 +1627,16 @@ class Worker:
         status = 1
         try:
             os.setpgid(0, 0)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
-            os.close(self.wakeup_r)
-            os.close(self.wakeup_w)
-            self.sel.close()
-            self.chan.close()
+            # _signal, not signal: its enum conversions touch pages for nothing
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                _signal.signal(signum, _signal.SIG_DFL)
+            _signal.set_wakeup_fd(-1)
+            # the worker's descriptors, closed by number: this process never
+            # uses their objects again and ends in os._exit
+            sel_fd = getattr(self.sel, 'fileno', lambda: -1)()    # poll has none
+            for fd in (self.wakeup_r, self.wakeup_w, sel_fd, self.chan.detach()):
+                if fd >= 0:
+                    os.close(fd)
             self._apply_job_limits(cgroup)
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
