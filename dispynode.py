@@ -1443,7 +1443,13 @@ class Worker:
 
     def __init__(self, chan):
         self.chan = chan
-        self.sel = selectors.DefaultSelector()
+        # poll, fd -> what it is (None: the node's channel, 'sigchld', or a
+        # _WorkerJob): a bare poll object, as the selectors layer would add
+        # a page or two touched per event, and each costs a copy while a job
+        # process shares this one's memory.  It has no descriptor to close
+        # in job processes either.
+        self.poller = _select.poll()
+        self.watched = {}
         # pid -> _WorkerJob.  Not by uid: the legacy client's uids are id()s of
         # its job objects, reused as soon as a result is in, while the job's
         # process may still be exiting.
@@ -1484,7 +1490,7 @@ class Worker:
         # A single-threaded process: changing directory is safe here.
         os.chdir(self.cfg['cwd'])
         sys.path.insert(0, self.cfg['cwd'])
-        self.sel.register(self.chan, selectors.EVENT_READ, None)
+        self._watch(self.chan.fileno(), None)
         # Job processes are reaped when SIGCHLD says so (waitpid WNOHANG),
         # never by a blocking wait: the handler only wakes the selector.
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -1492,18 +1498,31 @@ class Worker:
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        self.sel.register(self.wakeup_r, selectors.EVENT_READ, 'sigchld')
+        self._watch(self.wakeup_r, 'sigchld')
+        watched = self.watched
         while self.running or self.jobs:
             timeout = self._next_deadline()
-            for key, _ in self.sel.select(timeout):
-                if key.data is None:
+            events = self.poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            # what each descriptor was when poll answered: handling one event
+            # may close another's descriptor, and a new job may reuse it
+            for fd, what in [(fd, watched.get(fd, ())) for fd, _ in events]:
+                if watched.get(fd, ()) is not what:
+                    continue
+                if what is None:
                     self._read_command()
-                elif key.data == 'sigchld':
+                elif what == 'sigchld':
                     self._reap()
                 else:
-                    self._read_result(key.data)
+                    self._read_result(what)
             self._enforce_kills()
-        self.sel.close()
+
+    def _watch(self, fd, what):
+        self.poller.register(fd, _select.POLLIN)
+        self.watched[fd] = what
+
+    def _unwatch(self, fd):
+        self.poller.unregister(fd)
+        del self.watched[fd]
 
     def _reap(self):
         """Collect every job process that has exited."""
@@ -1533,7 +1552,7 @@ class Worker:
         try:
             msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
         except (ProtocolError, OSError):
-            self.sel.unregister(self.chan)
+            self._unwatch(self.chan.fileno())
             self._orphan()
             return
         getattr(self, '_cmd_' + msg[0])(*msg[1:])
@@ -1576,22 +1595,24 @@ class Worker:
             return
         rfd, wfd = os.pipe()
         start = time.time()
-        cgroup = self._job_cgroup(uid)
+        # Everything but the pid is prepared before the fork: each page this
+        # process writes while a job shares its memory costs a copy.
+        job = _WorkerJob(uid, job_hash, None, rfd, start)
+        job.cgroup = self._job_cgroup(uid)
+        if self.cfg.get('job_timeout'):
+            job.deadline = time.monotonic() + self.cfg['job_timeout']
+        self._watch(rfd, job)
         pid = self.forker.fork()
         if pid == 0:
             os.close(rfd)
-            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, cgroup)
+            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, job.cgroup)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
         except OSError:
             pass
-        job = _WorkerJob(uid, job_hash, pid, rfd, start)
-        job.cgroup = cgroup
-        if self.cfg.get('job_timeout'):
-            job.deadline = time.monotonic() + self.cfg['job_timeout']
+        job.pid = pid
         self.jobs[pid] = job
-        self.sel.register(rfd, selectors.EVENT_READ, job)
 
     def _cmd_terminate(self, uid):
         job = next((j for j in self.jobs.values() if j.uid == uid and not j.replied), None)
@@ -1619,7 +1640,7 @@ class Worker:
                 text = traceback.format_exc()
         self.send(('closed', rid, text, getattr(self, 'shutdown_asked', False)))
         self.running = False
-        self.sel.unregister(self.chan)
+        self._unwatch(self.chan.fileno())
 
     # -- job processes
     def _job_child(self, uid, job_hash, args, kwargs, code, wfd, start, cgroup=None):
@@ -1633,10 +1654,8 @@ class Worker:
             _signal.set_wakeup_fd(-1)
             # the worker's descriptors, closed by number: this process never
             # uses their objects again and ends in os._exit
-            sel_fd = getattr(self.sel, 'fileno', lambda: -1)()    # poll has none
-            for fd in (self.wakeup_r, self.wakeup_w, sel_fd, self.chan.detach()):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in (self.wakeup_r, self.wakeup_w, self.chan.detach()):
+                os.close(fd)
             self._apply_job_limits(cgroup)
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
@@ -1728,8 +1747,11 @@ class Worker:
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
-            return
-        self.sel.unregister(job.fd)
+                # Nothing more to read (whatever a process the job started
+                # might still write): close now rather than wake for EOF.
+            else:
+                return
+        self._unwatch(job.fd)
         os.close(job.fd)
         job.eof = True
         if job.exit_status is None:
