@@ -77,6 +77,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import pickle
 import queue
 import re
 import resource
@@ -1359,6 +1360,8 @@ def import_implicit_modules():
                 _IMPLICIT[name] = module
 
 
+# node -> worker frames: length (as dc.send_msg), then a pickle
+_FRAME_LEN = struct.Struct('>L')
 # job process -> worker: length, status, limit code (_LIMIT_NAMES), then the reply
 _REPLY_LEN = struct.Struct('>QBB')
 
@@ -1479,7 +1482,7 @@ class Worker:
 
     def serve(self):
         try:
-            tag, self.cfg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+            tag, self.cfg = self._recv_command()
         except (ProtocolError, OSError):
             return      # a spare worker the node no longer needs
         _JOB.reply_addr = tuple(self.cfg['reply_addr'])
@@ -1548,9 +1551,29 @@ class Worker:
         deadlines += [j.deadline for j in self.jobs.values() if j.deadline]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
+    def _recv_command(self):
+        """One frame from the node (dc.send_msg framing).  pickle.loads, not
+        dc.loads_plain: the other end of this socketpair is the node itself,
+        and the checked loader's Python layers cost page copies per job."""
+        (size,) = _FRAME_LEN.unpack(self._recv_exact(4))
+        try:
+            return pickle.loads(self._recv_exact(size))
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ProtocolError('bad command from the node: %s' % exc)
+
+    def _recv_exact(self, size):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = self.chan.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            if not n:
+                raise ProtocolError('the node closed the channel')
+            got += n
+        return buf
+
     def _read_command(self):
         try:
-            msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+            msg = self._recv_command()
         except (ProtocolError, OSError):
             self._unwatch(self.chan.fileno())
             self._orphan()
