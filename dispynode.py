@@ -1530,7 +1530,9 @@ class Worker:
     def _reap(self):
         """Collect every job process that has exited."""
         try:
-            while os.read(self.wakeup_r, 4096):
+            # one read unless it filled the buffer (a raised BlockingIOError
+            # per wake-up is a traceback built for nothing)
+            while len(os.read(self.wakeup_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
