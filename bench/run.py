@@ -674,6 +674,7 @@ def loopback_copy(src, dst, mode):
     the receiver recv_into()s a reused 1 MiB buffer and writes it to dst;
     'f2f' both: sendfile() of src, received into dst.  Returns MB/s."""
     import socket
+    os.sync()       # no writeback of earlier copies during this one
     size = os.path.getsize(str(src))
     lsock = socket.socket()
     lsock.bind(('127.0.0.1', 0))
