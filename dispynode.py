@@ -668,7 +668,7 @@ class Computation:
 
 
 class JobEntry:
-    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start', 'unacknowledged')
+    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start', 'unacknowledged', 'answered')
 
     def __init__(self, uid, job_hash, compute_id, files):
         self.uid, self.hash, self.compute_id, self.files = uid, job_hash, compute_id, files
@@ -676,6 +676,9 @@ class JobEntry:
         # The client never got our ACK: it will run the job elsewhere, and
         # a reply from here would only be stored for nobody.
         self.unacknowledged = False
+        # Set once the JOB request was answered (Node.admit_job makes it):
+        # its reply must not reach the client before the ACK does.
+        self.answered = None
 
 
 class NodeState:
@@ -2268,11 +2271,18 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self.reply(refusal)
             return
         # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
-        # CLOSE the client sends right after it finds the job there.
-        self.node.launch_job(comp, job)
-        if not self.reply(b'ACK'):
-            entry.unacknowledged = True
-            self.node.terminate_job(comp, entry.uid)
+        # CLOSE the client sends right after it finds the job there; its
+        # reply waits for the ACK (job_done): the legacy client breaks (and
+        # hangs) on a JOB_REPLY for a job whose ACK it has not yet read.
+        failed = self.node.launch_job(comp, job)
+        try:
+            if not self.reply(b'ACK'):
+                entry.unacknowledged = True
+                self.node.terminate_job(comp, entry.uid)
+        finally:
+            entry.answered.set()
+        if failed:
+            self.node.job_done(comp, entry.uid, failed)
 
     @handles(b'TERMINATE_JOB')
     def _handle_terminate_job(self, job):
@@ -3647,17 +3657,21 @@ class Node(ServiceControl):
             time.sleep(GUARD_REFUSAL_DELAY)
             return None, None, b'NAK (all cpus busy)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
+        entry.answered = threading.Event()
         refusal = self.state.start_job(comp, entry)
         if refusal is None:
             comp.last_pulse = time.monotonic()
         return comp, entry, refusal
 
     def launch_job(self, comp, job):
+        """Hand the job to the worker; None, or the Terminated reply to
+        give (after the ACK) when the worker is gone."""
         try:
             comp.worker.send(('job', job.uid, job.hash, job.args, job.kwargs, job.code or ''))
         except OSError:
-            self.job_done(comp, job.uid, self._terminated_reply(
-                comp, job.uid, job.hash, 'worker process of the computation is gone'))
+            return self._terminated_reply(comp, job.uid, job.hash,
+                                          'worker process of the computation is gone')
+        return None
 
     def terminate_job(self, comp, uid):
         if not any(e.uid == uid for e in self.state.jobs_of(comp.id)):
@@ -3680,6 +3694,8 @@ class Node(ServiceControl):
         entry, _, unused = self.state.finish_job(uid)
         if entry is None:
             return
+        if entry.answered is not None:
+            entry.answered.wait(self.config.msg_timeout)
         self.note_job(comp, entry, status, limit)
         for name in unused:
             try:

@@ -4,14 +4,13 @@ gets a fresh ``random`` seed, callbacks that setup registers still run, and
 a worker with threads of its own falls back to ``os.fork``."""
 
 import driver  # noqa: F401  (puts the repository on sys.path)
-from driver import Driver, NodeProcess
+from test_unit_worker_uids import drv  # noqa: F401  (the fixture: a -c 2 node and a driver)
 
 import dispy_common as dc
 
 import pytest
 
 CODE = '''import os, random, threading, time
-CALLS = []
 def setup(mode):
     global STATE
     STATE = []
@@ -24,16 +23,6 @@ def f(n):
     return (random.random(), random.getrandbits(64), list(STATE),
             threading.active_count(), os.getpgid(0) == os.getpid())
 '''
-
-
-@pytest.fixture
-def drv(tmp_path):
-    node = NodeProcess.start(tmp_path / 'n', args=('-c', '2'))
-    d = Driver('127.0.0.1', node.port)
-    assert d.ping_tcp() is not None
-    yield d
-    d.close_server()
-    node.stop_async()
 
 
 def run_jobs(drv, mode, count=4):
