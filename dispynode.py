@@ -27,30 +27,53 @@ so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
 control, metrics)::
 
     thread               touches
-    main ............... waits for SIGINT/SIGTERM (or Node.quit: --serve,
-                         console quit, dispynode_shutdown), then Node.close()
+    main ............... resolve_config (validation only), then Node(),
+                         whose start_up does the side effects (secret and
+                         environment, lookups, TLS files, prefix); waits for
+                         SIGINT/SIGTERM (or Node.quit: --serve, console
+                         quit, dispynode_shutdown), then Node.close():
+                         evicts all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon)
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
                          thread); the request memory budget
     request threads .... one per complete request, at most --max_connections:
-                         NodeState through its methods, the store, workers
+                         COMPUTE claims (NEW -> ACTIVE) and creates the
+                         computation directory (Workspace); FILEXFER writes
+                         into it; JOB sends to the worker; CLOSE: ACTIVE ->
+                         ZOMBIE, or DETACHED -> GONE; recovery requests read
+                         and remove stored replies (Workspace)
     udp-listener ....... PING and PULSE datagrams: decodes them (bounded) and
-                         queues PONGs; refreshes computations
+                         queues PONGs; refreshes computations (last_pulse)
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
-    timer .............. pulses, zombie detection, retries of stored results,
-                         log summaries, service window, --ping_interval
-    task-N ............. at most TASK_THREADS: retirements, spare workers,
-                         notifications
+    timer .............. pulses, zombie detection (ACTIVE -> ZOMBIE), retries
+                         of stored results, log summaries, service window,
+                         --ping_interval
+    task-N ............. at most TASK_THREADS: evictions and retirements
+                         (ZOMBIE -> RETIRING -> DETACHED or GONE: the
+                         worker's close, then Workspace files and record),
+                         spare workers, notifications
     courier-<addr> ..... one lane per client address (at most MAX_LANES):
-                         JOB_REPLY delivery, storing what cannot be delivered
+                         JOB_REPLY delivery; stores what cannot be delivered
+                         (Workspace; GONE -> DETACHED) and removes what was
+                         (DETACHED -> GONE when nothing is left)
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
-                         results from its worker
+                         results from its worker; frees the job's CPU
+                         (NodeState) and hands the reply to the courier
     control ............ the local status socket <prefix>/.dispynode-control
                          (one connection at a time)
     metrics ............ --metrics only: Prometheus text at /metrics
                          (one request at a time)
+
+State and locks: NodeState (one lock) holds the computations, their
+phases and jobs; every phase change is one of its methods, checked
+against TRANSITIONS, returning a Change that names the I/O left to the
+caller (record, files, announce, TERMINATED).  Workspace (its own lock)
+owns everything under --dest_path_prefix and takes the record decisions
+together with the transition that makes them, so no reply is stored
+between a decision and its write.  Lock order: Workspace, then NodeState.
+No socket, fork or worker request happens under either lock.  Processes::
 
     node (threads) --socketpair--> worker process (one per computation,
         single-threaded, started ahead of need, then moved into the
@@ -71,6 +94,7 @@ import _signal
 import _thread
 import argparse
 import collections
+import enum
 import fcntl
 import io
 import ipaddress
@@ -597,6 +621,63 @@ class LogLimiter:
 
 # ---------------------------------------------------------------- state
 
+class Phase(enum.Enum):
+    """Where a computation is in its life; NodeState moves it, along
+    TRANSITIONS only."""
+    NEW = 'new'              # built from a COMPUTE, not yet claimed
+    ACTIVE = 'active'        # takes files and jobs
+    ZOMBIE = 'zombie'        # closed, silent or dropped: no new jobs; retires once they end
+    RETIRING = 'retiring'    # retire() is ending its worker and removing its files
+    DETACHED = 'detached'    # retired (or restored from disk) with stored results only
+    GONE = 'gone'            # nothing left on the node
+
+
+# The allowed phase changes; NodeState refuses any other.
+TRANSITIONS = {
+    Phase.NEW: {Phase.ACTIVE},                       # claim
+    Phase.ACTIVE: {Phase.ZOMBIE,                     # CLOSE, silence, failed setup, evict
+                   Phase.GONE},                      # unclaim: the COMPUTE failed after all
+    Phase.ZOMBIE: {Phase.RETIRING,                   # no job left running
+                   Phase.DETACHED, Phase.GONE},      # the node shuts down
+    Phase.RETIRING: {Phase.DETACHED, Phase.GONE},    # results stored, or none
+    Phase.DETACHED: {Phase.GONE},                    # last result delivered, or CLOSE
+    Phase.GONE: {Phase.DETACHED},                    # a reply stored after retirement
+}
+
+
+class Do(enum.Enum):
+    """The I/O a NodeState transition leaves to its caller (never done
+    under the state lock)."""
+    SAVE_RECORD = 'save the computation record'
+    REMOVE_RECORD = 'remove the computation record'
+    REMOVE_REPLY = 'remove the stored reply file'
+    REMOVE_FILES = 'remove the transferred files'
+    ANNOUNCE = 'the node became free: announce it'
+    TERMINATED = 'send the client TERMINATED'
+    LOG_DROP = 'log that the node drops it'
+
+
+class Change:
+    """What a NodeState transition did: false if it was refused; ``todo``
+    holds Do steps for the caller, ``uids`` the jobs to kill."""
+    __slots__ = ('ok', 'todo', 'uids')
+
+    def __init__(self, ok=True, todo=(), uids=()):
+        self.ok, self.todo, self.uids = ok, frozenset(todo), tuple(uids)
+
+    def __bool__(self):
+        return self.ok
+
+    def __contains__(self, step):
+        return step in self.todo
+
+    def __repr__(self):
+        return 'Change(%s, %s)' % (self.ok, sorted(d.name for d in self.todo))
+
+
+REFUSED = Change(False)
+
+
 class Computation:
     """The node's view of one computation.  Changed only by NodeState
     methods (under its lock) and, before registration, by the handler
@@ -626,10 +707,11 @@ class Computation:
             self.transferred.add(os.path.basename(self.program))
         self.last_pulse = time.monotonic()
         self.last_resend = float('-inf')
-        self.zombie = False
-        self.timed_out = False     # a zombie because the client fell silent
-        self.retiring = False
-        self.evicted = None        # why the node dropped it (see Node.evict)
+        self.phase = Phase.NEW
+        # Why it became a zombie, when not by its client's CLOSE; either
+        # makes retirement tell the client TERMINATED.
+        self.timed_out = False     # the client fell silent
+        self.evicted = None        # the node dropped it (see Node.evict)
         self.node_ip = None        # our address as this client knows it (Node.ip_of)
         self.dropped = set()       # uids killed by evict: their replies are not sent
         self.running = set()       # uids of running jobs
@@ -660,7 +742,7 @@ class Computation:
                                  job_result_port=rec['result_port'],
                                  cleanup=not rec['keep_files'], xfer_files=[]),
                       rec['dest_path'], rec['sign'])
-        comp.zombie = comp.retiring = True
+        comp.phase = Phase.DETACHED     # an earlier run's: only its stored results remain
         transferred = rec.get('transferred')    # absent from older records
         if isinstance(transferred, list):
             comp.transferred.update(n for n in transferred if safe_basename(n) == n)
@@ -683,7 +765,14 @@ class JobEntry:
 
 class NodeState:
     """All mutable node state, guarded by one lock.  No I/O happens while
-    the lock is held; methods return what the caller must then do."""
+    the lock is held; methods return what the caller must then do.
+
+    Every phase change of a computation is a method here (claim, unclaim,
+    mark_zombie, zombies, evict, begin_retire, retire_detach, shut_down,
+    adopt, add_stored, drop_stored, forget); each checks TRANSITIONS and
+    returns a Change naming the I/O left to the caller.  ``active`` holds
+    the ACTIVE, ZOMBIE and RETIRING computations, ``detached`` the
+    DETACHED ones; ``_move`` keeps both in step with the phase."""
 
     def __init__(self, cpus):
         self.lock = threading.Lock()
@@ -694,6 +783,30 @@ class NodeState:
         self.detached = {}           # closed or restored, with stored results
         self.jobs = {}               # uid -> JobEntry
 
+    def _move(self, comp, phase, *sources):
+        """Move ``comp`` to ``phase`` if TRANSITIONS allows it and it is in
+        one of ``sources`` (the phases the caller's transition starts from;
+        any if none given), keeping ``active``, ``detached`` and
+        ``scheduler`` in step (lock held).  False if refused."""
+        if phase not in TRANSITIONS[comp.phase] or sources and comp.phase not in sources:
+            logger.debug('computation %s: %s -> %s refused', comp.id, comp.phase.name,
+                         phase.name)
+            return False
+        comp.phase = phase
+        if phase is Phase.ACTIVE:
+            self.active[comp.id] = comp
+            self.scheduler = (comp.scheduler_ip, comp.scheduler_port)
+        elif phase in (Phase.DETACHED, Phase.GONE):
+            if self.active.get(comp.id) is comp:
+                del self.active[comp.id]
+            if phase is Phase.DETACHED:
+                self.detached[comp.id] = comp
+            elif self.detached.get(comp.id) is comp:
+                del self.detached[comp.id]
+            if not self.active:
+                self.scheduler = None
+        return True
+
     def is_free(self):
         with self.lock:
             return self.scheduler is None and self.avail_cpus == self.cpus
@@ -702,25 +815,153 @@ class NodeState:
         with self.lock:
             return self.cpus - self.avail_cpus
 
+    def phase_of(self, comp):
+        with self.lock:
+            return comp.phase
+
+    # -- transitions
     def claim(self, comp):
-        """Register a new computation; returns None or a refusal."""
+        """NEW -> ACTIVE: register a new computation; returns None or a
+        refusal."""
         with self.lock:
             if self.scheduler not in (None, (comp.scheduler_ip, comp.scheduler_port)):
                 return b'Busy'
             if len(self.active) >= MAX_COMPUTATIONS:
                 return b'NAK (too many computations: at most %d at once)' % MAX_COMPUTATIONS
-            if comp.id in self.active:
+            if comp.id in self.active or not self._move(comp, Phase.ACTIVE, Phase.NEW):
                 return b'NAK (computation %s already exists)' % str(comp.id).encode()
-            self.scheduler = (comp.scheduler_ip, comp.scheduler_port)
-            self.active[comp.id] = comp
             return None
 
     def unclaim(self, comp):
+        """ACTIVE -> GONE: the COMPUTE failed after its claim (the client
+        never got our ACK, so nobody is told)."""
         with self.lock:
-            if self.active.get(comp.id) is comp:
-                del self.active[comp.id]
-            if not self.active:
-                self.scheduler = None
+            if not self._move(comp, Phase.GONE, Phase.ACTIVE):
+                return REFUSED
+            return Change(todo=(Do.REMOVE_RECORD, Do.REMOVE_FILES))
+
+    def mark_zombie(self, comp):
+        """ACTIVE -> ZOMBIE: its client closed it, or its setup failed."""
+        with self.lock:
+            if not self._move(comp, Phase.ZOMBIE, Phase.ACTIVE):
+                return REFUSED
+            return Change()
+
+    def zombies(self, interval):
+        """ACTIVE -> ZOMBIE for each computation whose client was silent for
+        ``interval`` seconds; returns them (each once)."""
+        now = time.monotonic()
+        with self.lock:
+            found = [c for c in self.active.values()
+                     if c.phase is Phase.ACTIVE and now - c.last_pulse > interval]
+            for comp in found:
+                self._move(comp, Phase.ZOMBIE, Phase.ACTIVE)
+                comp.timed_out = True
+            return found
+
+    def evict(self, comp, reason, kill_jobs):
+        """ACTIVE or ZOMBIE -> ZOMBIE, dropped by the node for ``reason``
+        (the first one given is kept).  ``uids``: the jobs to kill."""
+        with self.lock:
+            if comp.phase is not Phase.ZOMBIE and not self._move(comp, Phase.ZOMBIE,
+                                                                 Phase.ACTIVE):
+                return REFUSED
+            todo = []
+            if comp.evicted is None:
+                comp.evicted = reason
+                todo.append(Do.LOG_DROP)
+            uids = sorted(comp.running) if kill_jobs else ()
+            comp.dropped.update(uids)
+            return Change(todo=todo, uids=uids)
+
+    def begin_retire(self, comp):
+        """ZOMBIE -> RETIRING, once, when no job of ``comp`` runs."""
+        with self.lock:
+            if comp.running or not self._move(comp, Phase.RETIRING, Phase.ZOMBIE):
+                return REFUSED
+            return Change(todo=(Do.REMOVE_FILES,))
+
+    def retire_detach(self, comp):
+        """RETIRING -> DETACHED if ``comp`` holds stored results, else GONE,
+        decided under the lock (the caller holds Workspace.lock too, so no
+        reply is stored between this decision and its record's write)."""
+        with self.lock:
+            keep, was_busy = bool(comp.stored), self.scheduler is not None
+            if not self._move(comp, Phase.DETACHED if keep else Phase.GONE, Phase.RETIRING):
+                return REFUSED
+            todo = [Do.SAVE_RECORD if keep else Do.REMOVE_RECORD]
+            if was_busy and self.scheduler is None:
+                todo.append(Do.ANNOUNCE)
+            if comp.timed_out or comp.evicted:
+                todo.append(Do.TERMINATED)
+            return Change(todo=todo)
+
+    def shut_down(self, comp):
+        """ZOMBIE (or RETIRING) -> DETACHED or GONE as the node stops: the
+        record stays for stored results, else it and the files go."""
+        with self.lock:
+            keep = bool(comp.stored)
+            if not self._move(comp, Phase.DETACHED if keep else Phase.GONE,
+                              Phase.ZOMBIE, Phase.RETIRING):
+                return REFUSED
+            return Change(todo=(Do.SAVE_RECORD,) if keep else
+                          (Do.REMOVE_RECORD, Do.REMOVE_FILES))
+
+    def adopt(self, comp):
+        """A computation restored from an earlier run's record: DETACHED
+        from the start."""
+        with self.lock:
+            if comp.phase is not Phase.DETACHED or comp.id in self.detached:
+                return REFUSED
+            self.detached[comp.id] = comp
+            return Change()
+
+    def add_stored(self, comp, uid):
+        """Note a stored reply.  A computation already retired (GONE) comes
+        back as DETACHED, reachable for recovery; once retirement has begun
+        its record must be (re)saved, as retire may have removed it."""
+        with self.lock:
+            comp.stored.add(uid)
+            if comp.phase is Phase.GONE:
+                self._move(comp, Phase.DETACHED, Phase.GONE)
+            if comp.phase in (Phase.RETIRING, Phase.DETACHED):
+                return Change(todo=(Do.SAVE_RECORD,))
+            return Change()
+
+    def drop_stored(self, comp, uid):
+        """Forget a delivered result (before its file goes: a RESEND count
+        must not include it).  DETACHED -> GONE when nothing is left."""
+        with self.lock:
+            todo = [Do.REMOVE_REPLY] if uid in comp.stored else []
+            comp.stored.discard(uid)
+            if not comp.stored and comp.phase is Phase.DETACHED:
+                self._move(comp, Phase.GONE, Phase.DETACHED)
+                todo += [Do.REMOVE_RECORD, Do.REMOVE_FILES]
+            return Change(todo=todo)
+
+    def forget(self, comp):
+        """DETACHED -> GONE if ``comp`` holds no stored result (its client
+        closed it after recovering them)."""
+        with self.lock:
+            if comp.stored or not self._move(comp, Phase.GONE, Phase.DETACHED):
+                return REFUSED
+            return Change(todo=(Do.REMOVE_RECORD, Do.REMOVE_FILES))
+
+    # -- questions about phases
+    def is_detached(self, comp):
+        with self.lock:
+            return comp.phase is Phase.DETACHED and self.detached.get(comp.id) is comp
+
+    def retire_due(self, comp):
+        """True if ``comp`` is a zombie whose last job has ended."""
+        with self.lock:
+            return comp.phase is Phase.ZOMBIE and not comp.running
+
+    def to_evict(self):
+        """The computations a node-side drop still applies to."""
+        with self.lock:
+            return [c for c in self.active.values()
+                    if c.evicted is None and c.phase in (Phase.ACTIVE, Phase.ZOMBIE)]
 
     def find(self, compute_id, auth=None, include_detached=False):
         if not isinstance(compute_id, int):
@@ -735,17 +976,19 @@ class NodeState:
             return None
         return comp
 
+    # -- jobs and files
     def start_job(self, comp, entry):
         with self.lock:
             if self.avail_cpus <= 0:
                 return b'NAK (all cpus busy)'
-            if self.active.get(comp.id) is not comp or comp.zombie:
+            if self.active.get(comp.id) is not comp or comp.phase is not Phase.ACTIVE:
                 return b'NAK (invalid computation %s)' % str(comp.id).encode()
             if entry.uid in self.jobs:
                 return b'NAK (duplicate job %s)' % str(entry.uid).encode()
             self.avail_cpus -= 1
             self.jobs[entry.uid] = entry
             comp.running.add(entry.uid)
+            comp.last_pulse = time.monotonic()     # a job is as good as a pulse
             for name in entry.files:
                 comp.file_uses[name] += 1
             return None
@@ -797,91 +1040,37 @@ class NodeState:
                           if (c.scheduler_ip, c.scheduler_port) == (scheduler_ip, port)]
             return comps
 
-    def mark_zombie(self, comp):
+    # -- stored results
+    def is_stored(self, comp, uid):
         with self.lock:
-            comp.zombie = True
+            return uid in comp.stored
 
-    def evict(self, comp, reason, kill_jobs):
-        """Mark ``comp`` dropped by the node; returns the uids to kill."""
-        with self.lock:
-            comp.zombie = True
-            comp.evicted = comp.evicted or reason
-            if kill_jobs:
-                comp.dropped.update(comp.running)
-                return sorted(comp.running)
-            return []
-
-    def begin_retire(self, comp):
-        """True once, when ``comp`` is a zombie with no running job."""
-        with self.lock:
-            if comp.retiring or not comp.zombie or comp.running:
-                return False
-            comp.retiring = True
-            return True
-
-    def detach(self, comp, keep):
-        """Drop ``comp`` from the active set (keeping it for its stored
-        results if ``keep``).  Returns True if the node became free."""
-        with self.lock:
-            return self._detach(comp, keep)
-
-    def _detach(self, comp, keep):
-        if self.active.get(comp.id) is comp:
-            del self.active[comp.id]
-        if keep:
-            self.detached[comp.id] = comp
-        else:
-            self.detached.pop(comp.id, None)
-        was_busy = self.scheduler is not None
-        if not self.active:
-            self.scheduler = None
-        return was_busy and self.scheduler is None
-
-    def retire_detach(self, comp):
-        """The retiring ``comp`` leaves the active set; it stays reachable
-        (detached) if it holds stored results, decided under the lock.
-        Returns (kept, the node became free)."""
-        with self.lock:
-            keep = bool(comp.stored)
-            return keep, self._detach(comp, keep)
-
-    def add_stored(self, comp, uid):
-        """Note a stored reply; a computation already retired stays
-        reachable for recovery as a detached one."""
-        with self.lock:
-            comp.stored.add(uid)
-            if self.active.get(comp.id) is not comp:
-                self.detached[comp.id] = comp
-
-    def is_detached(self, comp):
-        with self.lock:
-            return self.detached.get(comp.id) is comp
-
-    def drop_stored(self, comp, uid):
-        """Forget a delivered result.  True if ``comp`` is now finished
-        with: detached and holding nothing more."""
-        with self.lock:
-            comp.stored.discard(uid)
-            return (not comp.stored and self.detached.get(comp.id) is comp)
-
-    def resend_due(self, comp, interval):
-        """True (and the clock restarted) if ``comp``'s stored results were
-        last resent at least ``interval`` seconds ago."""
+    def resend_due(self, comp, interval, active_only=False):
+        """True (and the clock restarted) if ``comp`` holds stored results
+        last resent at least ``interval`` seconds ago (and, if
+        ``active_only``, is still ACTIVE)."""
         now = time.monotonic()
         with self.lock:
-            if now - comp.last_resend < interval:
+            if not comp.stored or now - comp.last_resend < interval \
+                    or active_only and comp.phase is not Phase.ACTIVE:
                 return False
             comp.last_resend = now
             return True
 
-    def zombies(self, interval):
-        now = time.monotonic()
+    def stored_uids(self, comp, limit=64):
         with self.lock:
-            found = [c for c in self.active.values()
-                     if not c.zombie and now - c.last_pulse > interval]
-            for comp in found:
-                comp.zombie = comp.timed_out = True
-            return found
+            return sorted(comp.stored)[:limit]
+
+    def progress(self, comp, limit=50):
+        """(the first ``limit`` uids with stored results, how many are
+        stored, how many jobs run), read together."""
+        with self.lock:
+            return sorted(comp.stored)[:limit], len(comp.stored), len(comp.running)
+
+    def client(self):
+        """(ip, port) of the client served, or None."""
+        with self.lock:
+            return self.scheduler
 
     def snapshot(self):
         with self.lock:
@@ -895,15 +1084,15 @@ class NodeState:
     def observe(self):
         """Plain data for the status query and the metrics endpoint."""
         now = time.time()
+        names = {Phase.ACTIVE: 'running', Phase.ZOMBIE: 'closing', Phase.RETIRING: 'closing',
+                 Phase.DETACHED: 'closed, results stored'}
         with self.lock:
             comps = []
-            for comp, attached in [(c, True) for c in self.active.values()] + \
-                    [(c, False) for c in self.detached.values()]:
-                state = 'running' if attached and not comp.zombie else \
-                    'closing' if attached else 'closed, results stored'
+            for comp in list(self.active.values()) + list(self.detached.values()):
                 comps.append({'id': comp.id, 'name': comp.name,
                               'client': '%s:%s' % (comp.scheduler_ip, comp.scheduler_port),
-                              'state': state, 'jobs_running': len(comp.running),
+                              'state': names.get(comp.phase, comp.phase.value),
+                              'jobs_running': len(comp.running),
                               'jobs_done': sum(comp.outcomes.values()),
                               'jobs_by_outcome': dict(comp.outcomes),
                               'stored': len(comp.stored),
@@ -916,19 +1105,153 @@ class NodeState:
                     'stored_results': sum(c['stored'] for c in comps)}
 
 
-# ---------------------------------------------------------------- result store
+# ---------------------------------------------------------------- workspace
 
-class ResultStore:
-    """Computation records and undelivered replies on disk.
+class Workspace:
+    """Everything the node keeps on disk under ``--dest_path_prefix``,
+    with one lock for it.  The layout (unchanged, so that an earlier run's
+    store loads)::
 
-    ``<prefix>/<compute_id>_<auth>``: a computation's record (plain data).
-    ``<dest_path>/_dispy_job_reply_<uid>``: ``{'uid','hash','reply'}`` where
-    ``reply`` is the job's pickled ``_JobReply``, forwarded as is.
+        <prefix>/<client ip>/<dest_path, or name_XXXXXX>/   a computation's
+            directory: transferred files, the jobs' own files, and
+        <that directory>/_dispy_job_reply_<uid>   an undelivered reply:
+            {'uid', 'hash', 'reply'}, ``reply`` the job's pickled _JobReply
+        <prefix>/<compute_id>_<auth>          a computation's record (plain data)
+        <any of these>.corrupt-<time>         an unreadable file, moved aside
+
     Every write is atomic; unreadable files are moved aside, not fatal.
+    ``lock`` serialises creating, pruning and storing into computation
+    directories, and each record decision (settle, store_reply,
+    drop_reply) with the NodeState transition that makes it: so a reply
+    stored while retire decides about its record either comes before the
+    decision (the record stays) or after it (and saves the record again).
+    Lock order: Workspace.lock, then NodeState.lock, never the reverse.
     """
 
-    def __init__(self, prefix):
+    def __init__(self, prefix, job_user=None):
         self.prefix = prefix
+        self.job_user = job_user
+        self.lock = threading.Lock()
+
+    # -- computation directories
+    def make_computation_dir(self, compute):
+        """``<prefix>/<client ip>/<dest_path or a new temp dir>``, created one
+        level at a time without following a symlink anywhere (a job may have
+        planted one), so nothing is ever created outside the prefix."""
+        with self.lock:
+            # The job user may traverse, not list, the client level.
+            base = make_dirs_confined(self.prefix, [compute.scheduler_ip_addr],
+                                      0o711 if self.job_user else 0o700)
+            if base is None:
+                return None
+            if compute.dest_path:
+                path = confined_join(base, compute.dest_path)
+                if path is None:
+                    return None
+                parts = os.path.relpath(path, base).split(os.sep)
+                return make_dirs_confined(base, parts, 0o700, self.job_user)
+            stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
+            path = tempfile.mkdtemp(prefix=stem + '_', dir=base)
+            if self.job_user:
+                os.chown(path, self.job_user.uid, self.job_user.gid)
+            return path
+
+    def remove_files(self, comp, names):
+        """Remove what was transferred for a computation (``names``:
+        depends, the program, per-job files; their bytecode) and our temp
+        files, unless the client asked to keep them with cleanup=False.
+        Files its jobs wrote stay, as on the original, in a named or a
+        default directory alike; so do stored replies.  The directory goes
+        once empty, and so do its empty parents below the prefix."""
+        base = os.path.realpath(self.prefix) + os.sep
+        path = os.path.realpath(comp.dest_path)
+        if comp.keep_files or not path.startswith(base):
+            return
+        with self.lock:
+            if not os.path.isdir(path):
+                return
+            victims = [os.path.join(path, n) for n in names]
+            cache = os.path.join(path, '__pycache__')
+            for name in names:
+                stem, ext = os.path.splitext(name)
+                if ext == '.py':
+                    victims.append(os.path.join(path, name + 'c'))
+                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
+                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
+            victims.extend(_stray_temp_files(path))
+            for full in victims:
+                try:
+                    if not stat.S_ISDIR(os.lstat(full).st_mode):
+                        os.unlink(full)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    logger.warning('could not remove %s: %s', full, exc)
+            for directory in (cache, path):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass    # not empty: the jobs' files or stored replies remain
+            if not os.path.isdir(path):
+                self._prune_empty_parents(path, base)
+
+    @staticmethod
+    def remove_job_files(comp, names):
+        """Remove per-job files no running job of ``comp`` uses any more
+        (NodeState.finish_job names them).  Without the lock: each is one
+        unlink of a name only this computation's jobs use, and the lock
+        may be held by a store's fsync."""
+        for name in names:
+            try:
+                os.unlink(os.path.join(comp.dest_path, name))
+            except OSError:
+                pass
+
+    @staticmethod
+    def _prune_empty_parents(path, base):
+        parent = os.path.dirname(path)
+        while parent.startswith(base) and len(parent) > len(base):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    # -- records and replies, with the transitions that decide about them
+    def settle(self, comp, transition):
+        """Run the NodeState ``transition`` on ``comp`` and save or remove
+        its record as the returned Change says, under the lock."""
+        with self.lock:
+            change = transition(comp)
+            self._write_record(comp, change)
+        return change
+
+    def store_reply(self, comp, uid, job_hash, reply, note):
+        """Store an undelivered reply, then ``note`` it (NodeState.add_stored)
+        and (re)save the record if the Change asks, under the lock.  Raises
+        OSError if the reply could not be written (then nothing is noted)."""
+        with self.lock:
+            self.save_reply(comp, uid, job_hash, reply)
+            change = note(comp, uid)
+            self._write_record(comp, change)
+        return change
+
+    def drop_reply(self, comp, uid, note):
+        """A reply was delivered: ``note`` forgets it (NodeState.drop_stored)
+        before its file goes (a crash in between only sends it again); the
+        record goes too if the Change says so."""
+        with self.lock:
+            change = note(comp, uid)
+            if Do.REMOVE_REPLY in change:
+                self.remove_reply(comp, uid)
+            self._write_record(comp, change)
+        return change
+
+    def _write_record(self, comp, change):
+        if Do.SAVE_RECORD in change:
+            self.save_computation(comp)
+        elif Do.REMOVE_RECORD in change:
+            self.remove_computation(comp)
 
     def record_path(self, compute_id, auth):
         if not isinstance(compute_id, int) or not isinstance(auth, str) \
@@ -993,7 +1316,9 @@ class ResultStore:
             logger.warning('could not move %s aside: %s', path, exc)
 
     def restore(self):
-        """Computation records left by an earlier run, as Computations."""
+        """Computation records left by an earlier run, as DETACHED
+        Computations with their stored uids; a record with nothing stored
+        is removed, with its transferred files."""
         found = []
         for name in sorted(os.listdir(self.prefix)):
             path = os.path.join(self.prefix, name)
@@ -1013,7 +1338,11 @@ class ResultStore:
             for stray in _stray_temp_files(comp.dest_path):
                 os.unlink(stray)
             comp.stored = self.stored_uids(comp)
-            found.append(comp)
+            if comp.stored:
+                found.append(comp)
+            else:
+                self.remove_files(comp, sorted(comp.transferred))
+                self.remove_computation(comp)
         return found
 
 
@@ -2309,8 +2638,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if comp is None:
             self.reply(dc.dumps_plain(0))
             return
-        count = len(comp.stored) + len(comp.running)
-        self.reply(dc.dumps_plain(count))
+        _, stored, running = self.node.state.progress(comp)
+        self.reply(dc.dumps_plain(stored + running))
         self.node.resend(comp)
 
     @handles(b'PENDING_JOBS', recovery=True)
@@ -2318,14 +2647,15 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.lookup(info, self.token_sign)
         reply = {'done': [], 'pending': 0}
         if comp is not None:
-            reply = {'done': sorted(comp.stored)[:50], 'pending': len(comp.running)}
+            done, _, running = self.node.state.progress(comp)
+            reply = {'done': done, 'pending': running}
         self.reply(dc.dumps_plain(reply))
 
     @handles(b'RETRIEVE_JOB', recovery=True)
     def _handle_retrieve_job(self, info):
         comp = self.node.lookup(info, self.token_sign)
         uid = info.get('uid') if isinstance(info, dict) else None
-        rec = self.node.store.load_reply(comp, uid) if comp and isinstance(uid, int) else None
+        rec = self.node.workspace.load_reply(comp, uid) if comp and isinstance(uid, int) else None
         if rec is None or rec['hash'] != info.get('hash'):  # info is a dict when rec is set
             self.reply(dc.dumps(None))
             return
@@ -2691,10 +3021,10 @@ class ServiceClock:
         self.minute_seconds = minute_seconds
 
     @classmethod
-    def from_env(cls):
-        start = os.environ.get('DISPYNODE_CLOCK_START')
+    def from_env(cls, environ=os.environ):
+        start = environ.get('DISPYNODE_CLOCK_START')
         try:
-            rate = float(os.environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
+            rate = float(environ.get('DISPYNODE_MINUTE_SECONDS') or 60.0)
         except ValueError:
             rate = 0
         if not rate > 0:
@@ -2805,10 +3135,8 @@ class ServiceControl:
             if phase == 'on':
                 self.announce()
         if phase == 'closed':
-            active, _ = self.state.snapshot()
-            for comp in active:
-                if comp.evicted is None:
-                    self.spawn(self.evict, comp, 'service window ended')
+            for comp in self.state.to_evict():
+                self.spawn(self.evict, comp, 'service window ended')
         interval = getattr(self.config, 'ping_interval', 0)
         now = time.monotonic()
         if interval and now - self._last_ping >= interval:
@@ -2904,7 +3232,7 @@ class ServiceControl:
                 self.client_signs[(peer, info['port'])] = info['sign']
 
     def _tell_cpus(self):
-        sched = self.state.scheduler
+        sched = self.state.client()
         with self.lookup_lock:
             sign = self.client_signs.get(sched) if sched else None
         if sign is None:
@@ -2937,7 +3265,7 @@ class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
-        self.config = config
+        config = self.config = start_up(config)
         self.state = NodeState(config.cpus)
         self.sign = dc.new_sign(config.secret)
         self.auth = dc.auth_code(config.secret, self.sign)
@@ -2948,7 +3276,7 @@ class Node(ServiceControl):
         if config.certfile:
             self.tls_server = dc.server_tls_context(config.certfile, config.keyfile)
             self.tls_client = dc.client_tls_context(config.certfile)
-        self.store = ResultStore(config.dest_path_prefix)
+        self.workspace = Workspace(config.dest_path_prefix, config.job_user)
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
@@ -2965,8 +3293,6 @@ class Node(ServiceControl):
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
         self.spare_lock = threading.Lock()
-        # Creating, pruning and storing into computation directories.
-        self.dirs_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self.tcp = TCPServer((config.ip_addr, config.node_port), self)
         self.port = self.tcp.server_address[1]
@@ -3018,11 +3344,7 @@ class Node(ServiceControl):
         for comp in active:
             if comp.worker is not None:
                 comp.worker.stop(2.0)
-            if comp.stored:
-                self.store.save_computation(comp)
-            else:
-                self.store.remove_computation(comp)
-                self._remove_computation_files(comp)
+            self._settle(comp, self.state.shut_down)
             self.send_terminated(comp)
         with self.spare_lock:
             spare, self.spare = self.spare, None
@@ -3050,12 +3372,13 @@ class Node(ServiceControl):
         console's release, --service_end and the zombie drop; the zombie
         drop lets running jobs finish (their results are stored), as the
         original does for a silent client."""
-        if comp.evicted is None:
+        change = self.state.evict(comp, reason, kill_jobs)
+        if Do.LOG_DROP in change:
             logger.warning('dropping computation %s of %s: %s', comp.id, comp.scheduler_ip,
                            reason)
-        for uid in self.state.evict(comp, reason, kill_jobs):
+        for uid in change.uids:
             self.terminate_job(comp, uid)
-        if not self.stopping.is_set():
+        if change and not self.stopping.is_set():
             self.retire(comp)       # at once, or when its last job ends
 
     def spawn(self, func, *args, key=None):
@@ -3068,12 +3391,10 @@ class Node(ServiceControl):
         return True
 
     def _restore(self):
-        for comp in self.store.restore():
-            if not comp.stored:
-                self._remove_computation_files(comp)
-                self.store.remove_computation(comp)
+        for comp in self.workspace.restore():
+            if not self.state.adopt(comp):
+                logger.warning('ignoring a second record of computation %s', comp.id)
                 continue
-            self.state.detached[comp.id] = comp
             self.old_auths[dc.auth_code(self.config.secret, comp.sign)] = comp.sign
             self.old_signs.add(comp.sign)
             logger.info('restored %d stored result(s) of computation %s for %s',
@@ -3265,7 +3586,7 @@ class Node(ServiceControl):
             self.courier.revive(comp.reply_addr)
             # Pulses are unauthenticated: whatever they say, stored results
             # are re-read and sent at most once per retry interval.
-            if resend and comp.stored and self.state.resend_due(comp, RETRY_SECONDS):
+            if resend and self.state.resend_due(comp, RETRY_SECONDS):
                 self.resend(comp)
 
     # -- timer: pulses, zombies, resends
@@ -3286,7 +3607,7 @@ class Node(ServiceControl):
     def _retry_stored(self):
         active, _ = self.state.snapshot()
         for comp in active:
-            if comp.stored and not comp.zombie and self.state.resend_due(comp, RETRY_SECONDS):
+            if self.state.resend_due(comp, RETRY_SECONDS, active_only=True):
                 self.resend(comp)
 
     def pulse_interval(self, active):
@@ -3301,7 +3622,7 @@ class Node(ServiceControl):
         active, _ = self.state.snapshot()
         if active and now - last_pulse >= self.pulse_interval(active):
             last_pulse = now
-            sched = self.state.scheduler
+            sched = self.state.client()
             if sched:
                 info = {'ip_addr': self.addr_for(sched[0]), 'port': self.port,
                         'cpus': self.state.busy_cpus(), 'scheduler_ip_addr': sched[0]}
@@ -3346,33 +3667,6 @@ class Node(ServiceControl):
                 return b'NAK (Compilation failed: %s)' % str(exc).encode()
         return None
 
-    def computation_dir(self, compute):
-        with self.dirs_lock:
-            return self._make_computation_dir(compute)
-
-    def _make_computation_dir(self, compute):
-        """``<prefix>/<client ip>/<dest_path or a new temp dir>``, created one
-        level at a time without following a symlink anywhere (a job may have
-        planted one), so nothing is ever created outside the prefix."""
-        cfg = self.config
-        prefix = cfg.dest_path_prefix
-        # The job user may traverse, not list, the client level.
-        base = make_dirs_confined(prefix, [compute.scheduler_ip_addr],
-                                  0o711 if cfg.job_user else 0o700)
-        if base is None:
-            return None
-        if compute.dest_path:
-            path = confined_join(base, compute.dest_path)
-            if path is None:
-                return None
-            parts = os.path.relpath(path, base).split(os.sep)
-            return make_dirs_confined(base, parts, 0o700, cfg.job_user)
-        stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
-        path = tempfile.mkdtemp(prefix=stem + '_', dir=base)
-        if cfg.job_user:
-            os.chown(path, cfg.job_user.uid, cfg.job_user.gid)
-        return path
-
     def add_computation(self, compute, raw):
         """Claim the node for a validated computation; whatever fails
         afterwards undoes the claim, so a bad COMPUTE leaves the node free."""
@@ -3381,7 +3675,7 @@ class Node(ServiceControl):
             logger.info('refusing computation from %s: %s', compute.scheduler_ip_addr,
                         refusal.decode())
             return None, refusal
-        if not self.state.is_free() and self.state.scheduler != (
+        if not self.state.is_free() and self.state.client() != (
                 compute.scheduler_ip_addr, compute.scheduler_port):
             return None, b'Busy'
         if self.guard_refusal():
@@ -3394,7 +3688,7 @@ class Node(ServiceControl):
 
     def _add_computation(self, compute, raw):
         try:
-            dest = self.computation_dir(compute)
+            dest = self.workspace.make_computation_dir(compute)
         except OSError as exc:
             return None, b'NAK (could not create directory: %s)' % str(exc).encode()
         if dest is None:
@@ -3407,7 +3701,7 @@ class Node(ServiceControl):
         if refusal:
             return None, refusal
         try:
-            self.store.save_computation(comp)
+            self.workspace.save_computation(comp)
             comp.worker = self.take_worker()
             comp.worker.attach(comp, raw, compute.code)
         except Exception as exc:  # nothing may leave the node claimed
@@ -3440,11 +3734,9 @@ class Node(ServiceControl):
 
     def drop_computation(self, comp):
         """Undo add_computation (the client never got our ACK)."""
-        self.state.unclaim(comp)
         if comp.worker is not None:
             comp.worker.stop(2.0)
-        self.store.remove_computation(comp)
-        self._remove_computation_files(comp)
+        self._settle(comp, self.state.unclaim)
 
     def lookup(self, info, token_sign):
         """The computation a request dict names, if the dict carries that
@@ -3469,21 +3761,23 @@ class Node(ServiceControl):
         return text.encode('utf-8', 'replace')
 
     def close_computation(self, comp, terminate):
+        """The client's CLOSE: an active computation retires once its jobs
+        end; a detached one goes once its stored results are delivered."""
         self.state.mark_zombie(comp)
         if terminate:
             for entry in self.state.jobs_of(comp.id):
                 self.terminate_job(comp, entry.uid)
         if self.state.is_detached(comp):
             self.resend(comp)
-            if not comp.stored:
-                self._forget(comp)
+            self._settle(comp, self.state.forget)
             return
         self.retire(comp)
 
     def retire(self, comp, run_cleanup=True):
         """End a zombie computation once its jobs are done: cleanup, files,
         record; free the node.  Runs once per computation."""
-        if not self.state.begin_retire(comp):
+        started = self.state.begin_retire(comp)
+        if not started:
             return
         shutdown_asked = False
         if comp.worker is not None:
@@ -3492,80 +3786,32 @@ class Node(ServiceControl):
                 logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
-        self._remove_computation_files(comp)
-        # Under dirs_lock, as reply_undelivered stores: a reply stored before
-        # this point keeps the record; one stored after it re-saves it.
-        with self.dirs_lock:
-            keep, freed = self.state.retire_detach(comp)
-            if keep:
-                self.store.save_computation(comp)
-            else:
-                self.store.remove_computation(comp)
-        if comp.timed_out or comp.evicted:
+        self._drop_files(comp, started)     # before the record decision, as ever
+        change = self._settle(comp, self.state.retire_detach)
+        if not change:
+            return      # the node shut down meanwhile and settled it
+        if Do.TERMINATED in change:
             self.send_terminated(comp)
+        kept = self.state.stored_uids(comp, None) if Do.SAVE_RECORD in change else []
         logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
                     comp.name, comp.scheduler_ip, comp.scheduler_port,
                     time.time() - comp.started,
                     ', '.join('%s %d' % kv for kv in sorted(comp.outcomes.items())) or 'none',
-                    '; %d result(s) kept' % len(comp.stored) if keep else '')
-        if freed:
+                    '; %d result(s) kept' % len(kept) if kept else '')
+        if Do.ANNOUNCE in change:
             self.announce()
         self.computation_ended(comp, shutdown_asked)
 
-    def _forget(self, comp):
-        """A detached computation has nothing left to deliver."""
-        self.state.detach(comp, False)
-        self.store.remove_computation(comp)
-        self._remove_computation_files(comp)
+    def _settle(self, comp, transition):
+        """Apply a NodeState ``transition`` with its record written under
+        the workspace lock; then remove the files if it says so."""
+        change = self.workspace.settle(comp, transition)
+        self._drop_files(comp, change)
+        return change
 
-    def _remove_computation_files(self, comp):
-        """Remove what was transferred for a computation (depends, the
-        program, per-job files, their bytecode) and our temp files, unless
-        the client asked to keep them with cleanup=False.  Files its jobs
-        wrote stay, as on the original, in a named or a default directory
-        alike; so do stored replies.  The directory goes once empty."""
-        base = os.path.realpath(self.config.dest_path_prefix) + os.sep
-        path = os.path.realpath(comp.dest_path)
-        if comp.keep_files or not path.startswith(base):
-            return
-        names = self.state.transferred(comp)
-        with self.dirs_lock:
-            if not os.path.isdir(path):
-                return
-            victims = [os.path.join(path, n) for n in names]
-            cache = os.path.join(path, '__pycache__')
-            for name in names:
-                stem, ext = os.path.splitext(name)
-                if ext == '.py':
-                    victims.append(os.path.join(path, name + 'c'))
-                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
-                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
-            victims.extend(_stray_temp_files(path))
-            for full in victims:
-                try:
-                    if not stat.S_ISDIR(os.lstat(full).st_mode):
-                        os.unlink(full)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    logger.warning('could not remove %s: %s', full, exc)
-            for directory in (cache, path):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass    # not empty: the jobs' files or stored replies remain
-            if not os.path.isdir(path):
-                self._prune_empty_parents(path, base)
-
-    @staticmethod
-    def _prune_empty_parents(path, base):
-        parent = os.path.dirname(path)
-        while parent.startswith(base) and len(parent) > len(base):
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break
-            parent = os.path.dirname(parent)
+    def _drop_files(self, comp, change):
+        if Do.REMOVE_FILES in change:
+            self.workspace.remove_files(comp, self.state.transferred(comp))
 
     def send_terminated(self, comp):
         info = {'ip_addr': self.ip_of(comp), 'port': self.port, 'sign': self.sign}
@@ -3578,7 +3824,7 @@ class Node(ServiceControl):
             return None, None, b'NAK (invalid file transfer)'
         comp = self.state.find(xf.compute_id)
         name = safe_basename(xf.name, xf.sep)
-        if comp is None or comp.zombie:
+        if comp is None or self.state.phase_of(comp) is not Phase.ACTIVE:
             return None, None, b'NAK (invalid computation)'
         if name is None:
             return None, None, b'NAK (invalid file name)'
@@ -3658,10 +3904,7 @@ class Node(ServiceControl):
             return None, None, b'NAK (all cpus busy)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
         entry.answered = threading.Event()
-        refusal = self.state.start_job(comp, entry)
-        if refusal is None:
-            comp.last_pulse = time.monotonic()
-        return comp, entry, refusal
+        return comp, entry, self.state.start_job(comp, entry)
 
     def launch_job(self, comp, job):
         """Hand the job to the worker; None, or the Terminated reply to
@@ -3697,16 +3940,12 @@ class Node(ServiceControl):
         if entry.answered is not None:
             entry.answered.wait(self.config.msg_timeout)
         self.note_job(comp, entry, status, limit)
-        for name in unused:
-            try:
-                os.unlink(os.path.join(comp.dest_path, name))
-            except OSError:
-                pass
+        self.workspace.remove_job_files(comp, unused)
         # A job killed by evict() sends nothing: the client reschedules or
         # abandons it on our TERMINATED, as with the original node.
         if not entry.unacknowledged and uid not in comp.dropped:
             self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
-        if comp.zombie and not comp.running and not self.stopping.is_set():
+        if self.state.retire_due(comp) and not self.stopping.is_set():
             self.spawn(self.retire, comp)
 
     def worker_lost(self, comp):
@@ -3714,40 +3953,32 @@ class Node(ServiceControl):
         for entry in self.state.jobs_of(comp.id):
             self.job_done(comp, entry.uid, self._terminated_reply(
                 comp, entry.uid, entry.hash, 'worker process of the computation died'))
-        if not comp.retiring and not self.stopping.is_set():
+        if self.state.phase_of(comp) in (Phase.ACTIVE, Phase.ZOMBIE) \
+                and not self.stopping.is_set():
             logger.warning('worker of computation %s exited', comp.id)
 
     # -- results
     def reply_delivered(self, item):
         comp = item.comp
-        if item.resend or item.uid in comp.stored:
-            # Forget it in memory first: once the file is gone, a RESEND count
-            # must not include it (a crash in between only re-sends it).
-            forget = self.state.drop_stored(comp, item.uid)
-            self.store.remove_reply(comp, item.uid)
-            if forget:
-                self._forget(comp)
+        if item.resend or self.state.is_stored(comp, item.uid):
+            self._drop_reply(comp, item.uid)
+
+    def _drop_reply(self, comp, uid):
+        """``uid``'s stored reply is delivered, or unreadable: forget it."""
+        self._drop_files(comp, self.workspace.drop_reply(comp, uid, self.state.drop_stored))
 
     def reply_undelivered(self, item):
-        comp = item.comp
-        # Under dirs_lock: retire() must not remove the directory meanwhile,
-        # nor decide about the record between our store and our note of it.
-        with self.dirs_lock:
-            try:
-                self.store.save_reply(comp, item.uid, item.hash, item.reply)
-            except OSError as exc:
-                logger.error('could not store the reply of job %s: %s', item.uid, exc)
-                return
-            self.state.add_stored(comp, item.uid)
-            if comp.retiring:
-                self.store.save_computation(comp)   # retire may have removed it
+        try:
+            self.workspace.store_reply(item.comp, item.uid, item.hash, item.reply,
+                                       self.state.add_stored)
+        except OSError as exc:
+            logger.error('could not store the reply of job %s: %s', item.uid, exc)
 
     def resend(self, comp):
-        for uid in sorted(comp.stored)[:64]:
-            rec = self.store.load_reply(comp, uid)
-            if rec is None:
-                if self.state.drop_stored(comp, uid):
-                    self._forget(comp)
+        for uid in self.state.stored_uids(comp):
+            rec = self.workspace.load_reply(comp, uid)
+            if rec is None:     # gone, or moved aside as unreadable
+                self._drop_reply(comp, uid)
                 continue
             self.courier.submit(Delivery(comp, uid, rec['hash'], rec['reply'], True))
 
@@ -3841,53 +4072,8 @@ class Node(ServiceControl):
         return status
 
     def metrics_text(self):
-        """The Prometheus text exposition (version 0.0.4)."""
-        st = self.status()
-        counts = self.counters.snapshot()
-        out = []
-
-        def family(name, kind, text, samples):
-            out.append('# HELP %s %s' % (name, text))
-            out.append('# TYPE %s %s' % (name, kind))
-            for suffix, labels, value in samples:
-                label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
-                out.append('%s%s%s %s' % (name, suffix, label, float(value)))
-
-        outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
-        outcomes.update(st['jobs_done'])
-        family('dispynode_jobs_total', 'counter', 'Jobs ended, by outcome.',
-               [('', [('outcome', k)], v) for k, v in sorted(outcomes.items())])
-        limits = dict.fromkeys(('job_timeout', 'job_memory'), 0)
-        limits.update(st['limit_kills'])
-        family('dispynode_job_limit_kills_total', 'counter',
-               'Jobs ended by a per-job limit, by limit.',
-               [('', [('limit', k)], v) for k, v in sorted(limits.items())])
-        for name, key, text in (
-                ('computations', 'computations', 'Computations accepted.'),
-                ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
-                ('bytes_sent', 'bytes_out', 'Bytes sent to clients.'),
-                ('refused_connections', 'refused_connections',
-                 'Connections refused (capacity or authentication).'),
-                ('dropped_packets', 'dropped_packets', 'UDP datagrams ignored.'),
-                ('guard_refusals', 'guard_refusals',
-                 'Computations or jobs refused for low free memory or disk.')):
-            family('dispynode_%s_total' % name, 'counter', text,
-                   [('', [], counts.get(key, 0))])
-        for name, value, text in (
-                ('cpus', st['cpus'], 'CPUs offered.'),
-                ('cpus_busy', st['cpus_busy'], 'CPUs running a job.'),
-                ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
-                ('stored_results', st['stored_results'], 'Undelivered results stored.'),
-                ('serving', int(bool(st['serving'])), '1 while taking new work.'),
-                ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
-            family('dispynode_' + name, 'gauge', text, [('', [], value)])
-        buckets, total, seconds = self.job_times.snapshot()
-        samples = [('_bucket', [('le', repr(float(b)))], n) for b, n in buckets]
-        samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
-                    ('_count', [], total)]
-        family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
-        return '\n'.join(out) + '\n'
-
+        return prometheus_text(self.status(), self.counters.snapshot(),
+                               self.job_times.snapshot())
 
 
 # ---------------------------------------------------------------- console
@@ -4391,6 +4577,54 @@ def parse_hostport(text, default_host='127.0.0.1'):
     return host, int(port)
 
 
+def prometheus_text(st, counts, job_times):
+    """The Prometheus text exposition (version 0.0.4) of a status (see
+    Node.status), counter snapshot and JobTimes snapshot."""
+    out = []
+
+    def family(name, kind, text, samples):
+        out.append('# HELP %s %s' % (name, text))
+        out.append('# TYPE %s %s' % (name, kind))
+        for suffix, labels, value in samples:
+            label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
+            out.append('%s%s%s %s' % (name, suffix, label, float(value)))
+
+    outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
+    outcomes.update(st['jobs_done'])
+    family('dispynode_jobs_total', 'counter', 'Jobs ended, by outcome.',
+           [('', [('outcome', k)], v) for k, v in sorted(outcomes.items())])
+    limits = dict.fromkeys(('job_timeout', 'job_memory'), 0)
+    limits.update(st['limit_kills'])
+    family('dispynode_job_limit_kills_total', 'counter',
+           'Jobs ended by a per-job limit, by limit.',
+           [('', [('limit', k)], v) for k, v in sorted(limits.items())])
+    for name, key, text in (
+            ('computations', 'computations', 'Computations accepted.'),
+            ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
+            ('bytes_sent', 'bytes_out', 'Bytes sent to clients.'),
+            ('refused_connections', 'refused_connections',
+             'Connections refused (capacity or authentication).'),
+            ('dropped_packets', 'dropped_packets', 'UDP datagrams ignored.'),
+            ('guard_refusals', 'guard_refusals',
+             'Computations or jobs refused for low free memory or disk.')):
+        family('dispynode_%s_total' % name, 'counter', text,
+               [('', [], counts.get(key, 0))])
+    for name, value, text in (
+            ('cpus', st['cpus'], 'CPUs offered.'),
+            ('cpus_busy', st['cpus_busy'], 'CPUs running a job.'),
+            ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
+            ('stored_results', st['stored_results'], 'Undelivered results stored.'),
+            ('serving', int(bool(st['serving'])), '1 while taking new work.'),
+            ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
+        family('dispynode_' + name, 'gauge', text, [('', [], value)])
+    buckets, total, seconds = job_times
+    samples = [('_bucket', [('le', repr(float(b)))], n) for b, n in buckets]
+    samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
+                ('_count', [], total)]
+    family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
+    return '\n'.join(out) + '\n'
+
+
 def format_status_table(status):
     """The status dict (Node.status) as a plain-text table for a terminal."""
     def when(seconds):
@@ -4784,7 +5018,6 @@ def resolve_service(args):
         raise ValueError('--service_start must differ from --service_stop/--service_end')
     args.service_start_minute, args.service_stop_minute, args.service_end_minute = \
         start, stop, end
-    args.service_clock = ServiceClock.from_env()
 
 
 class Config:
@@ -4810,7 +5043,8 @@ class Config:
 
 def resolve_config(args):
     """Validate the parsed options into a read-only Config; raise
-    ValueError with a one-line message."""
+    ValueError with a one-line message.  Pure: no name lookups, no files
+    read, the environment untouched (start_up does those)."""
     resolve_service(args)
     total = os.cpu_count() or 1
     if args.cpus > total or args.cpus <= -total:
@@ -4838,34 +5072,54 @@ def resolve_config(args):
         setattr(args, opt, value)
     if args.max_request_memory < args.max_request_size:
         raise ValueError('--max_request_memory must be at least --max_request_size')
-    args.job_user = _job_user(args.job_user)
-    override = os.environ.get('DISPYNODE_ZOMBIE_SECONDS')
-    args.zombie_seconds = float(override) if override else args.zombie_interval * 60
     resolve_obs_options(args)
-    args.secret = _read_secret(args)
-    notes = []      # logged only once every option is valid
-    resolve_addresses(args, notes)
-    if args.scheduler_node:
-        args.scheduler_node = _resolve(args.scheduler_node, '--scheduler_node')
-    args.name = args.name or socket.gethostname()
+    check_addresses(args)
     for opt in ('certfile', 'keyfile'):
-        path = getattr(args, opt)
-        if path:
-            if not os.access(path, os.R_OK):
-                raise ValueError('--%s %s: file is missing or unreadable' % (opt, path))
-            setattr(args, opt, os.path.abspath(path))
+        if getattr(args, opt):
+            setattr(args, opt, os.path.abspath(getattr(args, opt)))
     if args.keyfile and not args.certfile:
         raise ValueError('--keyfile needs --certfile')
-    if args.certfile:
-        try:
-            dc.server_tls_context(args.certfile, args.keyfile)
-        except OSError as exc:
-            raise ValueError('TLS certificate/key not usable: %s' % exc)
     prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     args.dest_path_prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    args.started_up = False
+    return Config(vars(args))
+
+
+# ---------------------------------------------------------------- start-up
+
+def start_up(cfg, environ=os.environ):
+    """The node's start-up side effects on a validated Config, in order:
+    take the secret (and remove it from the environment, which workers and
+    jobs inherit), look up --job_user, resolve addresses, check the TLS
+    files, create the prefix and try the job user.  Returns the completed
+    Config (a second call returns it unchanged); raises ValueError with a
+    one-line message."""
+    if cfg.started_up:
+        return cfg
+    secret = _read_secret(cfg, environ)
+    job_user = _job_user(cfg.job_user)
+    override = environ.get('DISPYNODE_ZOMBIE_SECONDS')
+    notes = []      # logged only once every lookup succeeded
+    cfg = cfg.replace(
+        secret=secret, job_user=job_user, service_clock=ServiceClock.from_env(environ),
+        zombie_seconds=float(override) if override else cfg.zombie_interval * 60,
+        scheduler_node=cfg.scheduler_node and _resolve(cfg.scheduler_node,
+                                                        '--scheduler_node'),
+        name=cfg.name or socket.gethostname(), **resolve_addresses(cfg, notes))
+    for opt in ('certfile', 'keyfile'):
+        path = getattr(cfg, opt)
+        if path and not os.access(path, os.R_OK):
+            raise ValueError('--%s %s: file is missing or unreadable' % (opt, path))
+    if cfg.certfile:
+        try:
+            dc.server_tls_context(cfg.certfile, cfg.keyfile)
+        except OSError as exc:
+            raise ValueError('TLS certificate/key not usable: %s' % exc)
     for level, note in notes:
         logger.log(level, note)
-    return Config(vars(args))
+    prepare_prefix(cfg)
+    check_job_user(cfg)
+    return cfg.replace(started_up=True)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
@@ -4915,25 +5169,30 @@ def job_user_args(job_user):
     return {'user': job_user.uid, 'group': job_user.gid, 'extra_groups': []}
 
 
-def resolve_addresses(args, notes):
-    """-i (repeatable; 0.0.0.0 = every interface) and --ext_ip_addr (the
-    n-th pairs with the n-th -i) -> args.ip_addrs [(bind, ext or None)],
-    args.ip_addr (what the TCP server binds) and args.ext_ip_addr (our
-    address where no client tells which)."""
-    given = [a.strip() for a in (args.ip_addr or []) if a is not None]
-    exts = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
-    if len(exts) > max(len(given), 1):
+def check_addresses(args):
+    """-i (repeatable; 0.0.0.0, * or '' = every interface) and
+    --ext_ip_addr (the n-th pairs with the n-th -i): what can be checked
+    without a lookup."""
+    args.ip_addr = [a.strip() for a in (args.ip_addr or []) if a is not None]
+    args.ext_ip_addr = [e.strip() for e in (args.ext_ip_addr or []) if e is not None]
+    if len(args.ext_ip_addr) > max(len(args.ip_addr), 1):
         raise ValueError('--ext_ip_addr is given %d times but -i only %d' % (
-            len(exts), len(given)))
+            len(args.ext_ip_addr), len(args.ip_addr)))
+    if len(args.ip_addr) > 1 and any(a in ('0.0.0.0', '*', '') for a in args.ip_addr):
+        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
+
+
+def resolve_addresses(cfg, notes):
+    """Look up -i and --ext_ip_addr.  Returns the Config fields ip_addrs
+    [(bind, ext or None)], ip_addr (what the TCP server binds) and
+    ext_ip_addr (our address where no client tells which)."""
     binds = []
-    for addr in given:
+    for addr in cfg.ip_addr:
         bind = '0.0.0.0' if addr in ('0.0.0.0', '*', '') else _resolve_local(addr,
                                                                              '-i/--ip_addr')
         if bind in binds:
             raise ValueError('-i %s is given twice' % addr)
         binds.append(bind)
-    if '0.0.0.0' in binds and len(binds) > 1:
-        raise ValueError('-i 0.0.0.0 serves every interface: give it alone')
     if not binds:
         binds = [primary_ipv4()]
         notes.append((logging.INFO, 'serving on %s (primary address; use -i to choose)'
@@ -4941,24 +5200,26 @@ def resolve_addresses(args, notes):
         if binds[0].startswith('127.'):
             notes.append((logging.WARNING, 'only a loopback address was found; other '
                           'machines cannot reach this node'))
-    args.ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
-                     for i, b in enumerate(binds)]
-    args.ip_addr = binds[0] if len(binds) == 1 else '0.0.0.0'
-    first_bind, first_ext = args.ip_addrs[0]
-    args.ext_ip_addr = first_ext or (first_bind if first_bind != '0.0.0.0' else primary_ipv4())
+    exts = cfg.ext_ip_addr
+    ip_addrs = [(b, _resolve(exts[i], '--ext_ip_addr') if i < len(exts) else None)
+                for i, b in enumerate(binds)]
+    first_bind, first_ext = ip_addrs[0]
+    return {'ip_addrs': ip_addrs, 'ip_addr': binds[0] if len(binds) == 1 else '0.0.0.0',
+            'ext_ip_addr': first_ext or (first_bind if first_bind != '0.0.0.0'
+                                         else primary_ipv4())}
 
 
-def _read_secret(args):
+def _read_secret(cfg, environ):
     # Workers and jobs inherit the environment; they have no use for the secret.
-    env_secret = os.environ.pop('DISPYNODE_SECRET', '')
-    if args.secret_file:
+    env_secret = environ.pop('DISPYNODE_SECRET', '')
+    if cfg.secret_file:
         try:
-            with open(args.secret_file) as fh:
+            with open(cfg.secret_file) as fh:
                 return fh.read().strip()
         except OSError as exc:
             raise ValueError('--secret_file: %s' % exc.strerror)
-    if args.secret is not None:
-        return args.secret
+    if cfg.secret is not None:
+        return cfg.secret
     return env_secret
 
 
@@ -5076,13 +5337,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
     try:
-        cfg = resolve_config(args)
-        prepare_prefix(cfg)
-        check_job_user(cfg)
-        node = Node(cfg)
-    except ValueError as exc:
-        parser.exit(2, 'dispynode: error: %s\n' % exc)
-    except OSError as exc:
+        node = Node(resolve_config(args))
+    except (ValueError, OSError) as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
     stop = threading.Event()
 
@@ -5096,7 +5352,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node.start()
-    if Console.wanted(cfg):
+    if Console.wanted(node.config):
         Console(node).start()
     while not stop.wait(0.25) and not node.quit.is_set():
         pass

@@ -16,7 +16,6 @@ host loopback).  Prints the success counts and writes nothing else.
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -1,4 +1,15 @@
-"""pytest configuration: legacy stack, node factory and network isolation.
+"""pytest configuration: legacy stack, the node fixture and network isolation.
+
+The node fixture, ``node_factory``, is parametrised over how the node runs
+(``node_mode``): ``local`` (our dispynode.py on 127.0.0.1), ``copied`` and
+``renamed`` (our node run from a folder holding only a copy of the two
+deployment files, the node file named dispynode.py or compute-node.py),
+``netns`` (our node in a ``netns.Host`` the test passes as ``host=``) and
+``original`` (dispy 4.5.5's node from the legacy venv).  A test declares the
+modes it supports with ``@pytest.mark.node_modes(...)`` (default: local).
+DISPYTEST_IMPLS (default 'ours') selects which run: 'ours' enables every
+mode but 'original', 'original' that one.  The ``impl`` fixture says which
+implementation a test got ('ours' or 'original').
 
 The legacy dispy client always broadcasts a UDP PING to 255.255.255.255 when
 it starts (and the original node broadcasts too). To keep that traffic off
@@ -21,7 +32,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import legacy  # noqa: E402
-from legacy import LegacyUnavailable, Node, ensure_legacy_venv, free_port  # noqa: E402
+from legacy import LegacyUnavailable, ensure_legacy_venv, free_port  # noqa: E402
+from nodes import NodeProc, reap_all  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 
@@ -88,6 +100,8 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes more than a few seconds')
     config.addinivalue_line('markers', 'ours_only: needs our node (the original node fails '
                                        'or hangs on this scenario)')
+    config.addinivalue_line('markers', 'node_modes(*modes): how node_factory may run the node '
+                                       '(local, netns, copied, renamed, original)')
     # xdist workers: only build in the controller; workers would just find the
     # marker file (the fcntl lock keeps concurrent builds safe anyway)
     _ensure_legacy()
@@ -116,31 +130,43 @@ def legacy_python():
     return _legacy_state['python']
 
 
+OURS_MODES = {'local': {}, 'netns': {}, 'copied': {'copy_as': 'dispynode.py'},
+              'renamed': {'copy_as': 'compute-node.py'}}
+
+
 @pytest.fixture
-def node_factory(tmp_path):
-    """Start nodes with fresh ports and prefixes; all are stopped at teardown.
+def node_factory(tmp_path, node_mode):
+    """Start nodes the way ``node_mode`` says, each in a fresh workdir; all
+    are stopped at teardown.  ``node_factory(args=(...), wait=True, **kw)``
+    (keywords go to nodes.NodeProc.start) returns a started (by default
+    ready) node."""
+    started = []
 
-    Call as ``node_factory(impl='ours', args=(...), wait=True, **kw)`` (keyword
-    arguments go to Node.start). Returns a started (and by default ready) Node.
-    """
-    nodes = []
-    counter = [0]
-
-    def start(impl='ours', args=(), wait=True, port=None, prefix=None, **kw):
-        counter[0] += 1
-        if port is None:
-            port = free_port()
-        if prefix is None:
-            prefix = tmp_path / ('node%d' % counter[0]) / 'prefix'
-        node = Node.start(impl=impl, port=port, prefix=prefix, args=args, **kw)
-        nodes.append(node)
-        if wait:
-            node.wait_ready()
+    def start(args=(), **kw):
+        workdir = tmp_path / ('node%d' % (len(started) + 1))
+        if node_mode == 'original':
+            kw['impl'] = 'original'
+        else:
+            kw.update(OURS_MODES[node_mode])
+        if 'copy_as' in kw:
+            args = tuple(args) + ('--clean',)    # as the README starts a copied node
+        host = kw.pop('host', None)
+        if (host is not None) != (node_mode == 'netns') and node_mode != 'original':
+            raise ValueError('a netns node needs host=, and only a netns node takes one')
+        if host is not None:        # with the lab's defaults (dispy's port, no -i)
+            node = host.lab.start_node(host, args, **kw)
+        else:
+            node = NodeProc.start(workdir, args, **kw)
+        started.append(node)
         return node
 
     yield start
-    for node in nodes:
+    for node in started:
         node.stop(timeout=5)
+    for node in started:
+        if node.deploy is not None:     # the node wrote nothing next to its files
+            left = sorted(n for n in os.listdir(str(node.deploy)) if n != '__pycache__')
+            assert left == sorted(['dispy_common.py', node.cmd[1].rsplit('/', 1)[1]]), left
 
 
 @pytest.fixture
@@ -152,10 +178,8 @@ def client_port():
 # ------------------------------------------------------------ implementations
 
 def _impls():
-    """Node implementations to run the interop tests against: env
-    DISPYTEST_IMPLS (comma separated, 'ours' and/or 'original'), default 'ours'.
-    Tests marked ours_only are skipped for 'original' unless
-    DISPYTEST_RUN_OURS_ONLY=1 (to confirm the original really fails them)."""
+    """Node implementations enabled by env DISPYTEST_IMPLS (comma separated,
+    'ours' and/or 'original'), default 'ours'."""
     impls = [i.strip() for i in os.environ.get('DISPYTEST_IMPLS', 'ours').split(',') if i.strip()]
     for i in impls:
         if i not in ('ours', 'original'):
@@ -164,23 +188,43 @@ def _impls():
 
 
 def pytest_generate_tests(metafunc):
-    if 'impl' in metafunc.fixturenames:
-        metafunc.parametrize('impl', _impls(), scope='function')
+    if 'node_mode' not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker('node_modes')
+    declared = marker.args if marker else ('local',)
+    for mode in declared:
+        if mode not in OURS_MODES and mode != 'original':
+            raise pytest.UsageError('%s: unknown node mode %r' % (metafunc.function.__name__,
+                                                                  mode))
+    impls = _impls()
+    modes = [m for m in declared if ('original' if m == 'original' else 'ours') in impls]
+    metafunc.parametrize('node_mode', modes, scope='function')
+
+
+@pytest.fixture
+def impl(node_mode):
+    """The implementation the test's node_mode runs: 'ours' or 'original'."""
+    return 'original' if node_mode == 'original' else 'ours'
 
 
 @pytest.fixture(autouse=True)
 def _impl_guard(request):
+    """Tests marked ours_only are skipped for the original node unless
+    DISPYTEST_RUN_OURS_ONLY=1 (to confirm the original really fails them)."""
     callspec = getattr(request.node, 'callspec', None)
-    impl = callspec.params.get('impl') if callspec is not None else None
-    if (impl == 'original' and request.node.get_closest_marker('ours_only')
-            and os.environ.get('DISPYTEST_RUN_OURS_ONLY') != '1'):
-        marker = request.node.get_closest_marker('ours_only')
+    mode = callspec.params.get('node_mode') if callspec is not None else None
+    marker = request.node.get_closest_marker('ours_only')
+    if mode == 'original' and marker and os.environ.get('DISPYTEST_RUN_OURS_ONLY') != '1':
         pytest.skip('original dispy 4.5.5 node fails this scenario: %s'
                     % (marker.kwargs.get('reason') or (marker.args[0] if marker.args else '')))
-    if impl == 'ours' and not (legacy.REPO / 'dispynode.py').exists():
+    if mode in OURS_MODES and not (legacy.REPO / 'dispynode.py').exists():
         if os.environ.get('CI') == 'true':
             pytest.fail('dispynode.py missing')
         pytest.skip('dispynode.py not written yet')
+
+
+def pytest_sessionfinish(session):
+    reap_all()      # nodes stopped with stop_async
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,7 +9,7 @@ them with ``dc.loads_full`` exactly as a client would.
 
 It needs no legacy Python: everything is the current interpreter.
 
-    node = NodeProcess.start(tmp_path)          # python3 dispynode.py ... as a subprocess
+    node = NodeProcess.start(tmp_path)          # nodes.NodeProc: python3 dispynode.py ...
     drv = Driver('127.0.0.1', node.port)
     drv.ping_tcp()                               # learns the node's sign -> auth
     reply, comp = drv.compute('def f(x):\\n    return 2 * x\\n', 'f')
@@ -22,10 +22,8 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -36,40 +34,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import dispy_common as dc  # noqa: E402
+from legacy import ClosesOnExit, free_port, next_from, wait_for  # noqa: E402,F401
+from nodes import NODE_SCRIPT, NodeProc, reap_all  # noqa: E402,F401
 
-NODE_SCRIPT = REPO / 'dispynode.py'
+NodeProcess = NodeProc      # the name the unit tests (and InProcessNode's mirror) use
 JUNK_AUTH = b'x' * dc.AUTH_LEN
 
 
 # ---------------------------------------------------------------- helpers
-
-def free_port():
-    """A port free for both TCP and UDP on 127.0.0.1 (and the wildcard)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(('127.0.0.1', 0))
-            port = tcp.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(('', port))
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                tcp.bind(('', port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError('no free port found')
-
-
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    """Poll ``predicate`` until it returns something true; return it (or
-    the last falsy value after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
 
 def random_hex(nbytes=10):
     return os.urandom(nbytes).hex()
@@ -90,10 +62,21 @@ def parse_frame(data):
     return data[4:4 + size] if len(data) >= 4 + size else None
 
 
+def read_all(sock):
+    """The bytes ``sock`` receives until the peer closes it; a timeout or a
+    reset (OSError) ends them too."""
+    got = bytearray()
+    try:
+        for chunk in iter(lambda: sock.recv(65536), b''):
+            got += chunk
+    except OSError:
+        pass
+    return bytes(got)
+
+
 def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
     """Send ``raw`` on a fresh TCP connection, then read until the node
     closes (or ``timeout``).  Returns the bytes received."""
-    got = b''
     with socket.create_connection((host, port), timeout=timeout) as sock:
         try:
             sock.sendall(raw)
@@ -101,15 +84,57 @@ def exchange(port, raw, timeout=6.0, half_close=True, host='127.0.0.1'):
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        return read_all(sock)
+
+
+def accept_each(sock, seconds, handle, quiet=False):
+    """Accept connections on the listening ``sock`` for ``seconds`` (with
+    ``quiet``: until no connection came for ``seconds``) and call
+    ``handle(conn)`` on each, closing it after; a true answer from handle
+    stops early.  Returns whether handle stopped it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(min(left, 0.2))
         try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        except OSError:     # a timeout or a reset ends the answer
-            pass
-    return got
+            conn, _ = sock.accept()
+        except socket.timeout:
+            continue
+        with conn:
+            if handle(conn):
+                return True
+        if quiet:
+            deadline = time.monotonic() + seconds
+
+
+def udp_pongs(node_port, ip_addrs=('127.0.0.1',), wait=1.0, first=False):
+    """Send the node a UDP PING (from a client naming ``ip_addrs``) whose port
+    is a fresh TCP listener on 127.0.0.1; returns the PONG dicts that reach
+    it within ``wait`` seconds (with ``first``, stops at the first)."""
+    pongs = []
+
+    def take(conn):
+        conn.settimeout(2)
+        try:
+            msg = dc.recv_msg(conn, None, time.monotonic() + 2)
+        except (OSError, dc.ProtocolError):
+            return False
+        if msg.startswith(b'PONG:'):
+            pongs.append(dc.loads_plain(msg[len(b'PONG:'):]))
+        return first and bool(pongs)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(('127.0.0.1', 0))     # a PONG to 0.0.0.0:port reaches this on Linux
+        lst.listen(8)
+        udp.sendto(b'PING:' + dc.dumps_plain({
+            'version': dc.PROTOCOL_VERSION, 'sign': 'feedc0de', 'port': lst.getsockname()[1],
+            'ip_addrs': list(ip_addrs)}), ('127.0.0.1', node_port))
+        accept_each(lst, wait, take)
+    return pongs
 
 
 def raw_ping(port, sign='a' * 20, auth=JUNK_AUTH, reply_port=9, timeout=6.0):
@@ -120,85 +145,7 @@ def raw_ping(port, sign='a' * 20, auth=JUNK_AUTH, reply_port=9, timeout=6.0):
     return pickle.loads(body) if body and body[:1] == b'\x80' else None
 
 
-# ---------------------------------------------------------------- node process
-
-class NodeProcess:
-    """Our dispynode.py running as a subprocess on 127.0.0.1."""
-
-    def __init__(self, proc, port, prefix, log_path, scheduler_port):
-        self.proc = proc
-        self.port = port
-        self.prefix = Path(prefix)
-        self.log_path = Path(log_path)
-        self.scheduler_port = scheduler_port
-
-    @classmethod
-    def start(cls, workdir, args=(), port=None, scheduler_port=None, wait=True,
-              env=None, timeout=15.0, prefix=None):
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        port = port or free_port()
-        scheduler_port = scheduler_port or free_port()
-        prefix = Path(prefix) if prefix else workdir / ('prefix-%d' % port)
-        log_path = workdir / ('node-%d.log' % port)
-        cmd = [sys.executable, str(NODE_SCRIPT), '-i', '127.0.0.1', '-p', str(port),
-               '--dest_path_prefix', str(prefix), '--scheduler_port', str(scheduler_port),
-               '-d'] + [str(a) for a in args]
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        with open(log_path, 'wb') as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=str(workdir),
-                                    env=full_env, start_new_session=True)
-        node = cls(proc, port, prefix, log_path, scheduler_port)
-        if wait:
-            node.wait_ready(timeout)
-        return node
-
-    def log(self):
-        try:
-            return self.log_path.read_text(errors='replace')
-        except OSError:
-            return ''
-
-    def wait_ready(self, timeout=15.0):
-        """Wait for the node's 'serving ...' log line (no probe connection,
-        which would hold a request slot for msg_timeout)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if 'serving' in self.log() and ' cpus at ' in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError('node exited with %s; log:\n%s'
-                                     % (self.proc.returncode, self.log()))
-            time.sleep(0.02)
-        raise AssertionError('node not ready after %ss; log:\n%s' % (timeout, self.log()))
-
-    def stop_async(self, sig=signal.SIGTERM, timeout=10.0):
-        """Signal the node now and reap it in the background (see reap_all)."""
-        thread = threading.Thread(target=self.stop, args=(sig, timeout), daemon=True)
-        thread.start()
-        _REAPERS.append(thread)
-        return thread
-
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
-        """Signal the node, wait, then SIGKILL its process group.
-        Returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        return self.proc.wait(5)
-
+# ---------------------------------------------------------------- in-process node
 
 class _Alive:
     """``proc`` of an InProcessNode: poll() is None while the node serves."""
@@ -244,16 +191,16 @@ class InProcessNode:
                 '--scheduler_port', str(scheduler_port or free_port()), '--daemon'] + \
             [str(a) for a in args]
         saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) here
+        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) by start_up
         try:
-            cfg = dispynode.resolve_config(dispynode.build_parser().parse_args(argv))
+            cfg = dispynode.start_up(
+                dispynode.resolve_config(dispynode.build_parser().parse_args(argv)))
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        dispynode.prepare_prefix(cfg)
         capture = _LogCapture()
         log = logging.getLogger('dispynode')
         log.addHandler(capture)
@@ -273,16 +220,6 @@ class InProcessNode:
     stop_async = stop
 
 
-_REAPERS = []
-
-
-def reap_all(timeout=15.0):
-    """Wait for nodes stopped with stop_async (call at session end)."""
-    deadline = time.monotonic() + timeout
-    while _REAPERS:
-        _REAPERS.pop().join(max(0.0, deadline - time.monotonic()))
-
-
 atexit.register(reap_all)
 
 
@@ -298,7 +235,7 @@ class Message:
         return '<Message %s %r>' % (self.tag, self.obj)
 
 
-class ReplyServer:
+class ReplyServer(ClosesOnExit):
     """The client's TCP server: the node connects here to deliver results.
 
     ``ack``: True -> ACK each JOB_REPLY (a live client); False -> close
@@ -330,6 +267,13 @@ class ReplyServer:
             self.sock.close()
         except OSError:
             pass
+
+    def replies(self):
+        """The JobReplies ACKed so far, in arrival order."""
+        return [m.obj for m in list(self.all) if m.tag == 'JOB_REPLY']
+
+    def uids(self):
+        return [reply.uid for reply in self.replies()]
 
     def _accept_loop(self):
         while not self._closed:
@@ -384,20 +328,9 @@ class ReplyServer:
     def wait(self, tag=None, timeout=10.0, predicate=None):
         """Next message (with ``tag``, matching ``predicate``), or None.
         Messages skipped over are dropped from the queue (not from .all)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                message = self.messages.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if tag is not None and message.tag != tag:
-                continue
-            if predicate is not None and not predicate(message.obj):
-                continue
-            return message
+        return next_from(self.messages, timeout, lambda message: (
+            (tag is None or message.tag == tag)
+            and (predicate is None or predicate(message.obj))))
 
     def wait_reply(self, uid, timeout=10.0, final=True):
         """The JobReply of job ``uid`` (by default its final one)."""
@@ -411,23 +344,29 @@ class ReplyServer:
 # ---------------------------------------------------------------- the driver
 
 class Driver:
-    """Plays a dispy 4.5 client against one node."""
+    """Plays a dispy 4.5 client against one node.
+
+    Its results go to ``server`` (a ReplyServer it makes by default); with
+    ``reply_port`` it runs none and announces that port instead (where the
+    test listens later, or nobody does, so that the node stores results)."""
 
     def __init__(self, node_host, node_port, secret='', timeout=10.0, server=None,
-                 scheduler_ip='127.0.0.1'):
+                 scheduler_ip='127.0.0.1', reply_port=None):
         self.node_addr = (node_host, node_port)
         self.secret = secret
         self.timeout = timeout
         self.sign = random_hex(10)          # the client's own sign (sent in PING)
         self.node_sign = None
         self.auth = None
-        self.server = server or ReplyServer(timeout=timeout)
+        self.server = None if reply_port else server or ReplyServer(timeout=timeout)
+        self.reply_port = reply_port or self.server.port
         self.scheduler_ip = scheduler_ip
         self.computes = {}                  # compute id -> dc.Compute
         self.job_hashes = {}                # uid -> hash
 
     def close_server(self):
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
 
     # -- transport
     def connect(self):
@@ -458,7 +397,7 @@ class Driver:
 
     # -- discovery
     def ping_info(self, version=dc.PROTOCOL_VERSION, port=None):
-        return {'version': version, 'sign': self.sign, 'port': port or self.server.port,
+        return {'version': version, 'sign': self.sign, 'port': port or self.reply_port,
                 'ip_addrs': ['127.0.0.1']}
 
     def ping_tcp(self, **kw):
@@ -478,13 +417,13 @@ class Driver:
     # -- computations
     def make_compute(self, code, name, dest_path=None, xfer_files=(), setup=None,
                      cleanup=None, compute_type=dc.Compute.func_type, compute_id=None,
-                     pulse_interval=None):
+                     pulse_interval=None, auth=None):
         return dc.Compute(
             type=compute_type, name=name, id=compute_id or int.from_bytes(os.urandom(4), 'big'),
             code=code, dest_path=dest_path, xfer_files=list(xfer_files), reentrant=False,
             setup=setup, cleanup=cleanup, scheduler_ip_addr=self.scheduler_ip,
-            scheduler_port=self.server.port, auth=random_hex(10),
-            job_result_port=self.server.port, pulse_interval=pulse_interval)
+            scheduler_port=self.reply_port, auth=auth or random_hex(10),
+            job_result_port=self.reply_port, pulse_interval=pulse_interval)
 
     def compute(self, code, name, **kw):
         """Send COMPUTE for function source ``code`` defining ``name``.
@@ -546,38 +485,40 @@ class Driver:
         compute = self.computes.get(compute_id)
         return compute.auth if compute is not None else None
 
-    def close(self, compute_id, auth=None, terminate_pending=False):
+    # ``auth`` below is the computation's; ``node_auth`` overrides the
+    # request's 40-byte prefix (e.g. the auth of a node's earlier run)
+    def close(self, compute_id, auth=None, terminate_pending=False, node_auth=None):
         """CLOSE; the node answers nothing, so this returns once the node
         has handled the request and closed the connection."""
         return self.request(b'CLOSE', {'compute_id': compute_id,
                                        'auth': self._compute_auth(compute_id, auth),
-                                       'terminate_pending': terminate_pending})
+                                       'terminate_pending': terminate_pending},
+                            auth=node_auth)
 
-    def _info_request(self, tag, compute_id, auth, **extra):
+    def _info_request(self, tag, compute_id, auth, node_auth=None):
         info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth)}
-        info.update(extra)
-        frame = self.request(tag, info)
+        frame = self.request(tag, info, auth=node_auth)
         return None if frame is None else dc.loads_full(frame)
 
-    def resend(self, compute_id, auth=None):
+    def resend(self, compute_id, auth=None, node_auth=None):
         """RESEND_JOB_RESULTS -> count of pending results + running jobs."""
-        return self._info_request(b'RESEND_JOB_RESULTS', compute_id, auth)
+        return self._info_request(b'RESEND_JOB_RESULTS', compute_id, auth, node_auth)
 
-    def pending_jobs(self, compute_id, auth=None):
+    def pending_jobs(self, compute_id, auth=None, node_auth=None):
         """PENDING_JOBS -> {'done': [uids], 'pending': n}."""
-        return self._info_request(b'PENDING_JOBS', compute_id, auth)
+        return self._info_request(b'PENDING_JOBS', compute_id, auth, node_auth)
 
     def jobs(self, compute_id, auth=None):
         """JOBS -> [{'uid': ..., 'hash': ..., 'start_time': ...}]."""
         return self._info_request(b'JOBS', compute_id, auth)
 
-    def retrieve(self, compute_id, uid, job_hash=None, auth=None, ack=True):
+    def retrieve(self, compute_id, uid, job_hash=None, auth=None, ack=True, node_auth=None):
         """RETRIEVE_JOB -> the stored JobReply (or None); ACKs it if asked."""
         info = {'compute_id': compute_id, 'auth': self._compute_auth(compute_id, auth),
                 'uid': uid, 'hash': job_hash if job_hash is not None
                 else self.job_hashes.get(uid)}
         with self.connect() as sock:
-            sock.sendall(self.auth or JUNK_AUTH)
+            sock.sendall(node_auth or self.auth or JUNK_AUTH)
             dc.send_msg(sock, b'RETRIEVE_JOB:' + dc.dumps(info))
             frame = self._recv(sock)
             if frame is None:

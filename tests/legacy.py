@@ -11,11 +11,11 @@ Stable API (other test modules import these names):
 - ``pyenv_python(version_prefix)``: newest ``$(pyenv root)/versions/<prefix>*``
   interpreter, or None.
 - ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
-- ``Node``: ``Node.start(impl='ours'|'original', port=None, prefix=None, args=(),
-  python=None, env=None, cwd=None, debug=True, script=None)`` (``script``: another
-  copy of dispynode.py to run); ``wait_ready()``, ``stop()``,
-  ``kill()``, ``log()``, ``alive()``; attributes ``port, prefix, proc, pid,
-  log_path, impl``; usable as a context manager.
+- nodes are started by ``tests/nodes.py`` (``NodeProc``), which uses this module.
+- ``LegacyClient(script, *args, cwd, env=None, watchdog=60)``: a client in the
+  background (``wait_line``, ``signal``, ``kill``, ``finish``, ``result``).
+- ``start_client(script, *args, timeout=120, cwd=None, env=None)``: the same,
+  started in the background (a LegacyClient; ``result()`` waits for it).
 - ``run_client(script, *args, timeout=120, cwd=None, env=None) -> ClientResult``:
   runs a legacy client script (a path, a name in ``tests/clients/`` or a string
   of code) with the legacy venv's python. ``ClientResult`` has ``returncode,
@@ -31,16 +31,14 @@ Stable API (other test modules import these names):
 - ``files_under(path)``: sorted relative paths of the regular files below path.
 """
 
-import errno
 import fcntl
 import json
 import os
+import queue
 import random
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,7 +53,8 @@ LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
-           'pyenv_root', 'pyenv_python', 'free_port', 'Node', 'ClientResult', 'run_client',
+           'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient',
+           'start_client', 'run_client',
            'wait_for', 'pid_alive', 'describe', 'check_client', 'files_under', 'find_files']
 
 
@@ -230,7 +229,9 @@ def free_port():
 
 # ---------------------------------------------------------------- misc helpers
 
-def wait_for(predicate, timeout, interval=0.05):
+from clients._common import pid_alive  # noqa: E402,F401  (the client scripts' own)
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
     """Poll predicate() until it returns a true value or timeout seconds pass.
     Returns the last value of predicate()."""
     deadline = time.monotonic() + timeout
@@ -241,23 +242,38 @@ def wait_for(predicate, timeout, interval=0.05):
         time.sleep(interval)
 
 
-def pid_alive(pid):
-    """True if a process with this pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def next_from(items, timeout, match=None, ended=None):
+    """The next entry of the queue ``items`` that ``match`` accepts (the
+    others are dropped), or None after ``timeout`` seconds or once
+    ``ended()``, asked when the queue is empty, says none can come."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            item = items.get(timeout=min(left, 0.2))
+        except queue.Empty:
+            if ended is not None and ended():
+                return None
+            continue
+        if match is None or match(item):
+            return item
+
+
+class ClosesOnExit:
+    """``with obj:`` calls ``obj.close()`` on the way out, however it leaves."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
         return False
-    except PermissionError:
-        return True
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            state = f.read().rsplit(')', 1)[1].split()[0]
-        return state not in ('Z', 'X')
-    except (OSError, IndexError):
-        return True
 
 
-def _killpg(proc, sig):
+def killpg(proc, sig):
+    """Signal ``proc``'s process group (it leads one), else ``proc`` alone."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -267,111 +283,59 @@ def _killpg(proc, sig):
             pass
 
 
-# ------------------------------------------------------------------------ node
+class GroupLeader(ClosesOnExit):
+    """A child process that leads its own process group (started with
+    start_new_session): ``popen`` (the Popen) and ``pid``; stop, kill,
+    close.  ``with`` stops it."""
 
-class Node:
-    """A dispy node process ('ours' = REPO/dispynode.py, 'original' = dispy 4.5.5)."""
-
-    def __init__(self, impl, port, prefix, proc, log_path, cmd):
-        self.impl = impl
-        self.port = port
-        self.prefix = Path(prefix)
-        self.proc = proc
-        self.pid = proc.pid
-        self.log_path = Path(log_path)
-        self.cmd = cmd
-
-    @classmethod
-    def start(cls, impl='ours', port=None, prefix=None, args=(), python=None, env=None,
-              cwd=None, debug=True, script=None):
-        if impl not in ('ours', 'original'):
-            raise ValueError('impl must be "ours" or "original"')
-        if port is None:
-            port = free_port()
-        if prefix is None:
-            prefix = Path(tempfile.mkdtemp(prefix='dispynode-')) / 'prefix'
-        prefix = Path(prefix)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        opts = ['-i', '127.0.0.1', '-p', str(port), '--dest_path_prefix', str(prefix)]
-        args = [str(a) for a in args]
-        if debug and '-d' not in args and '--debug' not in args:
-            opts.append('-d')
-        if impl == 'ours':
-            cmd = [str(python or sys.executable), str(script or REPO / 'dispynode.py')] + opts + args
-        else:
-            cmd = [str(python or ensure_legacy_venv()), '-m', 'dispy.dispynode'] + opts + args
-        log_path = prefix.parent / ('node-%s-%d.log' % (impl, port))
-        full_env = dict(os.environ)
-        full_env['PYTHONUNBUFFERED'] = '1'
-        if env:
-            full_env.update(env)
-        with open(str(log_path), 'ab') as log:
-            log.write(('$ %s\n' % ' '.join(cmd)).encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=full_env,
-                                    cwd=str(cwd) if cwd else str(prefix.parent),
-                                    start_new_session=True)
-        return cls(impl, port, prefix, proc, log_path, cmd)
-
-    def log(self):
-        try:
-            return self.log_path.read_text(errors='replace')
-        except OSError:
-            return ''
+    def __init__(self, popen):
+        self.popen = popen
+        self.pid = popen.pid
 
     def alive(self):
-        return self.proc.poll() is None
+        return self.popen.poll() is None
 
-    def wait_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError('%s node exited with %s before listening on port %d; '
-                                     'log:\n%s' % (self.impl, self.proc.returncode, self.port,
-                                                   self.log()))
+    def send_signal(self, sig):
+        if self.popen.poll() is None:
             try:
-                with socket.create_connection(('127.0.0.1', self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError('%s node not listening on 127.0.0.1:%d after %ss; log:\n%s' % (
-            self.impl, self.port, timeout, self.log()))
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
-    def stop(self, sig=signal.SIGINT, timeout=10):
-        """Signal the node (default SIGINT), wait up to timeout, then SIGKILL
-        the whole process group. Returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _killpg(self.proc, signal.SIGKILL)   # leftovers (job processes) too
+    def stop(self, sig=signal.SIGINT, timeout=10.0):
+        """Signal the process, wait up to ``timeout``, then SIGKILL its
+        process group (whatever it left running too).  Returns the exit
+        code (None if it would not die)."""
+        self.send_signal(sig)
         try:
-            return self.proc.wait(5)
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.kill()
+
+    def kill(self, group=True):
+        """SIGKILL the process group (with ``group=False`` the process
+        alone: what it started must notice by itself)."""
+        if group:
+            killpg(self.popen, signal.SIGKILL)
+        else:
+            self.send_signal(signal.SIGKILL)
+        try:
+            return self.popen.wait(5)
         except subprocess.TimeoutExpired:
             return None
 
-    def kill(self):
-        _killpg(self.proc, signal.SIGKILL)
-        try:
-            return self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self.stop()
-        return False
 
-    def __repr__(self):
-        return '<Node %s port=%s pid=%s>' % (self.impl, self.port, self.pid)
+
+def __getattr__(name):
+    """``legacy.Node``, which bench/ imports: nodes.Node (loaded late, as
+    nodes imports this module)."""
+    if name == 'Node':
+        from nodes import Node
+        return Node
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))
 
 
 # ---------------------------------------------------------------------- client
@@ -402,66 +366,153 @@ def _parse_result(stdout):
     return None
 
 
-def run_client(script, *args, timeout=120, cwd=None, env=None, python=None):
-    """Run a legacy client script with the legacy venv's python.
-
-    ``script`` is a Path, a file name in tests/clients/, or a string of code
-    (written to a temp file). ``cwd`` defaults to a fresh temp directory
-    (the client writes recovery files and received files there). Raises AssertionError (with the output) if it
-    runs longer than ``timeout`` seconds."""
-    tmpfile = None
-    if isinstance(script, Path):
-        path = script
-    elif '\n' not in script and (CLIENTS / script).exists():
-        path = CLIENTS / script
-    elif '\n' not in script and os.path.exists(script):
-        path = Path(script)
-    else:
-        fd, name = tempfile.mkstemp(prefix='dispyclient-', suffix='.py')
-        with os.fdopen(fd, 'w') as f:
-            f.write(script)
-        path = tmpfile = Path(name)
-    cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
-    if cwd is None:
-        # the client writes its _dispy_<time> recovery files into its cwd
-        cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
-    full_env = dict(os.environ)
-    full_env['PYTHONUNBUFFERED'] = '1'
-    # client scripts using tests/clients/_common.run() report partial state
-    # and exit a little before the harness would kill them
-    full_env['DISPYTEST_CLIENT_WATCHDOG'] = str(max(1.0, timeout - 5 if timeout > 10
-                                                    else timeout * 0.8))
-    # let client scripts import tests/clients/_common.py
+def client_env(watchdog, env=None):
+    """The environment of a client script: unbuffered, tests/clients on its
+    path (for _common.py), and a watchdog (_common.run reports its partial
+    state and exits after ``watchdog`` seconds, before the harness kills it)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', DISPYTEST_CLIENT_WATCHDOG=str(watchdog))
     full_env['PYTHONPATH'] = os.pathsep.join(
         [str(CLIENTS)] + ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))
-    if env:
-        full_env.update(env)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=full_env,
-                                cwd=str(cwd) if cwd else None, start_new_session=True)
+    full_env.update(env or {})
+    return full_env
+
+
+def client_script(script):
+    """(path, temp file or None) of a client: a Path, a name in
+    tests/clients/, a path, or a string of code (written to a temp file)."""
+    if isinstance(script, Path):
+        return script, None
+    if '\n' not in script and (CLIENTS / script).exists():
+        return CLIENTS / script, None
+    if '\n' not in script and os.path.exists(script):
+        return Path(script), None
+    fd, name = tempfile.mkstemp(prefix='dispyclient-', suffix='.py')
+    with os.fdopen(fd, 'w') as f:
+        f.write(script)
+    return Path(name), Path(name)
+
+
+class LegacyClient(ClosesOnExit):
+    """A legacy client script running in the background with the legacy
+    venv's python, in its own process group; its stdout is read line by line.
+
+    ``wait_line(prefix, timeout)`` returns the first stdout line starting
+    with ``prefix`` (without it), for tests that act while the client runs;
+    ``result(timeout)`` waits for the exit (AssertionError with the output
+    after ``timeout``) and returns a ClientResult; ``finish(timeout)`` waits,
+    SIGKILLs after ``timeout`` and returns the RESULT data (or None)."""
+
+    def __init__(self, script, *args, cwd, env=None, watchdog=60, python=None, timeout=None):
+        self.deadline = time.monotonic() + (timeout or watchdog + 5)   # for result()
+        path, self.tmpfile = client_script(script)
+        self.cmd = [str(python or ensure_legacy_venv()), str(path)] + [str(a) for a in args]
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=client_env(watchdog, env),
+                                     cwd=str(cwd), start_new_session=True)
+        self.pid = self.proc.pid
+        self.lines = queue.Queue()
+        self.out, self.err = [], []
+        self._threads = [threading.Thread(target=self._pump, args=(stream, store, keep),
+                                          daemon=True, name='client-%s-%d' % (name, self.pid))
+                         for stream, store, keep, name in (
+                             (self.proc.stdout, self.out, True, 'out'),
+                             (self.proc.stderr, self.err, False, 'err'))]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream, store, lines):
+        for raw in iter(stream.readline, b''):
+            line = raw.decode(errors='replace')
+            store.append(line)
+            if lines:
+                self.lines.put(line.rstrip('\n'))
+        stream.close()
+
+    def _ended(self):
+        if self.proc.poll() is None:
+            return False
+        time.sleep(0.1)         # the process ended; give the pump a moment to deliver
+        return self.lines.empty()
+
+    def wait_line(self, prefix, timeout):
+        line = next_from(self.lines, timeout, lambda line: line.startswith(prefix),
+                         self._ended)
+        return None if line is None else line[len(prefix):]
+
+    def signal(self, sig):
         try:
-            out, err = proc.communicate(timeout=timeout)
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout=None):
+        """Wait for the exit (SIGKILL after ``timeout``, by default what is
+        left of the one it started with) and the output; True if it exited
+        in time."""
+        if timeout is None:
+            timeout = max(1.0, self.deadline - time.monotonic())
+        try:
+            self.proc.wait(timeout)
+            in_time = True
         except subprocess.TimeoutExpired:
-            _killpg(proc, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
-                                 '--- stderr ---\n%s' % (
-                                     ' '.join(cmd), timeout, out.decode(errors='replace')[-8000:],
-                                     err.decode(errors='replace')[-8000:]))
-        finally:
-            if proc.poll() is None:
-                _killpg(proc, signal.SIGKILL)
-                proc.wait()
-        out = out.decode(errors='replace')
-        err = err.decode(errors='replace')
-        return ClientResult(proc.returncode, out, err, _parse_result(out), cmd)
-    finally:
-        if tmpfile is not None:
+            in_time = False
+        self.kill()         # leftovers of its group too
+        for t in self._threads:
+            t.join(5)
+        if self.tmpfile is not None:
             try:
-                tmpfile.unlink()
+                self.tmpfile.unlink()
             except OSError:
                 pass
+        return in_time
+
+    def finish(self, timeout):
+        self.wait(timeout)
+        return _parse_result(''.join(self.out))
+
+    def result(self, timeout=None):
+        if not self.wait(timeout):
+            raise AssertionError('client %s timed out after %ss\n--- stdout ---\n%s\n'
+                                 '--- stderr ---\n%s' % (' '.join(self.cmd), timeout,
+                                                         ''.join(self.out)[-8000:],
+                                                         ''.join(self.err)[-8000:]))
+        out = ''.join(self.out)
+        return ClientResult(self.proc.returncode, out, ''.join(self.err), _parse_result(out),
+                            self.cmd)
+
+    def kill(self):
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    close = kill            # (a ``with`` block kills a client it leaves running)
+
+    def describe(self):
+        return 'client %s (rc %s)\n--- stdout ---\n%s\n--- stderr ---\n%s' % (
+            ' '.join(self.cmd), self.proc.returncode, ''.join(self.out)[-6000:],
+            ''.join(self.err)[-6000:])
+
+
+def start_client(script, *args, timeout=120, cwd=None, env=None, python=None):
+    """Start a legacy client script (see client_script) with the legacy
+    venv's python, to run for at most ``timeout`` seconds (its watchdog fires
+    a little earlier); returns the LegacyClient.  ``cwd`` defaults to a fresh
+    temp directory (the client writes its _dispy_<time> recovery files and
+    received files there)."""
+    if cwd is None:
+        cwd = tempfile.mkdtemp(prefix='dispyclient-cwd-')
+    watchdog = max(1.0, timeout - 5 if timeout > 10 else timeout * 0.8)
+    return LegacyClient(script, *args, cwd=cwd, env=env, watchdog=watchdog, python=python,
+                        timeout=timeout)
+
+
+def run_client(script, *args, timeout=120, **kw):
+    """start_client, run to its exit: a ClientResult.  Raises AssertionError
+    (with the output) if it runs longer than ``timeout`` seconds."""
+    return start_client(script, *args, timeout=timeout, **kw).result(timeout)
 
 
 # ------------------------------------------------------------ test helpers

@@ -28,7 +28,7 @@ Stable API::
     h.addr                              first IPv4 address of the host
     h.run(argv, timeout) / h.spawn(argv, log_path, ...) -> Proc
     lab.start_node(h, args, ip_addr=, port=, name=, impl='ours'|'original')
-                                       -> NodeProc (wait_ready() done)
+                                       -> nodes.NodeProc (wait_ready() done)
     lab.start_client(h, script, *args, timeout) -> ClientProc
     ClientProc.result() -> legacy.ClientResult (waits, bounded)
     lab.python_in(h, code) -> CompletedProcess   (sys.executable -c code)
@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import legacy
+import nodes
 
 NS_PREFIX = 'dnt'
 _NAME_RE = re.compile(r'^%s(\d+)x\d+-' % NS_PREFIX)
@@ -156,19 +157,15 @@ def sweep_stale():
 
 # ------------------------------------------------------------------ processes
 
-class Proc:
+class Proc(legacy.GroupLeader):
     """A process started inside a namespace (``ip netns exec`` execs the
     command, so ``pid`` is the command's own pid)."""
 
     def __init__(self, popen, log_path, argv, host):
-        self.popen = popen
-        self.pid = popen.pid
+        super().__init__(popen)
         self.log_path = Path(log_path)
         self.argv = argv
         self.host = host
-
-    def alive(self):
-        return self.popen.poll() is None
 
     def log(self, tail=20000):
         try:
@@ -176,64 +173,8 @@ class Proc:
         except OSError:
             return ''
 
-    def send_signal(self, sig):
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self):
-        """SIGKILL this process only (not its children)."""
-        self.send_signal(signal.SIGKILL)
-        try:
-            return self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, sig=signal.SIGINT, timeout=8):
-        """Signal, wait, then SIGKILL the process group."""
-        self.send_signal(sig)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            return self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            return None
-
     def __repr__(self):
         return '<Proc %s in %s: %s>' % (self.pid, self.host.name, ' '.join(self.argv[-6:]))
-
-
-class NodeProc(Proc):
-    """Our dispynode.py inside a host namespace."""
-
-    def __init__(self, popen, log_path, argv, host, port, ip_addr):
-        super().__init__(popen, log_path, argv, host)
-        self.port = port
-        self.ip_addr = ip_addr
-
-    def wait_ready(self, timeout=15):
-        """Until the node's TCP port accepts connections inside its namespace."""
-        addr = self.ip_addr or '127.0.0.1'
-        code = ('import socket,sys,time\n'
-                'd=time.monotonic()+%r\n'
-                'while time.monotonic()<d:\n'
-                '    try:\n'
-                '        socket.create_connection((%r,%d),0.5).close(); sys.exit(0)\n'
-                '    except OSError: time.sleep(0.05)\n'
-                'sys.exit(1)\n') % (float(timeout), addr, self.port)
-        r = self.host.run([sys.executable, '-c', code], timeout=timeout + 10, check=False)
-        if r.returncode != 0 or not self.alive():
-            raise AssertionError('node in %s not listening on %s:%d (alive=%s); log:\n%s'
-                                 % (self.host.name, addr, self.port, self.alive(), self.log()))
-        return self
 
 
 class ClientProc(Proc):
@@ -371,7 +312,7 @@ class Host(Namespace):
         return proc
 
 
-class Lab:
+class Lab(legacy.ClosesOnExit):
     """A set of namespaces and the processes in them; close() removes all."""
 
     def __init__(self, workdir=None):
@@ -515,53 +456,27 @@ class Lab:
         return gw
 
     # -- processes
-    def start_node(self, host, args=(), port=None, ip_addr=None, name=None, debug=True,
-                   wait=True, python=None, env=None, impl='ours'):
-        """Start a node in ``host``: our dispynode.py (impl='ours', with
-        sys.executable) or dispy 4.5.5's (impl='original', legacy venv).
-        ``ip_addr`` is passed as -i (None: no -i; the node picks its
-        address); ``port`` as -p (None: the default 51348)."""
-        idx = len(self._procs)
-        prefix = self.workdir / ('node%d-%s' % (idx, host.role)) / 'prefix'
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        if impl == 'ours':
-            argv = [str(python or sys.executable), str(legacy.REPO / 'dispynode.py')]
-        elif impl == 'original':
-            argv = [str(python or legacy.ensure_legacy_venv()), '-m', 'dispy.dispynode']
-        else:
-            raise ValueError('impl must be "ours" or "original"')
-        argv += ['--dest_path_prefix', str(prefix)]
-        if ip_addr:
-            argv += ['-i', ip_addr]
-        if port:
-            argv += ['-p', str(port)]
-        if name:
-            argv += ['--name', name]
-        if debug:
-            argv.append('-d')
-        argv += [str(a) for a in args]
-        log_path = prefix.parent / 'node.log'
-        node = host.spawn(argv, log_path, env=env, cwd=prefix.parent, cls=NodeProc,
-                          port=port or 51348, ip_addr=ip_addr or host.addr)
-        if wait:
-            node.wait_ready()
-        return node
+    def start_node(self, host, args=(), port=None, ip_addr=None, name=None, **kw):
+        """Start a node in ``host`` with nodes.NodeProc (``impl``, ``wait``,
+        ``python``, ``env``, ``debug`` as there).  ``ip_addr`` is passed as -i
+        (None: no -i; the node picks its address); ``port`` as -p (None: the
+        default 51348)."""
+        workdir = self.workdir / ('node%d-%s' % (len(self._procs), host.role))
+        args = (['--name', name] if name else []) + list(args)
+        return nodes.NodeProc.start(workdir, args, port=port or 51348, ip_addr=ip_addr,
+                                    host=host, **kw)
 
     def start_client(self, host, script, *args, timeout=90, env=None, python=None):
         """Start a legacy client script (a name in tests/clients or a path)
         in ``host``, with the legacy venv's python; returns a ClientProc."""
-        path = Path(script)
-        if not path.is_absolute():
-            path = legacy.CLIENTS / script
+        path, _ = legacy.client_script(script)
         idx = len(self._procs)
         cwd = self.workdir / ('client%d-%s' % (idx, host.role))
         cwd.mkdir(parents=True, exist_ok=True)
-        full_env = {'PYTHONPATH': str(legacy.CLIENTS),
-                    'DISPYTEST_CLIENT_WATCHDOG': str(max(5.0, timeout - 5))}
-        if env:
-            full_env.update(env)
         argv = [str(python or legacy.ensure_legacy_venv()), str(path)] + [str(a) for a in args]
-        return host.spawn(argv, cwd / 'stdout.log', env=full_env, cwd=cwd, cls=ClientProc,
+        return host.spawn(argv, cwd / 'stdout.log', env=legacy.client_env(max(5.0, timeout - 5),
+                                                                         env),
+                          cwd=cwd, cls=ClientProc,
                           timeout=timeout, err_path=cwd / 'stderr.log')
 
     def run_client(self, host, script, *args, timeout=90, **kw):
@@ -609,13 +524,6 @@ class Lab:
         with _live_lock:
             _live_labs.discard(self)
         return problems
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _network(cidr):

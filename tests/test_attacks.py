@@ -22,9 +22,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dispy_common as dc
-from driver import (JUNK_AUTH, REPO, Driver, NodeProcess, ReplyServer, exchange, frame,
+from driver import (JUNK_AUTH, Driver, accept_each, NodeProcess, ReplyServer, exchange, frame,
                     free_port, random_hex, raw_ping, wait_for)
 from legacy import check_client, find_files, run_client
+from nodes import NodeProc, run_to_exit
 
 SECRET = 'attack-s3cret'
 FINISHED, TERMINATED = dc.DispyJob.Finished, dc.DispyJob.Terminated
@@ -282,24 +283,17 @@ def test_pong_amplification_is_bounded(node):
             data = b'PING:' + pickle.dumps(info, 4)
             sent_bytes += len(data)
             udp.sendto(data, ('127.0.0.1', node.port))
-    received, addresses, connections = 0, set(), 0
-    quiet_until = time.monotonic() + 2.0
-    while time.monotonic() < quiet_until:
-        try:
-            conn, _ = target.accept()
-        except socket.timeout:
-            continue
-        with conn:
-            addresses.add(conn.getsockname()[0])
-            connections += 1
-            conn.settimeout(2)
-            while True:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                received += len(chunk)
-        quiet_until = time.monotonic() + 2.0
+    received, addresses, connections = [0], set(), [0]
+
+    def count(conn):
+        addresses.add(conn.getsockname()[0])
+        connections[0] += 1
+        conn.settimeout(2)
+        for chunk in iter(lambda: conn.recv(65536), b''):
+            received[0] += len(chunk)
+    accept_each(target, 2.0, count, quiet=True)
     target.close()
+    received, connections = received[0], connections[0]
     assert addresses <= {'127.0.0.2', '127.0.0.3'}, addresses
     assert 0 < connections <= 2 * pings
     assert received <= 2 * sent_bytes, (received, sent_bytes)
@@ -412,10 +406,10 @@ def test_frame_memory_budget(tmp_path):
 
 # ---------------------------------------------------------------- the prefix
 
-def _run_node(args, timeout=20):
-    return subprocess.run([sys.executable, str(REPO / 'dispynode.py'), '-i', '127.0.0.1',
-                           '-p', str(free_port())] + args, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=timeout)
+def _run_node(args, tmp_path):
+    """Our node on 127.0.0.1 run to its exit: (exit code, stdout + stderr)."""
+    res = run_to_exit(['-i', '127.0.0.1', '-p', str(free_port())] + args, tmp_path)
+    return res.returncode, res.stdout + res.stderr
 
 
 def test_symlinked_or_foreign_prefix_is_refused(tmp_path):
@@ -423,20 +417,20 @@ def test_symlinked_or_foreign_prefix_is_refused(tmp_path):
     real.mkdir()
     link = tmp_path / 'link'
     link.symlink_to(real)
-    res = _run_node(['--dest_path_prefix', str(link)])
-    assert res.returncode == 2 and b'is a symlink' in res.stdout, res.stdout
+    code, out = _run_node(['--dest_path_prefix', str(link)], tmp_path)
+    assert code == 2 and 'is a symlink' in out, out
     shared = Path(tempfile.mkdtemp(prefix='ww-', dir='/tmp'))
     try:
         shared.chmod(0o1777)
         planted = shared / 'dispy'
         planted.mkdir()
         os.chown(str(planted), pwd.getpwnam('nobody').pw_uid, -1)
-        res = _run_node(['--dest_path_prefix', str(planted / 'node')])
-        assert res.returncode == 2 and b'owned by another user' in res.stdout, res.stdout
+        code, out = _run_node(['--dest_path_prefix', str(planted / 'node')], tmp_path)
+        assert code == 2 and 'owned by another user' in out, out
         assert not (planted / 'node').exists()
         (shared / 'evil').symlink_to(real)
-        res = _run_node(['--dest_path_prefix', str(shared / 'evil' / 'node')])
-        assert res.returncode == 2 and b'is a symlink' in res.stdout, res.stdout
+        code, out = _run_node(['--dest_path_prefix', str(shared / 'evil' / 'node')], tmp_path)
+        assert code == 2 and 'is a symlink' in out, out
     finally:
         shutil.rmtree(str(shared))
 
@@ -504,23 +498,16 @@ def _python_for(user):
 
 def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
     python = _python_for('nobody')
-    deploy = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
+    # the job user reads the node file: a folder it may enter, not tmp_path
+    workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
     try:
-        deploy.chmod(0o755)
-        for name in ('dispynode.py', 'dispy_common.py'):
-            shutil.copy(str(REPO / name), str(deploy / name))
-        prefix = deploy / 'prefix'
-        port = free_port()
-        log_path = tmp_path / 'node.log'
-        env = dict(os.environ, DISPYNODE_SECRET=SECRET)
-        with open(str(log_path), 'wb') as log:
-            proc = subprocess.Popen([python, str(deploy / 'dispynode.py'), '-i', '127.0.0.1',
-                                     '-p', str(port), '--dest_path_prefix', str(prefix),
-                                     '--job_user', 'nobody', '-d'], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        workdir.chmod(0o755)
+        prefix = workdir / 'deploy' / 'prefix'
+        node = NodeProc.start(workdir, ['--job_user', 'nobody'], copy_as='dispynode.py',
+                              python=python, prefix=prefix, timeout=20,
+                              env={'DISPYNODE_SECRET': SECRET})
+        proc, port = node.proc, node.port
         try:
-            assert wait_for(lambda: b'serving' in log_path.read_bytes(), 20), \
-                log_path.read_text()
             drv = Driver('127.0.0.1', port, secret=SECRET, server=ReplyServer(ack=False))
             drv.ping_tcp()
             code = ('def probe(node_pid):\n'
@@ -552,7 +539,6 @@ def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
             assert found['_dispy_job_reply_1'] == 'PermissionError'
             assert found[str(prefix)] == 'PermissionError'
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+            node.stop(signal.SIGTERM, 15)
     finally:
-        shutil.rmtree(str(deploy), ignore_errors=True)
+        shutil.rmtree(str(workdir), ignore_errors=True)

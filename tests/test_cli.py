@@ -4,28 +4,20 @@ signals, --clean and a few options' effects.  Current Python only."""
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-import driver
+import driver  # noqa: F401  (puts the repository on sys.path)
 from driver import Driver, NodeProcess, ReplyServer, free_port
+from nodes import run_to_exit
 import dispy_common as dc
 import dispynode as dn
 
-NODE = [sys.executable, str(driver.NODE_SCRIPT)]
 NCPU = os.cpu_count() or 1
 
 
-def run_node(args, tmp_path, timeout=20, env=None):
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(NODE + ['--dest_path_prefix', str(tmp_path / 'prefix')] + list(args),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout, env=full_env,
-                          universal_newlines=True)
+run_node = run_to_exit      # our node with exactly these args, to its exit
 
 
 @pytest.fixture

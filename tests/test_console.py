@@ -6,7 +6,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 
 import dispy_common as dc
 from driver import Driver, NodeProcess, free_port
+from nodes import node_argv
 from legacy import wait_for
 
 import test_service as ts
@@ -61,10 +61,12 @@ class Terminal:
 
 
 def start_console_node(tmp_path, args=()):
+    """Our node with its stdin, stdout and stderr on a terminal (the test
+    reads its output there, not from a log file)."""
     term = Terminal()
     port = free_port()
     prefix = tmp_path / 'prefix'
-    cmd = [sys.executable, str(ts.REPO / 'dispynode.py'), '-i', '127.0.0.1', '-p', str(port),
+    cmd = node_argv() + ['-i', '127.0.0.1', '-p', str(port),
            '--dest_path_prefix', str(prefix), '-c', str(NCPU)] + list(args)
     proc = subprocess.Popen(cmd, stdin=term.slave, stdout=term.slave, stderr=term.slave,
                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
@@ -108,12 +110,14 @@ def test_console_status_cpus_stop_start_quit(tmp_path):
         d.close(compute.id, terminate_pending=True)
         assert wait_for(lambda: 'computation %s closed' % compute.id in term.text, 15), \
             term.text
+        mark = len(term.text)       # (the text before may say these words already)
         term.type('stop')
-        assert term.wait_for('stopped:', 5)
+        assert term.wait_for('stopped:', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
         assert answer == b'NAK (node is stopped)'
+        mark = len(term.text)   # 'started' also ends an earlier log line
         term.type('start')
-        assert term.wait_for('started', 5)
+        assert term.wait_for('started', 5, mark)
         answer, _ = d.compute('def f():\n    return 1\n', 'f')
         assert answer == b'ACK'
         term.type('help')
@@ -212,4 +216,4 @@ def test_console_cpus_reaches_legacy_client(legacy_python, tmp_path):
     assert data is not None and 'error' not in data and not data.get('watchdog'), \
         client.describe() + node.log()[-4000:]
     assert data['before'] == 2 and data['after'] == 1, (data, node.log()[-4000:])
-    assert data['all_final'] and data['job']['status'] == 11, data
+    assert data['all_final'] and data['job']['status'] == dc.DispyJob.Finished, data

@@ -1,14 +1,14 @@
 """Issue 4, "Nothing is lost": the result store survives SIGKILL anywhere.
 
 A bounded loop (ITERATIONS rounds, one node port and prefix for the whole
-run) drives our node with a protocol driver (tests/recovery_util.py, built
+run) drives our node with the protocol driver (tests/driver.py, built
 on dispy_common framing and auth):
 
 A. store: a computation whose result port is closed gets jobs with ~100 KB
    results, so the node stores every reply; the node is SIGKILLed at a
    random moment while it runs jobs and writes replies;
 B. delete: the node is restarted (same port and prefix, no --clean); a
-   client (a ResultSink on the result port) asks for the stored results
+   client (a ReplyServer on the result port) asks for the stored results
    with RESEND_JOB_RESULTS and the old run's auth; the node is SIGKILLed at
    a random moment while it delivers and deletes them;
 C. the node is restarted again and the rest is recovered (RESEND, plus
@@ -28,10 +28,10 @@ import random
 import threading
 import time
 
-import pytest
 
 from legacy import find_files, free_port, wait_for
-from recovery_util import REPLY_PREFIX, ProtoDriver, ResultSink, scan_store
+from driver import Driver, ReplyServer
+from recovery_util import REPLY_PREFIX, scan_store
 
 import dispy_common as dc
 from dispy_common import DispyJob
@@ -76,7 +76,7 @@ def _submit(drv, cid, uids, stop):
     try:
         for uid in uids:
             while not stop.is_set():
-                answer = drv.job(cid, uid, (uid, BLOB))
+                answer = drv.job(cid, uid, (uid, BLOB), job_hash=_hash(uid))
                 if answer == b'ACK':
                     sent.append(uid)
                     break
@@ -86,6 +86,20 @@ def _submit(drv, cid, uids, stop):
     except (OSError, dc.ProtocolError):
         pass
     return sent
+
+
+def _hash(uid):
+    """Every run of the client names a job's hash alike (a fresh Driver
+    retrieves what an earlier one submitted)."""
+    return 'h%x' % uid
+
+
+def _driver(port, rport):
+    """A client whose results go to ``rport`` (where a ReplyServer listens
+    or, in phase A, nobody: the node stores them); it has PINGed."""
+    drv = Driver('127.0.0.1', port, timeout=5.0, reply_port=rport)
+    drv.ping_tcp()
+    return drv
 
 
 def _kill_later(node, delay):
@@ -104,7 +118,7 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
     stats = {'stored_at_kill_a': [], 'left_at_kill_b': [], 'tmp_seen': 0, 'dup': 0}
 
     def start():
-        return node_factory('ours', port=port, prefix=prefix)
+        return node_factory(port=port, prefix=prefix)
 
     node = start()
     for it in range(ITERATIONS):
@@ -116,10 +130,10 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
         received = {}
 
         # -- A: store, killed at a random moment
-        drv = ProtoDriver(port)
-        drv.ping(rport)
-        old_node_auth = drv.node_auth
-        assert drv.compute(cid, auth, rport, CODE, 'f') == b'ACK', node.log()[-3000:]
+        drv = _driver(port, rport)
+        old_node_auth = drv.auth
+        assert drv.compute(CODE, 'f', compute_id=cid, auth=auth, cleanup=True)[0] == b'ACK', \
+            node.log()[-3000:]
         stop = threading.Event()
         killer = _kill_later(node, rng.uniform(0.03, 0.45))
         _submit(drv, cid, uids, stop)
@@ -137,12 +151,11 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
         after, s = _check_store(prefix, where + ' after restart B', allow_tmp=False)
         assert after.get(cid, set()) == mine, '%s: restart lost stored results %s' % (
             where, sorted(mine - after.get(cid, set())))
-        with ResultSink(port=rport) as sink:
-            drv = ProtoDriver(port)
-            drv.ping(rport)
+        with ReplyServer(port=rport) as sink:
+            drv = _driver(port, rport)
             # the restarted node accepts the old run's auth for a computation
             # it restored; with nothing stored there is none to restore
-            count = drv.resend(cid, auth, node_auth=old_node_auth if mine else drv.node_auth)
+            count = drv.resend(cid, auth, node_auth=old_node_auth if mine else drv.auth)
             # the first authenticated request after the restart: the count is
             # exactly what is stored (see test_resend_count_matches_replies)
             assert count == len(mine), (where, count, sorted(mine), node.log()[-3000:])
@@ -165,21 +178,20 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
             node = start()
             again, _ = _check_store(prefix, where + ' after restart C', allow_tmp=False)
             assert again.get(cid, set()) == left, (where, again, left)
-            drv = ProtoDriver(port)
-            drv.ping(rport)
+            drv = _driver(port, rport)
             # with nothing left the node forgot the computation, and with it
             # the old run's auth: then ask with this run's auth
-            recovery_auth = old_node_auth if left else drv.node_auth
+            recovery_auth = old_node_auth if left else drv.auth
             # (every authenticated request also makes the node push what it
             # holds for this client address, so results may arrive by push
             # before PENDING_JOBS / RETRIEVE_JOB / RESEND see them)
-            pending = drv.pending(cid, auth, node_auth=recovery_auth)
+            pending = drv.pending_jobs(cid, auth, node_auth=recovery_auth)
             assert pending is not None and set(pending['done']) <= left, (where, pending, left)
             assert pending['pending'] == 0, (where, pending)
             rest = set(left)
             if rest:
                 uid = min(rest)
-                reply = drv.retrieve(cid, auth, uid, node_auth=recovery_auth)
+                reply = drv.retrieve(cid, uid, _hash(uid), auth, node_auth=recovery_auth)
                 if reply is None:
                     assert wait_for(lambda: uid in sink.uids(), 5), (where, uid)
                 else:
@@ -199,7 +211,7 @@ def test_sigkill_while_storing_and_deleting(node_factory, tmp_path):
             assert got, (where, sink.uids(), rest, node.log()[-3000:])
             for uid in sink.uids()[n_b_seen:]:
                 received[uid] = received.get(uid, 0) + 1
-            for r in sink.replies:
+            for r in sink.replies():
                 assert r.status == FINISHED and r.result['n'] == r.uid, r
                 assert len(r.result['blob']) == BLOB
             drv.close(cid, auth, node_auth=recovery_auth)

@@ -16,7 +16,6 @@ campaign with the same strategies.
 
 import collections
 import hashlib
-import io
 import logging
 import os
 import pickle

@@ -227,7 +227,7 @@ def legit_client(node, tmp_path, njobs=3, name='legit'):
 
 @pytest.fixture
 def hostile_node(node_factory):
-    return node_factory('ours', args=('--msg_timeout', '2'),
+    return node_factory(args=('--msg_timeout', '2'),
                         env={'DISPYNODE_SECRET': SECRET})
 
 

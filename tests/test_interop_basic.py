@@ -1,13 +1,12 @@
 """Interop: the real dispy 4.5.5 client (Python 3.6) against a node.
 
-The node implementation comes from the ``impl`` parameter (env
-DISPYTEST_IMPLS, default 'ours'; 'original' runs the dispy 4.5.5 node as a
-reference). Tests marked ``ours_only`` are scenarios the original fails.
+How the node runs comes from the ``node_mode`` parameter of ``node_factory``
+(see conftest; env DISPYTEST_IMPLS=ours,original adds the dispy 4.5.5 node as
+a reference). Tests marked ``ours_only`` are scenarios the original fails.
 """
 
 import hashlib
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +19,10 @@ from legacy import (CLIENTS, check_client, describe, files_under, free_port, pye
                     run_client, wait_for)
 
 pytestmark = [pytest.mark.interop]
+
+# the basic scenarios also run against a node copied as two files into a
+# folder (dispynode.py named or renamed: workers load the running file by path)
+ALL_LOOPBACK = ('local', 'copied', 'renamed', 'original')
 
 FINISHED, TERMINATED, CANCELLED, CREATED = (
     DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled, DispyJob.Created)
@@ -54,26 +57,29 @@ def _run_basic(node, legacy_python, tmp_path, njobs=20):
     return data
 
 
-def test_function_jobs(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_function_jobs(node_factory, legacy_python, tmp_path):
     """20 function jobs: results, stdout, stderr, ip_addr and times."""
-    node = node_factory(impl)
+    node = node_factory()
     _run_basic(node, legacy_python, tmp_path)
     assert node.alive(), node.log()
 
 
-def test_node_serves_consecutive_clients(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_node_serves_consecutive_clients(node_factory, legacy_python, tmp_path):
     """After a client closes its cluster, the node serves the next client."""
-    node = node_factory(impl)
+    node = node_factory()
     for i in range(2):
         d = tmp_path / ('c%d' % i)
         d.mkdir()
         _run_basic(node, legacy_python, d, njobs=3)
 
 
-def test_job_exception(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_job_exception(node_factory, legacy_python, tmp_path):
     """A job that raises ends Terminated with the traceback naming the
     exception; the other jobs of the computation still finish."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'job_exception.py', node.port, free_port(), 'jobs=4',
                      timeout=60, cwd=tmp_path)
     data = _check(res, node)
@@ -91,10 +97,11 @@ def test_job_exception(impl, node_factory, legacy_python, tmp_path):
             assert j['result'] == n, j
 
 
-def test_example_node_setup(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_example_node_setup(node_factory, legacy_python, tmp_path):
     """examples/node_setup.py: a depends data file, a functools.partial setup
     reading it into globals, cleanup; jobs hash the data."""
-    node = node_factory(impl)
+    node = node_factory()
     content = os.urandom(3000) + b'\n' + uuid.uuid4().hex.encode()
     data_file = tmp_path / ('data-%s.bin' % uuid.uuid4().hex[:8])
     data_file.write_bytes(content)
@@ -111,10 +118,11 @@ def test_example_node_setup(impl, node_factory, legacy_python, tmp_path):
     assert len(algs) >= 5, algs   # jobs used different algorithms of the setup globals
 
 
-def test_example_node_shvars(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_example_node_shvars(node_factory, legacy_python, tmp_path):
     """examples/node_shvars.py: a multiprocessing Value made in setup is
     shared by all jobs (job k adds k under the Value's lock)."""
-    node = node_factory(impl)
+    node = node_factory()
     njobs = 10
     res = run_client(CLIENTS / 'node_shvars.py', node.port, free_port(), 'jobs=%d' % njobs,
                      timeout=60, cwd=tmp_path)
@@ -130,9 +138,10 @@ def test_example_node_shvars(impl, node_factory, legacy_python, tmp_path):
         assert j['result'] >= 1 + j['id'], j
 
 
-def test_example_obj_instances(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_example_obj_instances(node_factory, legacy_python, tmp_path):
     """examples/obj_instances.py: instances of a depends class as arguments."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'obj_instances.py', node.port, free_port(), 'jobs=6',
                      'mode=args', timeout=60, cwd=tmp_path)
     data = _check(res, node)
@@ -148,10 +157,11 @@ def test_example_obj_instances(impl, node_factory, legacy_python, tmp_path):
 
 @pytest.mark.ours_only(reason='the original node never replies when a job returns an '
                               'instance of a depends class (the client hangs)')
-def test_return_depends_class_instance(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_return_depends_class_instance(node_factory, legacy_python, tmp_path):
     """A job returning an instance of a class sent in depends: the client
     gets a real instance of its own class."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'obj_instances.py', node.port, free_port(), 'jobs=4',
                      'mode=return', timeout=70, cwd=tmp_path)
     data = _check(res, node)
@@ -165,9 +175,10 @@ def test_return_depends_class_instance(impl, node_factory, legacy_python, tmp_pa
         assert j['stdout'] == '%s: %.2f\n' % (i, n), j
 
 
-def test_secret_right(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_secret_right(node_factory, legacy_python, tmp_path):
     """Node started with -s: a client with the same secret is served."""
-    node = node_factory(impl, args=('-s', 'top-s3cret'))
+    node = node_factory(args=('-s', 'top-s3cret'))
     res = run_client(CLIENTS / 'basic_jobs.py', node.port, free_port(), 'jobs=3',
                      'secret=top-s3cret', 'give_up=20', timeout=60, cwd=tmp_path)
     data = _check(res, node)
@@ -177,11 +188,12 @@ def test_secret_right(impl, node_factory, legacy_python, tmp_path):
     assert [j['result'] for j in data['jobs']] == [1, 2, 5]
 
 
-def test_secret_wrong(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_secret_wrong(node_factory, legacy_python, tmp_path):
     """A client with a wrong secret finds no usable node: its jobs are never
     scheduled (and nothing runs on the node); the node then still serves a
     client with the right secret."""
-    node = node_factory(impl, args=('-s', 'top-s3cret'))
+    node = node_factory(args=('-s', 'top-s3cret'))
     res = run_client(CLIENTS / 'basic_jobs.py', node.port, free_port(), 'jobs=3',
                      'secret=wrong-secret', 'give_up=6', timeout=60, cwd=tmp_path)
     data = _check(res, node)
@@ -201,10 +213,11 @@ def test_secret_wrong(impl, node_factory, legacy_python, tmp_path):
     assert [j['status'] for j in data['jobs']] == [FINISHED] * 2, _fmt(res, node)
 
 
-def test_depends_removed_after_close(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes(*ALL_LOOPBACK)
+def test_depends_removed_after_close(node_factory, legacy_python, tmp_path):
     """A depends file lives under <prefix>/127.0.0.1/ (the jobs' cwd) while
     the computation runs and is removed after cluster.close()."""
-    node = node_factory(impl)
+    node = node_factory()
     tag = uuid.uuid4().hex
     dep = tmp_path / ('dep-%s.txt' % tag)
     dep.write_text('dependency %s\n' % tag)
@@ -242,40 +255,5 @@ def test_smoke_other_pythons(version, node_factory, legacy_python, tmp_path):
         if os.environ.get('CI') == 'true':
             pytest.fail(reason + ' (CI must run the node on the oldest and newest Python)')
         pytest.skip(reason)
-    node = node_factory('ours', python=py)
+    node = node_factory(python=py)
     _run_basic(node, legacy_python, tmp_path)
-
-
-# ---------------------------------------------------------------- deployment
-
-@pytest.fixture(params=['dispynode.py', 'compute-node.py'], ids=['named', 'renamed'])
-def two_file_factory(request, node_factory, tmp_path):
-    """Nodes run from a folder holding only dispynode.py (or a renamed copy:
-    workers load the running file by path) and dispy_common.py, started by
-    hand as the README says (with --clean), from that folder."""
-    deploy = tmp_path / 'deploy'
-    deploy.mkdir()
-    from legacy import REPO
-    script = deploy / request.param
-    shutil.copy(str(REPO / 'dispynode.py'), str(script))
-    shutil.copy(str(REPO / 'dispy_common.py'), str(deploy / 'dispy_common.py'))
-
-    def start(impl='ours', args=(), **kw):
-        assert impl == 'ours'
-        return node_factory(impl, args=tuple(args) + ('--clean',),
-                            script=script, cwd=deploy, **kw)
-    start.deploy = deploy
-    start.script = script
-    return start
-
-
-@pytest.mark.parametrize('scenario', [
-    test_function_jobs, test_job_exception, test_example_node_setup,
-    test_example_node_shvars, test_example_obj_instances,
-    test_return_depends_class_instance, test_depends_removed_after_close,
-], ids=lambda f: f.__name__[len('test_'):])
-def test_two_file_deployment(scenario, two_file_factory, legacy_python, tmp_path):
-    """The basic scenarios against a node copied as two files into a folder."""
-    scenario('ours', two_file_factory, legacy_python, tmp_path)
-    left = sorted(n for n in os.listdir(str(two_file_factory.deploy)) if n != '__pycache__')
-    assert left == sorted(['dispy_common.py', two_file_factory.script.name]), left

@@ -1,10 +1,9 @@
 """Interop (issue 3): programs, files sent back, provisional results, cancel,
 dest_path and cleanup, file size limit and hostile dest_path, all with the
-real dispy 4.5.5 client against a node (``impl``, see conftest).
+real dispy 4.5.5 client against a node (``node_mode``, see conftest).
 """
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -55,10 +54,11 @@ def _run_program(node, tmp_path, name, text, mode=0o755):
     return res, data
 
 
-def test_shell_program(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_shell_program(node_factory, legacy_python, tmp_path):
     """JobCluster('prog.sh'): args passed, result is the exit code, stdout and
     stderr are bytes."""
-    node = node_factory(impl)
+    node = node_factory()
     res, data = _run_program(node, tmp_path, 'prog.sh', SHELL_PROG)
     for j, (tag, code) in zip(data['jobs'], data['cases']):
         assert j['status'] == FINISHED, (j, describe(res, node))
@@ -69,10 +69,11 @@ def test_shell_program(impl, node_factory, legacy_python, tmp_path):
 
 @pytest.mark.ours_only(reason='the original node keeps the client\'s file mode and fails '
                               'with EACCES on a non-executable program')
-def test_shell_program_not_executable(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_shell_program_not_executable(node_factory, legacy_python, tmp_path):
     """A program file sent without the executable bit is made executable by
     the node (PROTOCOL-NOTES: "transferred, made executable and run")."""
-    node = node_factory(impl)
+    node = node_factory()
     res, data = _run_program(node, tmp_path, 'prog.sh', SHELL_PROG, mode=0o644)
     for j, (tag, code) in zip(data['jobs'], data['cases']):
         assert j['status'] == FINISHED, (j, describe(res, node))
@@ -80,9 +81,10 @@ def test_shell_program_not_executable(impl, node_factory, legacy_python, tmp_pat
         assert _bytes(j['stdout']) == b'args: %s|%d\n' % (tag.encode(), code), j
 
 
-def test_python_program(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_python_program(node_factory, legacy_python, tmp_path):
     """JobCluster('prog.py'): run with the node's own Python interpreter."""
-    node = node_factory(impl)
+    node = node_factory()
     res, data = _run_program(node, tmp_path, 'prog.py', PY_PROG)
     node_python = os.path.realpath(node.cmd[0])
     for j, (tag, code) in zip(data['jobs'], data['cases']):
@@ -94,10 +96,11 @@ def test_python_program(impl, node_factory, legacy_python, tmp_path):
         assert _bytes(j['stderr']) == b'stderr %s\n' % tag.encode(), j
 
 
-def test_send_files(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_send_files(node_factory, legacy_python, tmp_path):
     """4 jobs each send back a 100-400 KB file with dispy_send_file; the
     client saves them intact in its cwd."""
-    node = node_factory(impl)
+    node = node_factory()
     cwd = tmp_path / 'client'
     cwd.mkdir()
     sizes = [102400, 204800, 307200, 409600 - 7]
@@ -115,10 +118,11 @@ def test_send_files(impl, node_factory, legacy_python, tmp_path):
         assert (cwd / r['name']).stat().st_size == size
 
 
-def test_provisional_results(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_provisional_results(node_factory, legacy_python, tmp_path):
     """dispy_provisional_result: the callback sees >= 4 ProvisionalResult
     statuses, with their results, before Finished."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'provisional.py', node.port, free_port(), 'jobs=3', timeout=60,
                      cwd=tmp_path)
     data = check_client(res, node)
@@ -139,11 +143,12 @@ def test_provisional_results(impl, node_factory, legacy_python, tmp_path):
 
 
 @pytest.mark.ours_only(reason='the original node leaves the job\'s child process running')
-def test_cancel_running_job(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_cancel_running_job(node_factory, legacy_python, tmp_path):
     """cluster.cancel() of a running job that spawned `sleep 600`: the job
     process and its child are gone within 2 s, the client sees Terminated,
     and the node runs a new job afterwards."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'cancel_job.py', node.port, free_port(), timeout=80,
                      cwd=tmp_path)
     data = res.data or {}
@@ -184,11 +189,12 @@ def _dep(tmp_path, size=0):
     return cwd, name, text
 
 
-def test_dest_path_without_cleanup(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_dest_path_without_cleanup(node_factory, legacy_python, tmp_path):
     """dest_path='sub/dir', cleanup=False: jobs run in
     <prefix>/127.0.0.1/sub/dir, and the depends file and the jobs' files stay
     there after close."""
-    node = node_factory(impl)
+    node = node_factory()
     cwd, name, text = _dep(tmp_path)
     res = run_client(CLIENTS / 'depends_cleanup.py', node.port, free_port(), name, 'jobs=3',
                      'dest_path=sub/dir', 'cleanup=0', timeout=60, cwd=cwd)
@@ -207,11 +213,12 @@ def test_dest_path_without_cleanup(impl, node_factory, legacy_python, tmp_path):
         assert 'out-%d-%s' % (n, name) in left, left
 
 
-def test_default_cleanup_leaves_no_files(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_default_cleanup_leaves_no_files(node_factory, legacy_python, tmp_path):
     """With the default cleanup, nothing of the computation stays below
     <prefix>/127.0.0.1 after close (depends file, stored replies, dirs'
     files)."""
-    node = node_factory(impl)
+    node = node_factory()
     cwd, name, text = _dep(tmp_path)
     res = run_client(CLIENTS / 'depends_cleanup.py', node.port, free_port(), name, 'jobs=3',
                      'write=0', timeout=60, cwd=cwd)
@@ -227,11 +234,12 @@ def test_default_cleanup_leaves_no_files(impl, node_factory, legacy_python, tmp_
 
 
 @pytest.mark.slow
-def test_max_file_size_refused(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_max_file_size_refused(node_factory, legacy_python, tmp_path):
     """A 50 KB depends file is refused by a node with --max_file_size 10k:
     the client gets no result; the node then serves a client with a small
     file."""
-    node = node_factory(impl, args=('--max_file_size', '10k'))
+    node = node_factory(args=('--max_file_size', '10k'))
     cwd, name, text = _dep(tmp_path, size=50 * 1024)
     res = run_client(CLIENTS / 'depends_cleanup.py', node.port, free_port(), name, 'jobs=2',
                      'write=0', 'give_up=8', timeout=60, cwd=cwd)
@@ -259,10 +267,11 @@ def test_max_file_size_refused(impl, node_factory, legacy_python, tmp_path):
 
 @pytest.mark.ours_only(reason='the original node accepts absolute and ".." dest_path values')
 @pytest.mark.parametrize('kind', ['absolute', 'dotdot'])
-def test_hostile_dest_path(kind, impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_hostile_dest_path(kind, node_factory, legacy_python, tmp_path):
     """A computation whose dest_path is absolute or climbs out with '..'
     creates nothing outside the node's prefix (refused, or confined)."""
-    node = node_factory(impl)
+    node = node_factory()
     tag = uuid.uuid4().hex
     if kind == 'absolute':
         hostile = '/tmp/evil-%s' % tag

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
+from dispy_common import DispyJob
 from legacy import CLIENTS, check_client, describe, free_port, run_client
 from test_tls import _openssl_cert
 
-FINISHED = 11
+FINISHED = DispyJob.Finished
 
 
 def _files(tmp_path):
@@ -39,7 +40,7 @@ def test_big_files_both_ways(tls, jobs, back, node_factory, legacy_python, tmp_p
         certfile, keyfile = _openssl_cert(tmp_path)
         node_args += ('--certfile', str(certfile), '--keyfile', str(keyfile))
         extra = ['certfile=%s' % certfile, 'keyfile=%s' % keyfile]
-    node = node_factory('ours', args=node_args)
+    node = node_factory(args=node_args)
     res = run_client(CLIENTS / 'big_files.py', node.port, free_port(), 'dep=%s' % dep,
                      'jobdep=%s' % jobdep, 'back=%d' % back, 'jobs=%d' % jobs, *extra,
                      timeout=90, cwd=cwd)

@@ -6,14 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from dispy_common import DispyJob
 
-from legacy import CLIENTS, REPO, check_client, describe, free_port, run_client, wait_for
+from legacy import (CLIENTS, REPO, check_client, describe, free_port, run_client,
+                    start_client, wait_for)
 
 import driver  # noqa: F401  (puts the repository on sys.path)
 from driver import Driver, NodeProcess
@@ -119,6 +119,18 @@ def test_limit_options_are_validated(tmp_path):
         assert r.stderr.decode().startswith('dispynode: error: ' + text), (args, r.stderr)
 
 
+def _served_once_freed(client, node, reading, value, njobs):
+    """A guard refuses the client's work: it still waits (no failure); once
+    ``reading`` says ``value`` all ``njobs`` of its jobs finish.  Returns the
+    node's log."""
+    assert client.proc.poll() is None, client.describe()
+    reading.write_text(value)
+    res = client.result()
+    data = check_client(res, node)
+    assert [j['status'] for j in data['jobs']] == [FINISHED] * njobs, describe(res, node)
+    return node.log()
+
+
 def test_guard_low_memory_client_sees_busy_node(node_factory, legacy_python, tmp_path):
     """While the (overridden) free memory is below --min_free_memory the node
     takes no computation: the real client finds no node and its jobs wait
@@ -133,22 +145,12 @@ def test_guard_low_memory_client_sees_busy_node(node_factory, legacy_python, tmp
     st = status(node.prefix)
     assert st['serving'] is False, st
     assert st['refusing'] == 'free memory 1m is below --min_free_memory 64m', st
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(res=run_client(
-        CLIENTS / 'obs_jobs.py', node.port, client_port, 'mode=sleep', 'jobs=3',
-        timeout=60, cwd=tmp_path)))
-    thread.start()
-    try:
+    with start_client(CLIENTS / 'obs_jobs.py', node.port, client_port, 'mode=sleep',
+                      'jobs=3', timeout=60, cwd=tmp_path) as client:
         time.sleep(4)      # the client pings; the node stays silent
         st = status(node.prefix)
         assert st['computations_total'] == 0 and st['jobs_done'] == {}, st
-        assert out == {}, out['res'].stdout     # the client still waits
-        reading.write_text('1g')
-    finally:
-        thread.join(70)
-    data = check_client(out['res'], node)
-    assert [j['status'] for j in data['jobs']] == [FINISHED] * 3, describe(out['res'], node)
-    log = node.log()
+        log = _served_once_freed(client, node, reading, '1g', 3)
     assert log.count('not taking new computations or jobs: free memory 1m is below '
                      '--min_free_memory 64m') == 1, log[-4000:]
     assert log.count('taking work again') == 1, log[-4000:]
@@ -271,25 +273,15 @@ def test_guard_mid_computation_client_retries(node_factory, legacy_python, tmp_p
     reading.write_text('10g')
     node = node_factory(args=('--min_free_disk', '1g', '--cpus', '2'),
                         env={'DISPYNODE_FREE_DISK': str(reading)})
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(res=run_client(
-        CLIENTS / 'obs_jobs.py', node.port, free_port(), 'mode=sleep', 'jobs=4',
-        'seconds=3', timeout=90, cwd=tmp_path)))
-    thread.start()
-    try:
+    with start_client(CLIENTS / 'obs_jobs.py', node.port, free_port(), 'mode=sleep',
+                      'jobs=4', 'seconds=3', timeout=90, cwd=tmp_path) as client:
         assert wait_for(lambda: status(node.prefix)['cpus_busy'] == 2, 30), node.log()
         reading.write_text('100m')
         st = wait_for(lambda: (lambda s: s if s['guard_refusals'] >= 2 and s['cpus_busy'] == 0
                                else None)(status(node.prefix)), 30, interval=0.2)
         assert st, node.log()[-4000:]
         assert st['jobs_done'] == {'Finished': 2} and st['serving'] is False, st
-        assert out == {}, out['res'].stdout           # the client waits, no failure
-        reading.write_text('10g')
-    finally:
-        thread.join(90)
-    data = check_client(out['res'], node)
-    assert [j['status'] for j in data['jobs']] == [FINISHED] * 4, describe(out['res'], node)
-    log = node.log()
+        log = _served_once_freed(client, node, reading, '10g', 4)
     assert log.count('not taking new computations or jobs: free disk 100m') == 1, log[-4000:]
     st = status(node.prefix)
     assert st['jobs_done'] == {'Finished': 4} and st['computations_total'] == 1, st

@@ -8,7 +8,6 @@ fatal for that client (``setup_node`` drops the node), so the flood tests
 check that the real client still completes every job.
 """
 
-import os
 import random
 import selectors
 import socket
@@ -163,7 +162,7 @@ def test_flood_during_client(mode, node_factory, legacy_python, tmp_path):
     Every job must be correct, and the node's thread count must return to
     its baseline (plus the courier's idle lane thread for this client)
     within 5 s after the flood ends."""
-    node = node_factory('ours', args=('--msg_timeout', '2'))
+    node = node_factory(args=('--msg_timeout', '2'))
     time.sleep(0.5)
     baseline = threads_of(node.pid)
     out = {}
@@ -198,7 +197,7 @@ def test_slow_loris_dropped(node_factory, tmp_path):
     """Peers trickling one byte per second (in the auth prefix, in the length,
     in the payload) are dropped at --msg_timeout 2 even though each byte
     arrives within any per-recv timeout; the node keeps serving PINGs."""
-    node = node_factory('ours', args=('--msg_timeout', '2'))
+    node = node_factory(args=('--msg_timeout', '2'))
     time.sleep(0.3)
     baseline = threads_of(node.pid)
     payload = b'PING:' + b'\x80\x04}\x94.'
@@ -244,7 +243,7 @@ def test_unauthenticated_big_frames_allocate_nothing(node_factory):
     MAX_FRAME (256 MiB) bytes, and idle: the node must not allocate memory
     for frames it has not received (or from unauthenticated peers at all).
     Six such peers must not grow its RSS by more than 64 MiB."""
-    node = node_factory('ours', args=('--msg_timeout', '3'))
+    node = node_factory(args=('--msg_timeout', '3'))
     time.sleep(0.3)
     before = rss_kb(node.pid)
     socks = []
@@ -268,7 +267,7 @@ def test_stability_5x1000(node_factory, legacy_python, tmp_path):
     """5 runs of 1,000 tiny jobs with the real client against one node
     (each run bounded to 120 s; a hang fails): every result correct, the
     node alive and back to its baseline thread count after each run."""
-    node = node_factory('ours')
+    node = node_factory()
     time.sleep(0.5)
     baseline = threads_of(node.pid)
     times = []

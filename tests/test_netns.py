@@ -7,8 +7,9 @@ lab creates and deletes (see tests/netns.py).  Clients and nodes use
 dispy's default ports (51347 / 51348): each host has its own stack.
 
 Needs root (skipped otherwise, failed under CI=true) and, for the NAT
-scenario, nft or iptables.  The node implementation comes from the
-``impl`` parameter (env DISPYTEST_IMPLS, default 'ours').
+scenario, nft or iptables.  Nodes start with ``node_factory(host=...)`` (see
+conftest; in a host it uses ``lab.start_node``): 'netns' runs ours, 'original'
+dispy 4.5.5's (with DISPYTEST_IMPLS=ours,original).
 """
 
 import json
@@ -114,6 +115,27 @@ def _lan(lab, subnet, count, client=True):
     return sw, c, hosts
 
 
+def _routed(lab, net_a, net_b, roles=('n1', 'n2')):
+    """A client at ``net_a``.10 and two hosts at ``net_b``.21 and .22
+    (named ``roles``), with a router (.1 on both /24 subnets) between."""
+    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
+    lab.router('rt', (sw_a, net_a + '.1/24'), (sw_b, net_b + '.1/24'))
+    c = lab.host('client')
+    lab.link(c, sw_a, net_a + '.10/24', gateway=net_a + '.1')
+    hosts = [lab.host(role) for role in roles]
+    for i, h in enumerate(hosts):
+        lab.link(h, sw_b, '%s.%d/24' % (net_b, 21 + i), gateway=net_b + '.1')
+    return [c] + hosts
+
+
+def _nat_switches(lab):
+    """The public and the private switch of a NAT scenario (which needs nft
+    or iptables)."""
+    if netns.nat_tool() is None:
+        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
+    return lab.switch('pub'), lab.switch('priv')
+
+
 def _tcp_probe(lab, host, addr, port, timeout=1.0):
     """'ok' or the error text of a TCP connect from inside ``host``."""
     code = ('import socket\n'
@@ -127,19 +149,18 @@ def _tcp_probe(lab, host, addr, port, timeout=1.0):
 
 # ---------------------------------------------------------------- scenarios
 
-def test_broadcast_discovery_three_nodes(impl, lab):
+@pytest.mark.node_modes('netns', 'original')
+def test_broadcast_discovery_three_nodes(impl, node_factory, lab):
     """One LAN; client 10.231.1.10 with no nodes= (broadcast discovery);
     nodes .21 and .22 with -i, .23 without -i (default address).  Jobs
     spread over all three, every result correct."""
     _, c, hosts = _lan(lab, '10.231.1', 3)
-    nodes = [lab.start_node(hosts[0], ip_addr=hosts[0].addr, name='node-a', args=['-c', '1'],
-                            impl=impl),
-             lab.start_node(hosts[1], ip_addr=hosts[1].addr, name='node-b', args=['-c', '1'],
-                            impl=impl),
+    nodes = [node_factory(host=hosts[0], ip_addr=hosts[0].addr, name='node-a', args=['-c', '1']),
+             node_factory(host=hosts[1], ip_addr=hosts[1].addr, name='node-b', args=['-c', '1']),
              # no -i: the node picks its address (the original node would
              # pick the hostname's address, here 127.0.0.1: give it -i)
-             lab.start_node(hosts[2], ip_addr=None if impl == 'ours' else hosts[2].addr,
-                            name='node-c', args=['-c', '1'], impl=impl)]
+             node_factory(host=hosts[2], ip_addr=None if impl == 'ours' else hosts[2].addr,
+                            name='node-c', args=['-c', '1'])]
     res = lab.run_client(c, CLIENT, 'ip_addr=%s' % c.addr, 'expect_nodes=3', 'node_wait=20',
                          'jobs=9', 'sleep=0.3', 'wait=40', timeout=75)
     data = _check(res, nodes)
@@ -153,12 +174,13 @@ def test_broadcast_discovery_three_nodes(impl, lab):
     assert all(n.alive() for n in nodes)
 
 
-def test_late_node_announces_itself(impl, lab):
+@pytest.mark.node_modes('netns', 'original')
+def test_late_node_announces_itself(impl, node_factory, lab):
     """Client and two nodes on 10.231.2.0/24; after the client submitted
     its jobs a third node (.23) starts; its broadcast announcement makes
     the client take it, and it runs some of the jobs."""
     _, c, hosts = _lan(lab, '10.231.2', 3)
-    early = [lab.start_node(h, ip_addr=h.addr, args=['-c', '1'], impl=impl) for h in hosts[:2]]
+    early = [node_factory(host=h, ip_addr=h.addr, args=['-c', '1']) for h in hosts[:2]]
     marks = lab.workdir / 'marks'
     marks.mkdir()
     client = lab.start_client(c, CLIENT, 'ip_addr=%s' % c.addr, 'expect_nodes=2',
@@ -166,7 +188,7 @@ def test_late_node_announces_itself(impl, lab):
                               'marker_dir=%s' % marks, timeout=75)
     _wait_marker(marks, 'submitted', client, 30, early)
     t_late = time.time()
-    late = lab.start_node(hosts[2], ip_addr=hosts[2].addr, args=['-c', '1'], impl=impl)
+    late = node_factory(host=hosts[2], ip_addr=hosts[2].addr, args=['-c', '1'])
     nodes = early + [late]
     res = client.result()
     data = _check(res, nodes)
@@ -181,7 +203,8 @@ def test_late_node_announces_itself(impl, lab):
 
 
 @pytest.mark.parametrize('reentrant', [True, False], ids=['reentrant', 'not_reentrant'])
-def test_node_killed_midrun(impl, lab, reentrant):
+@pytest.mark.node_modes('netns', 'original')
+def test_node_killed_midrun(impl, node_factory, lab, reentrant):
     """Three nodes on 10.231.3.0/24 (-c 1), client with pulse_interval=1.
     The third node is SIGKILLed 1.5 s into its first (3 s) job.  The 4.5.5
     client declares it dead after 5 missed pulses: with reentrant=True the
@@ -190,7 +213,7 @@ def test_node_killed_midrun(impl, lab, reentrant):
     worker and job processes go away, and the survivors then serve a new
     client."""
     _, c, hosts = _lan(lab, '10.231.3', 3)
-    nodes = [lab.start_node(h, ip_addr=h.addr, args=['-c', '1'], impl=impl) for h in hosts]
+    nodes = [node_factory(host=h, ip_addr=h.addr, args=['-c', '1']) for h in hosts]
     victim, survivors = nodes[2], nodes[:2]
     alive_ips = {n.ip_addr for n in survivors}
     marks = lab.workdir / 'marks'
@@ -202,7 +225,7 @@ def test_node_killed_midrun(impl, lab, reentrant):
     _wait_marker(marks, 'running-%s' % victim.ip_addr, client, 30, nodes)
     time.sleep(1.5)
     t_kill = time.time()
-    victim.kill()
+    victim.kill(group=False)    # the node alone: its workers must notice
     if impl == 'ours':
         # the node's worker and job processes notice and go (bounded)
         left = legacy.wait_for(lambda: not netns._ns_pids(victim.host.name), 10) or \
@@ -248,21 +271,16 @@ def test_node_killed_midrun(impl, lab, reentrant):
     assert _job_ips(data2) == alive_ips
 
 
-def test_scheduler_node_across_subnets(impl, lab):
+@pytest.mark.node_modes('netns', 'original')
+def test_scheduler_node_across_subnets(impl, node_factory, lab):
     """Subnet A 10.231.11.0/24 (client .10) and subnet B 10.231.12.0/24
     joined by a router (.1 on both, ip_forward on).  Node B2 (.22) runs
     before the client without --scheduler_node: broadcasts don't cross the
     router, so the client never learns of it (though it is reachable).  Node
     B1 (.21) starts after the client with --scheduler_node <client>: the
     client gets it and all results come back across the router."""
-    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
-    lab.router('rt', (sw_a, '10.231.11.1/24'), (sw_b, '10.231.12.1/24'))
-    c = lab.host('client')
-    lab.link(c, sw_a, '10.231.11.10/24', gateway='10.231.11.1')
-    b1, b2 = lab.host('b1'), lab.host('b2')
-    lab.link(b1, sw_b, '10.231.12.21/24', gateway='10.231.12.1')
-    lab.link(b2, sw_b, '10.231.12.22/24', gateway='10.231.12.1')
-    hidden = lab.start_node(b2, ip_addr=b2.addr, impl=impl)
+    c, b1, b2 = _routed(lab, '10.231.11', '10.231.12', ('b1', 'b2'))
+    hidden = node_factory(host=b2, ip_addr=b2.addr)
     assert _tcp_probe(lab, c, b2.addr, 51348) == 'ok', 'router does not forward'
     marks = lab.workdir / 'marks'
     marks.mkdir()
@@ -270,7 +288,7 @@ def test_scheduler_node_across_subnets(impl, lab):
                               'node_wait=25', 'jobs=6', 'sleep=0.2', 'wait=30',
                               'marker_dir=%s' % marks, timeout=75)
     _wait_marker(marks, 'started', client, 30, [hidden])
-    node = lab.start_node(b1, ip_addr=b1.addr, args=['--scheduler_node', c.addr], impl=impl)
+    node = node_factory(host=b1, ip_addr=b1.addr, args=['--scheduler_node', c.addr])
     nodes = [node, hidden]
     res = client.result()
     data = _check(res, nodes)
@@ -279,7 +297,8 @@ def test_scheduler_node_across_subnets(impl, lab):
     assert node.alive() and hidden.alive()
 
 
-def test_nat_gateway(impl, lab):
+@pytest.mark.node_modes('netns', 'original')
+def test_nat_gateway(impl, node_factory, lab):
     """Public LAN 10.231.50.0/24: client .10, gateway .1 and .2.  Private
     LAN 10.231.60.0/24 behind the gateway: node A .11 (port 51348, --ext_ip_addr
     10.231.50.1) and node B .12 (-p 51350, --ext_ip_addr 10.231.50.2).  The
@@ -293,10 +312,7 @@ def test_nat_gateway(impl, lab):
     keys nodes by IP address alone: two nodes announcing one address (with
     different ports) replace each other ("rediscovered"), so only one of
     them can ever be used."""
-    tool = netns.nat_tool()
-    if tool is None:
-        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
-    pub, priv = lab.switch('pub'), lab.switch('priv')
+    pub, priv = _nat_switches(lab)
     c = lab.host('client')
     lab.link(c, pub, '10.231.50.10/24')
     lab.nat_gateway('gw', public=(pub, ['10.231.50.1/24', '10.231.50.2/24']),
@@ -306,10 +322,9 @@ def test_nat_gateway(impl, lab):
     ha, hb = lab.host('na'), lab.host('nb')
     lab.link(ha, priv, '10.231.60.11/24', gateway='10.231.60.1')
     lab.link(hb, priv, '10.231.60.12/24', gateway='10.231.60.1')
-    na = lab.start_node(ha, ip_addr=ha.addr, args=['--ext_ip_addr', '10.231.50.1', '-c', '1'],
-                        impl=impl)
-    nb = lab.start_node(hb, ip_addr=hb.addr, port=51350,
-                        args=['--ext_ip_addr', '10.231.50.2', '-c', '1'], impl=impl)
+    na = node_factory(host=ha, ip_addr=ha.addr, args=['--ext_ip_addr', '10.231.50.1', '-c', '1'])
+    nb = node_factory(host=hb, ip_addr=hb.addr, port=51350,
+                        args=['--ext_ip_addr', '10.231.50.2', '-c', '1'])
     nodes = [na, nb]
     # the NAT is real: private addresses are unreachable from the client
     assert _tcp_probe(lab, c, '10.231.50.1', 51348) == 'ok'
@@ -329,7 +344,8 @@ def test_nat_gateway(impl, lab):
 
 @pytest.mark.ours_only(reason='the original node serves on gethostbyname(gethostname()), '
                               'i.e. 127.0.1.1 here')
-def test_default_address_and_name(impl, lab):
+@pytest.mark.node_modes('netns', 'original')
+def test_default_address_and_name(impl, node_factory, lab):
     """Hosts whose hostname maps to 127.0.1.1 in their own /etc/hosts
     (Debian style; UTS + mount namespaces), LAN 10.231.70.0/24.  Host h1
     also has an extra interface (aux0, 10.231.99.1) listed before eth0, so
@@ -358,8 +374,8 @@ def test_default_address_and_name(impl, lab):
     assert primary == '10.231.70.21'
 
     # no -i; wait_ready() probes the address the node should have chosen
-    nodes = [lab.start_node(h1, name='edge-node-7', impl=impl),
-             lab.start_node(h2, impl=impl)]
+    nodes = [node_factory(host=h1, name='edge-node-7'),
+             node_factory(host=h2)]
     res = lab.run_client(c, CLIENT, 'ip_addr=%s' % c.addr, 'expect_nodes=2', 'node_wait=20',
                          'jobs=6', 'sleep=0.2', 'wait=30', timeout=60)
     data = _check(res, nodes)

@@ -8,24 +8,22 @@ import pytest
 from dispy_common import DispyJob
 
 import netns
-from test_netns import _check, _diag, _tcp_probe, _unavailable, lab  # noqa: F401 (fixture)
+from test_netns import _check, _diag, _nat_switches, _tcp_probe, lab  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 FINISHED, CANCELLED = DispyJob.Finished, DispyJob.Cancelled
 
 
-def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
+@pytest.mark.node_modes('netns', 'original')
+def test_client_behind_nat_with_two_public_addresses(impl, node_factory, lab):  # noqa: F811
     """Private LAN 10.231.60.0/24: the client at .10 behind gateway .1,
     whose public side has 10.231.50.1 and .2.  The gateway forwards
     10.231.50.1:51347 (the client's port) to the client, and the client
     announces 10.231.50.1 (ext_ip_addr), but its TCP connections to the node
     leave SNATed from 10.231.50.2.  The node at 10.231.50.20 (public LAN)
     runs setup, a file transfer, jobs and a cancel for it."""
-    tool = netns.nat_tool()
-    if tool is None:
-        _unavailable('neither nft nor iptables is installed (apt-get install nftables)')
-    pub, priv = lab.switch('pub'), lab.switch('priv')
+    pub, priv = _nat_switches(lab)
     hn = lab.host('node')
     lab.link(hn, pub, '10.231.50.20/24')
     gw = lab.nat_gateway('gw', public=(pub, ['10.231.50.1/24', '10.231.50.2/24']),
@@ -40,7 +38,7 @@ def test_client_behind_nat_with_two_public_addresses(impl, lab):  # noqa: F811
     else:
         gw.run(['iptables', '-t', 'nat', '-I', 'POSTROUTING', '1', '-s', '10.231.60.10', '-p',
                 'tcp', '--dport', '51348', '-j', 'SNAT', '--to-source', '10.231.50.2'])
-    node = lab.start_node(hn, ip_addr=hn.addr, args=['-c', '2'], impl=impl)
+    node = node_factory(host=hn, ip_addr=hn.addr, args=['-c', '2'])
     # the NAT is real: the node reaches the client only at its public address
     assert _tcp_probe(lab, hn, '10.231.60.10', 51347).startswith('fail')
     seen = lab.python_in(c, 'import socket\n'

@@ -9,17 +9,18 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
 from dispy_common import DispyJob
 
-from legacy import CLIENTS, REPO, check_client, describe, free_port, run_client, wait_for
+from legacy import (CLIENTS, REPO, check_client, describe, free_port, run_client,
+                    start_client, wait_for)
 
 sys.path.insert(0, str(REPO))
 import dispynode as dn  # noqa: E402
+from driver import read_all  # noqa: E402
 
 pytestmark = [pytest.mark.interop]
 
@@ -91,11 +92,8 @@ def test_status_while_a_job_runs(node_factory, legacy_python, tmp_path):
     computation and the running job with its run time."""
     node = node_factory()
     client_port = free_port()
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(res=run_client(
-        CLIENTS / 'obs_jobs.py', node.port, client_port, 'mode=sleep', 'seconds=4',
-        timeout=60, cwd=tmp_path)))
-    thread.start()
+    client = start_client(CLIENTS / 'obs_jobs.py', node.port, client_port, 'mode=sleep',
+                          'seconds=4', timeout=60, cwd=tmp_path)
     try:
         st = wait_for(lambda: (lambda s: s if s['jobs_running'] else None)(status_json(node)),
                       30, interval=0.2)
@@ -110,9 +108,10 @@ def test_status_while_a_job_runs(node_factory, legacy_python, tmp_path):
         table = dn.format_status_table(st)
         assert '127.0.0.1:%d' % client_port in table and 'running' in table, table
     finally:
-        thread.join(70)
-    data = check_client(out['res'], node)
-    assert data['jobs'][0]['status'] == FINISHED, describe(out['res'], node)
+        client.wait()
+    res = client.result()
+    data = check_client(res, node)
+    assert data['jobs'][0]['status'] == FINISHED, describe(res, node)
     assert idle(node)['jobs_done'] == {'Finished': 1}
 
 
@@ -233,12 +232,7 @@ def raw_status(path):
     s.settimeout(10)
     s.connect(str(path))
     s.sendall(b'status\n')
-    data = b''
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    data = read_all(s)
     s.close()
     return data.decode()
 

@@ -18,11 +18,12 @@ pytestmark = [pytest.mark.interop]
 FINISHED, TERMINATED, CANCELLED = DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled
 
 
+@pytest.mark.node_modes('local', 'original')
 def test_multihomed_client(impl, node_factory, legacy_python, tmp_path):
     """A client that announces 127.0.0.2 (where its servers listen) while its
     requests come from 127.0.0.1: setup, file transfer, jobs and a cancel all
     work, as on the original (the auth proves the client, not the address)."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'multihomed_jobs.py', node.port, free_port(),
                      'ip_addr=127.0.0.2', 'jobs=4', 'cancel=1', timeout=90, cwd=tmp_path)
     data = check_client(res, node)
@@ -39,10 +40,11 @@ def test_multihomed_client(impl, node_factory, legacy_python, tmp_path):
         assert 'terminating job' in log, log
 
 
+@pytest.mark.node_modes('local', 'original')
 def test_job_sees_implicit_modules(impl, node_factory, legacy_python, tmp_path):
     """Job code uses time, os, socket, sys, ... without importing them, as
     on the original; no node state (dispy_common, _JOB, Worker) leaks in."""
-    node = node_factory(impl)
+    node = node_factory()
     res = run_client(CLIENTS / 'implicit_globals.py', node.port, free_port(), timeout=60,
                      cwd=tmp_path)
     data = check_client(res, node)
@@ -67,11 +69,12 @@ def test_job_sees_implicit_modules(impl, node_factory, legacy_python, tmp_path):
 
 
 @pytest.mark.parametrize('dest_path', ['sub/out', ''])
-def test_close_keeps_job_output(dest_path, impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_close_keeps_job_output(dest_path, node_factory, legacy_python, tmp_path):
     """cleanup=True: at close the node removes what it was sent (the depends
     file) and keeps the files the jobs wrote, in a named dest_path (as the
     original) and in the default directory alike."""
-    node = node_factory(impl)
+    node = node_factory()
     cwd = tmp_path / 'client'
     cwd.mkdir()
     name = 'dep-%s.txt' % uuid.uuid4().hex[:12]
@@ -108,13 +111,14 @@ def _results(node, tmp_path, cases):
 
 
 @pytest.mark.ours_only(reason='the original runs jobs on Python 3.6, which has neither type')
-def test_result_a_36_client_cannot_load(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_result_a_36_client_cannot_load(node_factory, legacy_python, tmp_path):
     """A job returning a zoneinfo.ZoneInfo or an ExceptionGroup (types that
     Python 3.6 lacks) ends Terminated with the type named, instead of a
     reply the client cannot load (the job would stay Running for ever); the
     cluster goes on with the next job.  A provisional result of such a type
     is not sent (-1) and the job goes on."""
-    node = node_factory(impl)
+    node = node_factory()
     res, jobs = _results(node, tmp_path, ['zoneinfo', 'group', 'plain', 'prov_zone'])
     for case, name in (('zoneinfo', 'zoneinfo.ZoneInfo'), ('group', 'builtins.ExceptionGroup')):
         j = jobs[case]
@@ -125,11 +129,12 @@ def test_result_a_36_client_cannot_load(impl, node_factory, legacy_python, tmp_p
     assert jobs['prov_zone']['result'] == ['done', -1], jobs['prov_zone']
 
 
-def test_provisional_unpicklable_then_exception(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_provisional_unpicklable_then_exception(node_factory, legacy_python, tmp_path):
     """As on the original: dispy_provisional_result with a value that cannot
     be pickled returns -1 and the job goes on; a job that raises after
     provisional results keeps the last provisional value as its result."""
-    node = node_factory(impl)
+    node = node_factory()
     res, jobs = _results(node, tmp_path, ['prov_lambda', 'prov_raise', 'plain'])
     j = jobs['prov_lambda']
     assert j['status'] == FINISHED and j['result'] == ['done', -1], (j, describe(res, node))
@@ -152,7 +157,7 @@ def test_cancel_without_proc_and_psutil(fallback, node_factory, legacy_python, t
         bin_dir.mkdir()
         os.symlink(shutil.which('sleep'), str(bin_dir / 'sleep'))
         env['PATH'] = str(bin_dir)
-    node = node_factory('ours', env=env)
+    node = node_factory(env=env)
     res = run_client(CLIENTS / 'cancel_job.py', node.port, free_port(), timeout=80,
                      cwd=tmp_path)
     data = res.data or {}

@@ -15,6 +15,7 @@ from dispy_common import DispyJob
 
 from legacy import (CLIENTS, ensure_legacy_venv, find_files, free_port, pid_alive,
                     run_client, wait_for)
+from driver import Driver, ReplyServer, udp_pongs
 from recovery_util import (REPLY_PREFIX, LegacyProc, node_is_free, processes_gone,
                            scan_store, wait_node_free)
 
@@ -94,7 +95,7 @@ def test_recover_jobs_after_client_death(node_factory, legacy_python, tmp_path):
     soon as both are Running; a second legacy process on the same port runs
     dispy.recover_jobs(recover_file) and gets both results (Finished, right
     values); the node is then free again and its prefix holds nothing."""
-    node = node_factory('ours')
+    node = node_factory()
     client_port = free_port()
     recover_file = str(tmp_path / 'recover.dat')
     t0 = time.monotonic()
@@ -113,7 +114,7 @@ def test_recover_jobs_after_node_kill(node_factory, legacy_python, tmp_path):
     restarted with the same port and prefix (no --clean); recover_jobs still
     gets both results (the restarted node accepts the old run's auth for
     recovery), and the prefix then holds no reply files or records."""
-    node = node_factory('ours')
+    node = node_factory()
     client_port = free_port()
     recover_file = str(tmp_path / 'recover.dat')
     _submit_and_die(node, client_port, recover_file, tmp_path)
@@ -123,7 +124,7 @@ def test_recover_jobs_after_node_kill(node_factory, legacy_python, tmp_path):
     assert len(s['records']) == 1 and len(s['replies']) == 2 and not s['torn'], s
     node.kill()
     assert not node.alive()
-    node2 = node_factory('ours', port=node.port, prefix=node.prefix)
+    node2 = node_factory(port=node.port, prefix=node.prefix)
     assert len(_reply_files(node2.prefix)) == 2
     data, res = _recover(node2, client_port, recover_file, tmp_path)
     _assert_recovered(data, res, node2)
@@ -148,7 +149,7 @@ def test_zombie_client_frees_node(node_factory, legacy_python, tmp_path):
     result is kept in the store, and a new client on another port is served
     with correct results.  Bounded to ~20 s."""
     t_start = time.monotonic()
-    node = node_factory('ours', env={'DISPYNODE_ZOMBIE_SECONDS': '3'})
+    node = node_factory(env={'DISPYNODE_ZOMBIE_SECONDS': '3'})
     frozen_port = free_port()
     frozen = LegacyProc('recovery_zombie.py', node.port, frozen_port, 'jobs=1', 'secs=1.0',
                         cwd=tmp_path, watchdog=40)
@@ -201,7 +202,7 @@ def test_sigterm_ends_jobs_and_children(node_factory, legacy_python, tmp_path):
     SIGINT shows it (issue 11): no Terminated reply, only the node's
     TERMINATED message, so the (non-reentrant) jobs ended Abandoned and the
     cluster_status callback got DispyNode.Closed for the node."""
-    node = node_factory('ours')
+    node = node_factory()
     client = LegacyProc('recovery_sigterm.py', node.port, free_port(), 'jobs=2',
                         cwd=tmp_path, watchdog=50)
     try:
@@ -299,7 +300,7 @@ def test_shared_job_cluster_via_dispyscheduler(node_factory, legacy_python, tmp_
     (which talks to our node as its client): results are correct; after the
     first client closes, the node drops that computation and a fresh
     SharedJobCluster client is served again."""
-    node = node_factory('ours')
+    node = node_factory()
     sched = _Scheduler(node.port, tmp_path)
     try:
         sched.wait_ready()
@@ -334,28 +335,6 @@ def test_shared_job_cluster_via_dispyscheduler(node_factory, legacy_python, tmp_
 # fixed yet is strict-xfail: CI stays green and turns red (XPASS) once the
 # fix lands, when the marker must go.
 
-def _collect_pongs(sock, seconds):
-    import socket as _socket
-    import dispy_common as dc
-    pongs = []
-    deadline = time.monotonic() + seconds
-    sock.settimeout(0.1)
-    while time.monotonic() < deadline:
-        try:
-            conn, _ = sock.accept()
-        except _socket.timeout:
-            continue
-        with conn:
-            try:
-                conn.settimeout(2)
-                msg = dc.recv_msg(conn, None, time.monotonic() + 2)
-            except (OSError, dc.ProtocolError):
-                continue
-            if msg.startswith(b'PONG:'):
-                pongs.append(dc.loads_plain(msg[len(b'PONG:'):]))
-    return pongs
-
-
 def test_pong_ignores_unspecified_address(node_factory):
     """A PING whose ip_addrs (or source address: a broadcast from a host
     without an address) is 0.0.0.0 must not produce a PONG that names
@@ -363,23 +342,8 @@ def test_pong_ignores_unspecified_address(node_factory):
     first PONG it handles as its computation's scheduler_ip_addr, and the
     node then refuses every JOB from the client's real address (seen in this
     test suite before the netns broadcast route got 'src 127.0.0.1')."""
-    import socket as _socket
-    import dispy_common as dc
-    node = node_factory('ours')
-    lst = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    lst.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    lst.bind(('127.0.0.1', 0))     # 0.0.0.0:port reaches this on Linux
-    lst.listen(8)
-    port = lst.getsockname()[1]
-    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    try:
-        udp.sendto(b'PING:' + dc.dumps_plain({
-            'version': dc.PROTOCOL_VERSION, 'sign': 'feedc0de', 'port': port,
-            'ip_addrs': ['0.0.0.0']}), ('127.0.0.1', node.port))
-        pongs = _collect_pongs(lst, 1.5)
-    finally:
-        udp.close()
-        lst.close()
+    node = node_factory()
+    pongs = udp_pongs(node.port, ['0.0.0.0'], 1.5)
     assert pongs, 'no PONG at all\n' + node.log()[-3000:]
     assert [p['scheduler_ip_addr'] for p in pongs] == ['127.0.0.1'], pongs
 
@@ -391,18 +355,17 @@ def test_frozen_client_does_not_delay_next_client(node_factory, legacy_python, t
     the frozen client's 5 s (msg_timeout) delivery attempts.  The original
     node sends replies from independent coroutines."""
     import socket as _socket
-    from recovery_util import ProtoDriver
-    node = node_factory('ours', env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
+    node = node_factory(env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
     frozen = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     frozen.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     frozen.bind(('127.0.0.1', 0))
     frozen.listen(16)              # never accept(): connects succeed, no ACK ever
     fport = frozen.getsockname()[1]
     try:
-        drv = ProtoDriver(node.port)
-        drv.ping(fport)
-        assert drv.compute(7001, 'abcdef', fport, 'def f(n):\n    return n + 1\n',
-                           'f') == b'ACK'
+        drv = Driver('127.0.0.1', node.port, timeout=5.0, reply_port=fport)
+        drv.ping_tcp()
+        assert drv.compute('def f(n):\n    return n + 1\n', 'f', compute_id=7001,
+                           auth='abcdef', cleanup=True)[0] == b'ACK'
         assert drv.job(7001, 1, (41,)) == b'ACK'
         assert wait_node_free(node.port, 10), node.log()[-5000:]
         t0 = time.monotonic()
@@ -425,22 +388,21 @@ def test_resend_count_matches_replies(node_factory):
     timeout=None recover_jobs then waits forever.  40 stored results of
     400 KB make the window wide (the request thread reads them all from disk
     before counting while the courier already delivers)."""
-    from recovery_util import ProtoDriver, ResultSink
-    node = node_factory('ours', debug=False)
+    node = node_factory(debug=False)
     code = "def f(n, size):\n    return {'n': n, 'blob': 'x' * size}\n"
     counts = []
     for r in range(2):
         cid, auth, rport, k = 900 + r, 'abcd%02d' % r, free_port(), 40
-        drv = ProtoDriver(node.port)
-        drv.ping(rport)
-        assert drv.compute(cid, auth, rport, code, 'f') == b'ACK'
+        drv = Driver('127.0.0.1', node.port, timeout=5.0, reply_port=rport)
+        drv.ping_tcp()
+        assert drv.compute(code, 'f', compute_id=cid, auth=auth, cleanup=True)[0] == b'ACK'
         for uid in range(1, k + 1):
             deadline = time.monotonic() + 10
             while drv.job(cid, uid, (uid, 400000)) != b'ACK':
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
         assert wait_for(lambda: len(_reply_files(node.prefix)) == k, 20, interval=0.1)
-        with ResultSink(port=rport) as sink:
+        with ReplyServer(port=rport) as sink:
             count = drv.resend(cid, auth)
             assert wait_for(lambda: len(sink.uids()) >= k, 15, interval=0.05), sink.uids()
             time.sleep(0.2)

@@ -4,19 +4,16 @@ real dispy 4.5.5 client.
 """
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from dispy_common import DispyJob
 
 import legacy
-from legacy import REPO, free_port, pid_alive, wait_for
+from legacy import free_port, pid_alive, wait_for
+from nodes import NodeProc
 from recovery_util import LegacyProc, processes_gone
 
 pytestmark = [pytest.mark.interop]
@@ -26,21 +23,10 @@ PROVISIONAL, TERMINATED, ABANDONED, FINISHED = (
 NODE_CLOSED = FINISHED + 5    # dispy.DispyNode.Closed
 
 
-def start_node(tmp_path, name, args, port=None, env=None, stdin=subprocess.DEVNULL):
-    """Our node with exactly ``args`` (legacy.Node.start always adds
-    ``-i 127.0.0.1``, and -i is repeatable here)."""
-    port = port or free_port()
-    prefix = tmp_path / name / 'prefix'
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / 'dispynode.py'), '-d', '-p', str(port),
-           '--dest_path_prefix', str(prefix)] + [str(a) for a in args]
-    log_path = prefix.parent / 'node.log'
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1')
-    full_env.update(env or {})
-    with open(str(log_path), 'ab') as log:
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=str(prefix.parent), start_new_session=True)
-    return legacy.Node('ours', port, prefix, proc, log_path, cmd)
+def start_node(tmp_path, name, args, **kw):
+    """A node with exactly ``args`` (no -i of the launcher's: -i is repeatable
+    here), not waited for (keywords go to nodes.NodeProc.start)."""
+    return NodeProc.start(tmp_path / name, args, ip_addr=None, wait=False, **kw)
 
 
 @pytest.fixture
@@ -119,21 +105,7 @@ def _stop_with(sig):
     return trigger
 
 
-def start_original(tmp_path, name, args, legacy_python):
-    """dispy 4.5.5's own node (legacy venv) with exactly ``args``."""
-    port = free_port()
-    prefix = tmp_path / name / 'prefix'
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(legacy_python), '-m', 'dispy.dispynode', '-d', '-p', str(port),
-           '--dest_path_prefix', str(prefix)] + [str(a) for a in args]
-    log_path = prefix.parent / 'node.log'
-    with open(str(log_path), 'ab') as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=str(prefix.parent),
-                                start_new_session=True)
-    return legacy.Node('original', port, prefix, proc, log_path, cmd)
-
-
+@pytest.mark.node_modes('local', 'original')
 def test_sigint_reschedules_reentrant_abandons_other(impl, nodes, legacy_python, tmp_path):
     """SIGINT while a reentrant and a non-reentrant job run: the node kills
     both job processes, sends no Terminated reply, tells the client
@@ -142,18 +114,9 @@ def test_sigint_reschedules_reentrant_abandons_other(impl, nodes, legacy_python,
     (With DISPYTEST_IMPLS=original the first node is dispy 4.5.5's own: it
     passes too.)"""
     def start(name, args, **kw):
-        if name == 'a' and impl == 'original':
-            node = start_original(tmp_path, name, args, legacy_python)
-            started.append(node)
-            return node
-        return nodes(name, args, **kw)
+        return nodes(name, args, impl=impl if name == 'a' else 'ours', **kw)
 
-    started = []
-    try:
-        a = _drop_scenario(start, tmp_path, [], _stop_with(signal.SIGINT))
-    finally:
-        for node in started:
-            node.stop(timeout=5)
+    a = _drop_scenario(start, tmp_path, [], _stop_with(signal.SIGINT))
     if impl == 'ours':
         assert 'node shutting down' in a.log()
 
@@ -189,7 +152,7 @@ def test_service_window(nodes, legacy_python, tmp_path):
 
 def test_serve_one_computation(node_factory, legacy_python, tmp_path):
     """--serve 1: the node serves one client's computation, then exits 0."""
-    node = node_factory('ours', args=['--serve', '1'])
+    node = node_factory(args=['--serve', '1'])
     res = legacy.run_client(legacy.CLIENTS / 'basic_jobs.py', node.port, free_port(),
                             'jobs=3', timeout=60, cwd=tmp_path)
     data = legacy.check_client(res, node)

@@ -4,27 +4,20 @@ arithmetic, --force_cleanup, --client_shutdown and --serve with the
 protocol driver."""
 
 import configparser
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-import driver
+import driver  # noqa: F401  (puts the repository on sys.path)
 from driver import Driver, NodeProcess, free_port
+from nodes import run_to_exit as run_node
 import dispy_common as dc
 import dispynode as dn
 
-NODE = [sys.executable, str(driver.NODE_SCRIPT)]
 
 
-def run_node(args, tmp_path, timeout=20):
-    return subprocess.run(NODE + ['--dest_path_prefix', str(tmp_path / 'prefix')] + list(args),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout, universal_newlines=True)
 
 
 @pytest.mark.parametrize('argv', [

@@ -8,7 +8,7 @@ import pytest
 
 from dispy_common import DispyJob
 
-from test_netns import _check, _diag, lab  # noqa: F401 (lab is a fixture)
+from test_netns import _check, _diag, _routed, lab  # noqa: F401 (lab is a fixture)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -16,28 +16,17 @@ FINISHED = DispyJob.Finished
 CLIENT = 'netns_cluster.py'
 
 
-def _routed(lab):
-    """Client on 10.231.21.0/24, nodes on 10.231.22.0/24, a router between."""
-    sw_a, sw_b = lab.switch('lanA'), lab.switch('lanB')
-    lab.router('rt', (sw_a, '10.231.21.1/24'), (sw_b, '10.231.22.1/24'))
-    c = lab.host('client')
-    lab.link(c, sw_a, '10.231.21.10/24', gateway='10.231.21.1')
-    n1, n2 = lab.host('n1'), lab.host('n2')
-    lab.link(n1, sw_b, '10.231.22.21/24', gateway='10.231.22.1')
-    lab.link(n2, sw_b, '10.231.22.22/24', gateway='10.231.22.1')
-    return c, n1, n2
-
-
-def test_ping_interval_finds_late_client(lab):
+@pytest.mark.node_modes('netns')
+def test_ping_interval_finds_late_client(node_factory, lab):
     """Two nodes on subnet B announce to the client's address with
     --scheduler_node, before the client runs; only n1 has --ping_interval 1.
     The client (subnet A, behind a router, no ping_interval of its own)
     starts later: it finds n1, whose announcements repeat, and never n2,
     whose single announcement at start went nowhere.  All jobs run on n1."""
-    c, n1, n2 = _routed(lab)
-    with_ping = lab.start_node(n1, ip_addr=n1.addr, args=['--scheduler_node', c.addr,
+    c, n1, n2 = _routed(lab, '10.231.21', '10.231.22')
+    with_ping = node_factory(host=n1, ip_addr=n1.addr, args=['--scheduler_node', c.addr,
                                                           '--ping_interval', '1'])
-    without = lab.start_node(n2, ip_addr=n2.addr, args=['--scheduler_node', c.addr])
+    without = node_factory(host=n2, ip_addr=n2.addr, args=['--scheduler_node', c.addr])
     nodes = [with_ping, without]
     time.sleep(1.5)         # both nodes have announced before the client starts
     res = lab.run_client(c, CLIENT, 'ip_addr=%s' % c.addr, 'expect_nodes=2', 'node_wait=6',
@@ -51,7 +40,8 @@ def test_ping_interval_finds_late_client(lab):
 
 
 @pytest.mark.parametrize('how', ['wildcard', 'each'])
-def test_multi_homed_node_serves_both_subnets(lab, how):
+@pytest.mark.node_modes('netns')
+def test_multi_homed_node_serves_both_subnets(node_factory, lab, how):
     """A node host on two subnets (10.231.31.21 and 10.231.32.21), a legacy
     client on each, discovering by broadcast.  With ``-i 0.0.0.0`` or with
     ``-i A -i B`` the node answers each client with the address on that
@@ -65,7 +55,7 @@ def test_multi_homed_node_serves_both_subnets(lab, how):
     lab.link(cb, sw_b, '10.231.32.10/24')
     args = ['-i', '0.0.0.0'] if how == 'wildcard' else ['-i', '10.231.31.21',
                                                          '-i', '10.231.32.21']
-    node = lab.start_node(n, args=args + ['-c', '1'])
+    node = node_factory(host=n, args=args + ['-c', '1'])
     for client, addr in ((ca, '10.231.31.21'), (cb, '10.231.32.21')):
         res = lab.run_client(client, CLIENT, 'ip_addr=%s' % client.addr, 'expect_nodes=1',
                              'node_wait=10', 'jobs=3', 'sleep=0.05', 'wait=30', timeout=60)

@@ -50,10 +50,11 @@ def test_cli_refuses(spelling, tmp_path):
     assert 'max_file_size' in r.stderr
 
 
-def test_legacy_client_with_kb_limit(impl, node_factory, legacy_python, tmp_path):
+@pytest.mark.node_modes('local', 'original')
+def test_legacy_client_with_kb_limit(node_factory, legacy_python, tmp_path):
     """A node started with --max_file_size 2KB (both implementations accept
     it) runs jobs with a 1 KB depends file and refuses a 3 KB one."""
-    node = node_factory(impl, args=('--max_file_size', '2KB'))
+    node = node_factory(args=('--max_file_size', '2KB'))
     for size, ok in ((1000, True), (3000, False)):
         cwd = tmp_path / ('client-%d' % size)
         cwd.mkdir()

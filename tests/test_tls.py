@@ -113,7 +113,7 @@ def _tls_node(node_factory, certfile, keyfile, *extra):
     args = ['--certfile', str(certfile)]
     if keyfile:
         args += ['--keyfile', str(keyfile)]
-    return node_factory('ours', args=tuple(args) + extra)
+    return node_factory(args=tuple(args) + extra)
 
 
 def _check_jobs(res, node, njobs):

@@ -150,7 +150,7 @@ def test_atomic_write_crash_leaves_old_or_new(tmp_path, stage):
     else:
         assert r.returncode == 9
         assert data == b'O' * 50000
-        # the leftover is a temp file, which ResultStore.restore removes
+        # the leftover is a temp file, which Workspace.restore removes
         assert all(n == 'rec' or n.startswith('.tmp-') for n in os.listdir(str(tmp_path)))
 
 
@@ -167,10 +167,10 @@ def _compute(prefix, cid=1, auth='ab12', dest=None, **kw):
     return dn.Computation(c, dest, 'sign%d' % cid)
 
 
-# ---------------------------------------------------------------- ResultStore
+# ---------------------------------------------------------------- Workspace
 
 def test_store_save_and_restore_computation(tmp_path):
-    store = dn.ResultStore(str(tmp_path))
+    store = dn.Workspace(str(tmp_path))
     comp = _compute(tmp_path, 7, 'deadbeef')
     store.save_computation(comp)
     assert os.path.isfile(str(tmp_path / '7_deadbeef'))
@@ -182,14 +182,14 @@ def test_store_save_and_restore_computation(tmp_path):
     assert (r.id, r.auth, r.dest_path, r.sign, r.scheduler_ip) == \
         (7, 'deadbeef', comp.dest_path, 'sign7', '127.0.0.1')
     assert r.stored == {3, 4}
-    assert r.zombie and r.retiring
+    assert r.phase is dn.Phase.DETACHED
     # the record holds plain data only (the node never stores the secret)
     rec = dc.loads_plain((tmp_path / '7_deadbeef').read_bytes())
     assert 'secret' not in rec
 
 
 def test_store_reply_round_trip_and_remove(tmp_path):
-    store = dn.ResultStore(str(tmp_path))
+    store = dn.Workspace(str(tmp_path))
     comp = _compute(tmp_path)
     assert store.load_reply(comp, 9) is None
     store.save_reply(comp, 9, 'hash9', b'\x80\x04bytes')
@@ -204,7 +204,7 @@ def test_store_reply_round_trip_and_remove(tmp_path):
 
 
 def test_store_remove_computation(tmp_path):
-    store = dn.ResultStore(str(tmp_path))
+    store = dn.Workspace(str(tmp_path))
     comp = _compute(tmp_path, 5, 'aa')
     store.save_computation(comp)
     store.remove_computation(comp)
@@ -215,14 +215,14 @@ def test_store_remove_computation(tmp_path):
 @pytest.mark.parametrize('cid, auth', [(1, '../x'), (1, 'zz'), ('1', 'ab'), (1, None),
                                        (1, 'a' * 65), (1, '')])
 def test_store_record_path_refuses_bad_names(tmp_path, cid, auth):
-    assert dn.ResultStore(str(tmp_path)).record_path(cid, auth) is None
+    assert dn.Workspace(str(tmp_path)).record_path(cid, auth) is None
 
 
 @pytest.mark.parametrize('content', [b'garbage', b'', pickle.dumps({'uid': 2, 'reply': 'str'}),
                                      pickle.dumps({'uid': 99, 'hash': 'h', 'reply': b'x'}),
                                      pickle.dumps([1, 2]), dc.dumps(dc.JobReply(uid=2))])
 def test_store_corrupt_reply_is_quarantined(tmp_path, content):
-    store = dn.ResultStore(str(tmp_path))
+    store = dn.Workspace(str(tmp_path))
     comp = _compute(tmp_path)
     path = store.reply_path(comp, 2)
     with open(path, 'wb') as fh:
@@ -236,7 +236,7 @@ def test_store_corrupt_reply_is_quarantined(tmp_path, content):
 
 
 def test_store_restore_quarantines_corrupt_record_and_removes_temp_files(tmp_path):
-    store = dn.ResultStore(str(tmp_path))
+    store = dn.Workspace(str(tmp_path))
     good = _compute(tmp_path, 1, 'aa')
     store.save_computation(good)
     store.save_reply(good, 1, 'h', b'r')
@@ -267,7 +267,7 @@ def test_store_record_refuses_a_malicious_pickle(tmp_path):
             return (os.system, ('touch %s' % marker,))
 
     (tmp_path / '5_ee').write_bytes(pickle.dumps({'id': Evil()}))
-    assert dn.ResultStore(str(tmp_path)).restore() == []
+    assert dn.Workspace(str(tmp_path)).restore() == []
     assert not marker.exists()
 
 
@@ -363,10 +363,10 @@ def test_nodestate_retire_and_detach(tmp_path):
     assert st.begin_retire(comp)
     assert not st.begin_retire(comp)              # only once
     st.add_stored(comp, 1)
-    assert st.detach(comp, keep=True) is True     # node became free
+    assert dn.Do.ANNOUNCE in st.retire_detach(comp)   # node became free
     assert st.is_free()
     assert st.find(1) is None and st.find(1, include_detached=True) is comp
-    assert st.drop_stored(comp, 1) is True        # detached and empty: done with it
+    assert dn.Do.REMOVE_RECORD in st.drop_stored(comp, 1)   # detached and empty: done with it
 
 
 def test_nodestate_zombies(tmp_path):
@@ -376,7 +376,7 @@ def test_nodestate_zombies(tmp_path):
     assert st.zombies(60) == []
     comp.last_pulse -= 120
     assert st.zombies(60) == [comp]
-    assert comp.zombie and comp.timed_out
+    assert comp.phase is dn.Phase.ZOMBIE and comp.timed_out
     assert st.zombies(60) == []                   # reported once
     fresh = _compute(tmp_path, 2)
     st.claim(fresh)

@@ -1,7 +1,13 @@
 """Shared helpers for legacy (dispy 4.5.5, Python 3.6) client scripts.
 
 Every client script takes ``node_port client_port [extra args...]`` and prints
-one JSON object on its last stdout line, prefixed with ``RESULT:``.
+one JSON object on its last stdout line, prefixed with ``RESULT:``.  This
+module runs under Python 3.6 and imports only the standard library (and
+dispy, lazily).  The usual skeleton::
+
+    cluster = c.cluster(compute, node_port, client_port, depends=[...])
+    jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
+    c.finish(c.collect(cluster, jobs, wait=60), cluster)
 """
 
 import json
@@ -11,9 +17,6 @@ import threading
 import time
 import traceback
 
-FINAL = (8, 9, 10, 11)   # Cancelled, Terminated, Abandoned, Finished
-STATUS_NAMES = {5: 'Created', 6: 'Running', 7: 'ProvisionalResult', 8: 'Cancelled',
-                9: 'Terminated', 10: 'Abandoned', 11: 'Finished'}
 
 _out_lock = threading.Lock()
 _emitted = [False]
@@ -69,22 +72,114 @@ def job_info(job, **extra):
     return d
 
 
+def wait_until(predicate, timeout, interval=0.05):
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass;
+    returns its last value."""
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(interval)
+    return predicate()
+
+
+def status():
+    """dispy.DispyJob, whose attributes name the job statuses (imported
+    late: the harness imports this module without dispy)."""
+    import dispy
+    return dispy.DispyJob
+
+
 def wait_final(jobs, timeout):
     """Poll job.status until every job is final (job() returns at the first
     provisional result). Returns True if all became final in time."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if all(job.status in FINAL for job in jobs):
-            return True
-        time.sleep(0.05)
-    return all(job.status in FINAL for job in jobs)
+    s = status()
+    final = (s.Cancelled, s.Terminated, s.Abandoned, s.Finished)
+    return wait_until(lambda: all(job.status in final for job in jobs), timeout)
+
+
+def wait_provisional_dicts(jobs, timeout):
+    """Wait until every job has reported a dict as its provisional result
+    (the scripts' jobs report their pids so); returns those dicts."""
+    provisional = status().ProvisionalResult
+    wait_until(lambda: all(j.status == provisional and isinstance(j.result, dict)
+                           for j in jobs), timeout, 0.02)
+    return [j.result for j in jobs if isinstance(j.result, dict)]
+
+
+def say(tag, value):
+    """One ``TAG:<json>`` stdout line the harness waits for while we run."""
+    sys.stdout.write('\n%s:%s\n' % (tag, json.dumps(value)))
+    sys.stdout.flush()
+
+
+def pid_alive(pid):
+    """True if a process with this pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+        return state not in ('Z', 'X')
+    except (OSError, IndexError):
+        return True
+
+
+# ---------------------------------------------------------------- the skeleton
+
+def cluster(compute, node_port, client_port, **kw):
+    """A JobCluster with the tests' defaults: the node at 127.0.0.1 on
+    ``node_port``, the client on 127.0.0.1:``client_port``."""
+    import dispy
+    kw.setdefault('nodes', ['127.0.0.1'])
+    kw.setdefault('ip_addr', '127.0.0.1')
+    return dispy.JobCluster(compute, node_port=node_port, port=client_port, **kw)
+
+
+def submit(cluster, arg_tuples, ids=None, **kw):
+    """One job per tuple of arguments; job.id is its index (or ids[i]); the
+    jobs become STATE['_jobs'] (the watchdog reports their statuses)."""
+    jobs = []
+    for i, args in enumerate(arg_tuples):
+        job = cluster.submit(*args, **kw)
+        job.id = ids[i] if ids else i
+        jobs.append(job)
+    STATE['_jobs'] = jobs
+    return jobs
+
+
+def numbered(compute, node_port, client_port, o, detail=True, **kw):
+    """o['jobs'] jobs compute(0), compute(1), ... on a cluster with secret
+    o['secret'] (and ``kw``), collected (o['wait'], o['give_up']) between the
+    times 't0' and 't1'.  Returns (cluster, jobs, result)."""
+    t0 = time.time()
+    job_cluster = cluster(compute, node_port, client_port, secret=o['secret'], **kw)
+    jobs = submit(job_cluster, [(n,) for n in range(o['jobs'])])
+    res = collect(job_cluster, jobs, {'t0': t0}, o['wait'], o['give_up'], detail)
+    res['t1'] = time.time()
+    return job_cluster, jobs, res
+
+
+def collect(cluster, jobs, res=None, wait=60, give_up=0, detail=True):
+    """Into ``res``: 'gave_up' (with give_up > 0, see give_up_if_unscheduled),
+    'all_final' after waiting up to ``wait`` seconds, and (with ``detail``)
+    'jobs', the job_info of each job.  Returns res."""
+    res = {} if res is None else res
+    if give_up > 0:
+        give_up_if_unscheduled(cluster, jobs, give_up, res)
+    res['all_final'] = wait_final(jobs, wait)
+    if detail:
+        res['jobs'] = [job_info(j) for j in jobs]
+    return res
 
 
 def give_up_if_unscheduled(cluster, jobs, seconds, res):
     """If no job leaves status Created within ``seconds``, cancel them all and
     set res['gave_up'] (the node refused or never answered)."""
     def started():
-        return any(j.status != 5 for j in jobs)
+        return any(j.status != status().Created for j in jobs)
     deadline = time.time() + seconds
     while time.time() < deadline and not started():
         time.sleep(0.1)

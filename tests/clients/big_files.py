@@ -32,15 +32,11 @@ def compute(n, dep, jobdep, back):
 if __name__ == '__main__':
     import hashlib
     import os
-    import dispy
     import _common as c
 
     def digest(path):
-        h = hashlib.sha256()
-        with open(path, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-        return h.hexdigest()
+        with open(path, 'rb') as f:      # files of a few MB: read whole
+            return hashlib.sha256(f.read()).hexdigest()
 
     def main():
         node_port, client_port, extra = c.ports()
@@ -49,20 +45,13 @@ if __name__ == '__main__':
         if o['certfile']:
             from tls_jobs import fix_asyncoro_connect_race
             fix_asyncoro_connect_race()
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port,
-                                   depends=[o['dep']], certfile=o['certfile'] or None,
-                                   keyfile=o['keyfile'] or None)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n, os.path.basename(o['dep']), os.path.basename(o['jobdep']),
-                                 o['back'], dispy_job_depends=[o['jobdep']])
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, o['wait']),
-               'dep': digest(o['dep']), 'jobdep': digest(o['jobdep'])}
-        res['jobs'] = [c.job_info(j) for j in jobs]
+        cluster = c.cluster(compute, node_port, client_port, depends=[o['dep']],
+                            certfile=o['certfile'] or None, keyfile=o['keyfile'] or None)
+        jobs = c.submit(cluster, [(n, os.path.basename(o['dep']), os.path.basename(o['jobdep']),
+                                   o['back']) for n in range(o['jobs'])],
+                        dispy_job_depends=[o['jobdep']])
+        res = c.collect(cluster, jobs, wait=o['wait'])
+        res.update(dep=digest(o['dep']), jobdep=digest(o['jobdep']))
         res['received'] = dict((name, {'size': os.path.getsize(name), 'sha256': digest(name)})
                                for name in os.listdir('.') if name.startswith('back-'))
         c.finish(res, cluster)

@@ -20,7 +20,6 @@ def compute(flag):
 
 
 if __name__ == '__main__':
-    import sys
     import time
     import dispy
     import _common as c
@@ -32,16 +31,11 @@ if __name__ == '__main__':
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, flag='', wait=20.0)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
-        job = cluster.submit(o['flag'])
-        c.STATE['_jobs'] = [job]
-        deadline = time.time() + o['wait']
-        while time.time() < deadline and job.status != dispy.DispyJob.Running:
-            time.sleep(0.02)
+        cluster = c.cluster(compute, node_port, client_port)
+        job, = c.submit(cluster, [(o['flag'],)])
+        c.wait_until(lambda: job.status == dispy.DispyJob.Running, o['wait'], 0.02)
         before = node_cpus(cluster)
-        sys.stdout.write('\nRUNNING:%s\n' % before)
-        sys.stdout.flush()
+        c.say('RUNNING', before)
         deadline = time.time() + o['wait']
         after = before
         while time.time() < deadline and after == before:

@@ -23,7 +23,6 @@ def compute(name, n, write):
 
 if __name__ == '__main__':
     import os
-    import dispy
     import _common as c
 
     def main():
@@ -36,20 +35,10 @@ if __name__ == '__main__':
         kw = {}
         if o['dest_path']:
             kw['dest_path'] = o['dest_path']
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, depends=[dep],
-                                   cleanup=o['cleanup'], **kw)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(os.path.basename(dep), n, o['write'])
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {}
-        if o['give_up'] > 0:
-            c.give_up_if_unscheduled(cluster, jobs, o['give_up'], res)
-        res['all_final'] = c.wait_final(jobs, 60)
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        cluster = c.cluster(compute, node_port, client_port, depends=[dep],
+                            cleanup=o['cleanup'], **kw)
+        jobs = c.submit(cluster, [(os.path.basename(dep), n, o['write'])
+                                  for n in range(o['jobs'])])
+        c.finish(c.collect(cluster, jobs, wait=60, give_up=o['give_up']), cluster)
 
     c.run(main, timeout=90)

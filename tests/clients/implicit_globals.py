@@ -25,21 +25,12 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
-        jobs = []
-        for n in range(2):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, 40)}
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        cluster = c.cluster(compute, node_port, client_port)
+        jobs = c.submit(cluster, [(0,), (1,)])
+        c.finish(c.collect(cluster, jobs, wait=40), cluster)
 
     c.run(main, timeout=60)

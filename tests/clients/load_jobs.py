@@ -11,30 +11,15 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import time
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=200, secret='', wait=100.0, give_up=0.0)
-        t0 = time.time()
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, secret=o['secret'])
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'t0': t0}
-        if o['give_up'] > 0:
-            c.give_up_if_unscheduled(cluster, jobs, o['give_up'], res)
-        res['all_final'] = c.wait_final(jobs, o['wait'])
-        res['t1'] = time.time()
+        cluster, jobs, res = c.numbered(compute, node_port, client_port, o, detail=False)
         res['results'] = [[j.id, j.status, j.result] for j in jobs]
         res['bad'] = [c.job_info(j) for j in jobs
-                      if j.status != 11 or j.result != j.id * 2 + 1][:10]
+                      if j.status != c.status().Finished or j.result != j.id * 2 + 1][:10]
         c.finish(res, cluster)
 
     c.run(main, timeout=300)

@@ -26,7 +26,6 @@ def compute(n):
 
 if __name__ == '__main__':
     import time
-    import dispy
     import _common as c
 
     def main():
@@ -38,28 +37,18 @@ if __name__ == '__main__':
             kw['ext_ip_addr'] = o['ext_ip_addr']
         if o['ping_interval']:
             kw['ping_interval'] = o['ping_interval']
-        cluster = dispy.JobCluster(compute, nodes=[o['node']], ip_addr=o['ip_addr'],
-                                   node_port=node_port, port=client_port, setup=setup,
-                                   depends=[__file__], **kw)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
+        cluster = c.cluster(compute, node_port, client_port, nodes=[o['node']],
+                            ip_addr=o['ip_addr'], setup=setup, depends=[__file__], **kw)
+        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
         res = {}
         c.give_up_if_unscheduled(cluster, jobs, 20, res)
         if o['cancel']:
             long_job = cluster.submit(-1)
             long_job.id = -1
-            deadline = time.time() + 20
-            while long_job.status != 6 and time.time() < deadline:   # Running
-                time.sleep(0.05)
+            c.wait_until(lambda: long_job.status == c.status().Running, 20)
             time.sleep(0.3)
             cluster.cancel(long_job)
             jobs.append(long_job)
-        res['all_final'] = c.wait_final(jobs, 40)
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        c.finish(c.collect(cluster, jobs, res, wait=40), cluster)
 
     c.run(main, timeout=80)

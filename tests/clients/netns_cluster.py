@@ -103,12 +103,7 @@ if __name__ == '__main__':
                 time.sleep(0.05)
             with lock:
                 res['nodes_before_submit'] = sorted(nodes)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n, o['sleep'])
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
+        jobs = c.submit(cluster, [(n, o['sleep']) for n in range(o['jobs'])])
         mark('submitted')
         res['all_final'] = c.wait_final(jobs, o['wait'])
         res['t1'] = time.time()

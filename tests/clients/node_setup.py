@@ -32,25 +32,16 @@ def compute(n):
 if __name__ == '__main__':
     import functools
     import os
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         data_file = extra[0]
         o = c.options(extra[1:], jobs=10)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, depends=[data_file],
-                                   setup=functools.partial(setup, os.path.basename(data_file)),
-                                   cleanup=cleanup)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, 60)}
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        cluster = c.cluster(compute, node_port, client_port, depends=[data_file],
+                            setup=functools.partial(setup, os.path.basename(data_file)),
+                            cleanup=cleanup)
+        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
+        c.finish(c.collect(cluster, jobs, wait=60), cluster)
 
     c.run(main, timeout=90)

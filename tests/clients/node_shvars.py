@@ -36,23 +36,15 @@ def compute(k):
 
 
 if __name__ == '__main__':
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=10)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, depends=[],
-                                   setup=setup, cleanup=cleanup)
-        jobs = []
-        for k in range(1, o['jobs'] + 1):
-            job = cluster.submit(k)
-            job.id = k
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, 60)}
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        cluster = c.cluster(compute, node_port, client_port, depends=[], setup=setup,
+                            cleanup=cleanup)
+        ks = list(range(1, o['jobs'] + 1))
+        jobs = c.submit(cluster, [(k,) for k in ks], ids=ks)
+        c.finish(c.collect(cluster, jobs, wait=60), cluster)
 
     c.run(main, timeout=90)

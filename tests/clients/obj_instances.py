@@ -25,21 +25,13 @@ def compute(obj, mode):
 
 
 if __name__ == '__main__':
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=6, mode='args')
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, depends=[C])
-        jobs = []
-        for i in range(o['jobs']):
-            obj = C(i, 0.1 + 0.05 * i)
-            job = cluster.submit(obj, o['mode'])
-            job.id = i
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
+        cluster = c.cluster(compute, node_port, client_port, depends=[C])
+        jobs = c.submit(cluster, [(C(i, 0.1 + 0.05 * i), o['mode']) for i in range(o['jobs'])])
         res = {'all_final': c.wait_final(jobs, 40)}
         infos = []
         for j in jobs:

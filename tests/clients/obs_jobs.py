@@ -30,20 +30,14 @@ def compute(n, mode, seconds, mb):
 
 if __name__ == '__main__':
     import time
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, mode='sleep', jobs=1, seconds=0.0, mb=0, wait=60.0)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n, o['mode'], o['seconds'], o['mb'])
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
+        cluster = c.cluster(compute, node_port, client_port)
+        jobs = c.submit(cluster, [(n, o['mode'], o['seconds'], o['mb'])
+                                  for n in range(o['jobs'])])
         t0 = time.time()
         res = {'all_final': c.wait_final(jobs, o['wait'])}
         res['elapsed'] = time.time() - t0

@@ -36,14 +36,12 @@ def compute(case):
 
 
 if __name__ == '__main__':
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, cases='zoneinfo,plain')
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
+        cluster = c.cluster(compute, node_port, client_port)
         jobs = []
         c.STATE['_jobs'] = jobs
         res = {'jobs': []}

@@ -6,23 +6,14 @@ their arguments to stdout and a line to stderr, then exit with exit_code.
 """
 
 if __name__ == '__main__':
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         prog = extra[0]
         cases = [('alpha', 0), ('beta two', 3), ('gamma', 7), ('delta', 0)]
-        cluster = dispy.JobCluster(prog, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
-        jobs = []
-        for i, (tag, code) in enumerate(cases):
-            job = cluster.submit(tag, str(code))
-            job.id = i
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, 60), 'cases': cases}
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster)
+        cluster = c.cluster(prog, node_port, client_port)
+        jobs = c.submit(cluster, [(tag, str(code)) for tag, code in cases])
+        c.finish(c.collect(cluster, jobs, {'cases': cases}, wait=60), cluster)
 
     c.run(main, timeout=90)

@@ -15,7 +15,7 @@ def compute(n):
 
 if __name__ == '__main__':
     import threading
-    import dispy
+    import time
     import _common as c
 
     seen = {}
@@ -28,16 +28,9 @@ if __name__ == '__main__':
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=3)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, callback=callback)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
+        cluster = c.cluster(compute, node_port, client_port, callback=callback)
+        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
         res = {'all_final': c.wait_final(jobs, 60)}
-        import time
         time.sleep(0.3)   # let the last callbacks run
         res['jobs'] = [c.job_info(j) for j in jobs]
         with lock:

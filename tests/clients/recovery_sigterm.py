@@ -22,8 +22,6 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import json
-    import sys
     import threading
     import time
     import dispy
@@ -41,30 +39,16 @@ if __name__ == '__main__':
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, jobs=2, wait=25.0, closed_wait=10.0)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port,
-                                   cluster_status=status_cb)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        deadline = time.time() + o['wait']
-        while time.time() < deadline and not all(
-                j.status == 7 and isinstance(j.result, dict) for j in jobs):
-            time.sleep(0.02)
-        pids = [j.result for j in jobs if isinstance(j.result, dict)]
+        cluster = c.cluster(compute, node_port, client_port, cluster_status=status_cb)
+        jobs = c.submit(cluster, [(n,) for n in range(o['jobs'])])
+        pids = c.wait_provisional_dicts(jobs, o['wait'])
         c.STATE['pids'] = pids
-        sys.stdout.write('\nPIDS:%s\n' % json.dumps(pids))
-        sys.stdout.flush()
+        c.say('PIDS', pids)
         res = {'pids': pids, 'all_final': c.wait_final(jobs, o['wait'])}
-        deadline = time.time() + o['closed_wait']
-        while time.time() < deadline:
+        def node_closed():
             with lock:
-                if any(e[0] == dispy.DispyNode.Closed for e in events):
-                    break
-            time.sleep(0.05)
+                return any(e[0] == dispy.DispyNode.Closed for e in events)
+        c.wait_until(node_closed, o['closed_wait'])
         time.sleep(0.3)   # let late callbacks arrive
         res['jobs'] = [c.job_info(j) for j in jobs]
         with lock:

@@ -19,20 +19,15 @@ def compute(n, secs):
 if __name__ == '__main__':
     import os
     import time
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, recover_file='', jobs=2, secs=1.5, wait=20.0)
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port,
-                                   recover_file=o['recover_file'])
-        jobs = [cluster.submit(n, o['secs']) for n in range(o['jobs'])]
-        c.STATE['_jobs'] = jobs
-        deadline = time.time() + o['wait']
-        while time.time() < deadline and not all(j.status == 6 for j in jobs):
-            time.sleep(0.02)
+        cluster = c.cluster(compute, node_port, client_port, recover_file=o['recover_file'])
+        jobs = c.submit(cluster, [(n, o['secs']) for n in range(o['jobs'])])
+        c.wait_until(lambda: all(j.status == c.status().Running for j in jobs), o['wait'],
+                     0.02)
         statuses = [j.status for j in jobs]
         c.emit({'statuses': statuses, 'submitted_at': time.time(),
                 'recover_file': o['recover_file']})

@@ -21,23 +21,15 @@ def compute(n, size):
 if __name__ == '__main__':
     import hashlib
     import os
-    import dispy
     import _common as c
 
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, sizes='102400,204800,307200,409600')
         sizes = [int(s) for s in o['sizes'].split(',')]
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port)
-        jobs = []
-        for n, size in enumerate(sizes):
-            job = cluster.submit(n, size)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, 60), 'cwd': os.getcwd()}
-        res['jobs'] = [c.job_info(j) for j in jobs]
+        cluster = c.cluster(compute, node_port, client_port)
+        jobs = c.submit(cluster, list(enumerate(sizes)))
+        res = c.collect(cluster, jobs, {'cwd': os.getcwd()}, wait=60)
         received = {}
         for n in range(len(sizes)):
             name = 'result-%d.bin' % n

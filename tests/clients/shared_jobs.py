@@ -15,7 +15,6 @@ def compute(n, tag):
 
 
 if __name__ == '__main__':
-    import time
     import dispy
     import _common as c
 
@@ -26,14 +25,7 @@ if __name__ == '__main__':
                                          scheduler_node='127.0.0.1',
                                          scheduler_port=o['scheduler_port'],
                                          ip_addr='127.0.0.1', port=client_port)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n, o['tag'])
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'all_final': c.wait_final(jobs, o['wait'])}
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        c.finish(res, cluster, close_timeout=20)
+        jobs = c.submit(cluster, [(n, o['tag']) for n in range(o['jobs'])])
+        c.finish(c.collect(cluster, jobs, wait=o['wait']), cluster, close_timeout=20)
 
     c.run(main, timeout=60)

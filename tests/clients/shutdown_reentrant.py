@@ -23,11 +23,8 @@ def compute(n, flag):
 
 
 if __name__ == '__main__':
-    import json
-    import sys
     import threading
     import time
-    import dispy
     import _common as c
 
     events = []
@@ -43,25 +40,16 @@ if __name__ == '__main__':
     def main():
         node_port, client_port, extra = c.ports()
         o = c.options(extra, flag='', nodes='127.0.0.1,127.0.0.2', wait=40.0)
-        kw = dict(nodes=o['nodes'].split(','), ip_addr='127.0.0.1', node_port=node_port,
-                  port=client_port)
-        reent = dispy.JobCluster(compute, reentrant=True, cluster_status=callback('reent'),
-                                 **kw)
-        plain = dispy.JobCluster(compute, reentrant=False, cluster_status=callback('plain'),
-                                 **kw)
-        jobs = []
-        for n, cluster in ((1, reent), (2, plain)):
-            job = cluster.submit(n, o['flag'])
-            job.id = n
-            jobs.append(job)
+        nodes = o['nodes'].split(',')
+        reent = c.cluster(compute, node_port, client_port, nodes=nodes, reentrant=True,
+                          cluster_status=callback('reent'))
+        plain = c.cluster(compute, node_port, client_port, nodes=nodes, reentrant=False,
+                          cluster_status=callback('plain'))
+        jobs = c.submit(reent, [(1, o['flag'])], ids=[1]) + \
+            c.submit(plain, [(2, o['flag'])], ids=[2])
         c.STATE['_jobs'] = jobs
-        deadline = time.time() + o['wait']
-        while time.time() < deadline and not all(
-                j.status == 7 and isinstance(j.result, dict) for j in jobs):
-            time.sleep(0.02)
-        running = [j.result for j in jobs if isinstance(j.result, dict)]
-        sys.stdout.write('\nRUNNING:%s\n' % json.dumps(running))
-        sys.stdout.flush()
+        running = c.wait_provisional_dicts(jobs, o['wait'])
+        c.say('RUNNING', running)
         res = {'running': running, 'all_final': c.wait_final(jobs, o['wait'])}
         time.sleep(0.3)   # late callbacks
         res['jobs'] = [c.job_info(j) for j in jobs]

@@ -30,8 +30,6 @@ def compute(n):
 
 
 if __name__ == '__main__':
-    import time
-    import dispy
     import _common as c
 
     def main():
@@ -40,23 +38,9 @@ if __name__ == '__main__':
                       certfile='', keyfile='', race_fix=True)
         if o['race_fix']:
             fix_asyncoro_connect_race()
-        t0 = time.time()
-        cluster = dispy.JobCluster(compute, nodes=['127.0.0.1'], ip_addr='127.0.0.1',
-                                   node_port=node_port, port=client_port, secret=o['secret'],
-                                   certfile=o['certfile'] or None,
-                                   keyfile=o['keyfile'] or None)
-        jobs = []
-        for n in range(o['jobs']):
-            job = cluster.submit(n)
-            job.id = n
-            jobs.append(job)
-        c.STATE['_jobs'] = jobs
-        res = {'t0': t0}
-        if o['give_up'] > 0:
-            c.give_up_if_unscheduled(cluster, jobs, o['give_up'], res)
-        res['all_final'] = c.wait_final(jobs, o['wait'])
-        res['jobs'] = [c.job_info(j) for j in jobs]
-        res['t1'] = time.time()
+        cluster, jobs, res = c.numbered(compute, node_port, client_port, o,
+                                        certfile=o['certfile'] or None,
+                                        keyfile=o['keyfile'] or None)
         c.finish(res, cluster)
 
     c.run(main, timeout=100)
