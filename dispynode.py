@@ -89,6 +89,9 @@ only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
 """
 
+import _random
+import _signal
+import _thread
 import argparse
 import collections
 import enum
@@ -98,6 +101,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import pickle
 import queue
 import re
 import resource
@@ -763,7 +767,7 @@ class Computation:
 
 
 class JobEntry:
-    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start', 'unacknowledged')
+    __slots__ = ('uid', 'hash', 'compute_id', 'files', 'start', 'unacknowledged', 'answered')
 
     def __init__(self, uid, job_hash, compute_id, files):
         self.uid, self.hash, self.compute_id, self.files = uid, job_hash, compute_id, files
@@ -771,6 +775,9 @@ class JobEntry:
         # The client never got our ACK: it will run the job elsewhere, and
         # a reply from here would only be stored for nobody.
         self.unacknowledged = False
+        # Set once the JOB request was answered (Node.admit_job makes it):
+        # its reply must not reach the client before the ACK does.
+        self.answered = None
 
 
 class NodeState:
@@ -1702,8 +1709,57 @@ def import_implicit_modules():
                 _IMPLICIT[name] = module
 
 
+# node -> worker frames: length (as dc.send_msg), then a pickle
+_FRAME_LEN = struct.Struct('>L')
 # job process -> worker: length, status, limit code (_LIMIT_NAMES), then the reply
 _REPLY_LEN = struct.Struct('>QBB')
+
+
+class _Forker:
+    """Forks job processes for the (single-threaded) worker.
+
+    ``os.fork`` runs the interpreter's at-fork callbacks in every child;
+    those of threading, random and logging (all implicit modules) touch
+    scattered objects and code, and each page touched after a fork is a
+    fault or a copy: half the CPU of a tiny job's process.  While this is
+    the worker's only thread and no code but the standard library's
+    registered callbacks, libc's fork with the GIL held (ctypes.PyDLL)
+    skips them, and the child does the one that matters itself: a fresh
+    seed for ``random``.  Otherwise it is ``os.fork``.
+    """
+
+    def __init__(self):
+        self.raw = None
+        self.foreign = False    # someone registered at-fork callbacks after us
+        try:
+            import ctypes
+            self.raw = ctypes.PyDLL(None).fork
+            self.raw.restype = ctypes.c_int
+            self.raw.argtypes = ()
+        except (ImportError, OSError, AttributeError):     # no ctypes / no fork symbol
+            self.raw = None
+            return
+        register = os.register_at_fork
+
+        def register_at_fork(**callbacks):
+            self.foreign = True
+            return register(**callbacks)
+        register_at_fork.__doc__ = register.__doc__
+        os.register_at_fork = register_at_fork
+
+    def fork(self):
+        if self.raw is None or self.foreign or _thread._count():
+            return os.fork()
+        pid = self.raw()
+        if pid < 0:
+            return os.fork()    # let os.fork raise the error (or succeed after all)
+        if pid == 0:
+            # what random's at-fork callback does, minus the Python-level call
+            inst = getattr(sys.modules.get('random'), '_inst', None)
+            if inst is not None:
+                _random.Random.seed(inst)
+                inst.gauss_next = None
+        return pid
 
 
 class _WorkerJob:
@@ -1739,7 +1795,13 @@ class Worker:
 
     def __init__(self, chan):
         self.chan = chan
-        self.sel = selectors.DefaultSelector()
+        # poll, fd -> what it is (None: the node's channel, 'sigchld', or a
+        # _WorkerJob): a bare poll object, as the selectors layer would add
+        # a page or two touched per event, and each costs a copy while a job
+        # process shares this one's memory.  It has no descriptor to close
+        # in job processes either.
+        self.poller = _select.poll()
+        self.watched = {}
         # pid -> _WorkerJob.  Not by uid: the legacy client's uids are id()s of
         # its job objects, reused as soon as a result is in, while the job's
         # process may still be exiting.
@@ -1749,6 +1811,7 @@ class Worker:
         self.compute = None     # the fully loaded _Compute, for setup/cleanup
         self.running = True
         self.orphaned = False   # the node's end of the channel is gone
+        self.forker = _Forker()
 
     # -- plumbing
     def send(self, msg):
@@ -1768,7 +1831,7 @@ class Worker:
 
     def serve(self):
         try:
-            tag, self.cfg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+            tag, self.cfg = self._recv_command()
         except (ProtocolError, OSError):
             return      # a spare worker the node no longer needs
         _JOB.reply_addr = tuple(self.cfg['reply_addr'])
@@ -1779,7 +1842,7 @@ class Worker:
         # A single-threaded process: changing directory is safe here.
         os.chdir(self.cfg['cwd'])
         sys.path.insert(0, self.cfg['cwd'])
-        self.sel.register(self.chan, selectors.EVENT_READ, None)
+        self._watch(self.chan.fileno(), None)
         # Job processes are reaped when SIGCHLD says so (waitpid WNOHANG),
         # never by a blocking wait: the handler only wakes the selector.
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -1787,23 +1850,38 @@ class Worker:
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        self.sel.register(self.wakeup_r, selectors.EVENT_READ, 'sigchld')
+        self._watch(self.wakeup_r, 'sigchld')
+        watched = self.watched
         while self.running or self.jobs:
             timeout = self._next_deadline()
-            for key, _ in self.sel.select(timeout):
-                if key.data is None:
+            events = self.poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            # what each descriptor was when poll answered: handling one event
+            # may close another's descriptor, and a new job may reuse it
+            for fd, what in [(fd, watched.get(fd, ())) for fd, _ in events]:
+                if watched.get(fd, ()) is not what:
+                    continue
+                if what is None:
                     self._read_command()
-                elif key.data == 'sigchld':
+                elif what == 'sigchld':
                     self._reap()
                 else:
-                    self._read_result(key.data)
+                    self._read_result(what)
             self._enforce_kills()
-        self.sel.close()
+
+    def _watch(self, fd, what):
+        self.poller.register(fd, _select.POLLIN)
+        self.watched[fd] = what
+
+    def _unwatch(self, fd):
+        self.poller.unregister(fd)
+        del self.watched[fd]
 
     def _reap(self):
         """Collect every job process that has exited."""
         try:
-            while os.read(self.wakeup_r, 4096):
+            # one read unless it filled the buffer (a raised BlockingIOError
+            # per wake-up is a traceback built for nothing)
+            while len(os.read(self.wakeup_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
@@ -1824,11 +1902,31 @@ class Worker:
         deadlines += [j.deadline for j in self.jobs.values() if j.deadline]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
+    def _recv_command(self):
+        """One frame from the node (dc.send_msg framing).  pickle.loads, not
+        dc.loads_plain: the other end of this socketpair is the node itself,
+        and the checked loader's Python layers cost page copies per job."""
+        (size,) = _FRAME_LEN.unpack(self._recv_exact(4))
+        try:
+            return pickle.loads(self._recv_exact(size))
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ProtocolError('bad command from the node: %s' % exc)
+
+    def _recv_exact(self, size):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = self.chan.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+            if not n:
+                raise ProtocolError('the node closed the channel')
+            got += n
+        return buf
+
     def _read_command(self):
         try:
-            msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
+            msg = self._recv_command()
         except (ProtocolError, OSError):
-            self.sel.unregister(self.chan)
+            self._unwatch(self.chan.fileno())
             self._orphan()
             return
         getattr(self, '_cmd_' + msg[0])(*msg[1:])
@@ -1871,22 +1969,24 @@ class Worker:
             return
         rfd, wfd = os.pipe()
         start = time.time()
-        cgroup = self._job_cgroup(uid)
-        pid = os.fork()
+        # Everything but the pid is prepared before the fork: each page this
+        # process writes while a job shares its memory costs a copy.
+        job = _WorkerJob(uid, job_hash, None, rfd, start)
+        job.cgroup = self._job_cgroup(uid)
+        if self.cfg.get('job_timeout'):
+            job.deadline = time.monotonic() + self.cfg['job_timeout']
+        self._watch(rfd, job)
+        pid = self.forker.fork()
         if pid == 0:
             os.close(rfd)
-            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, cgroup)
+            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, job.cgroup)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
         except OSError:
             pass
-        job = _WorkerJob(uid, job_hash, pid, rfd, start)
-        job.cgroup = cgroup
-        if self.cfg.get('job_timeout'):
-            job.deadline = time.monotonic() + self.cfg['job_timeout']
+        job.pid = pid
         self.jobs[pid] = job
-        self.sel.register(rfd, selectors.EVENT_READ, job)
 
     def _cmd_terminate(self, uid):
         job = next((j for j in self.jobs.values() if j.uid == uid and not j.replied), None)
@@ -1914,7 +2014,7 @@ class Worker:
                 text = traceback.format_exc()
         self.send(('closed', rid, text, getattr(self, 'shutdown_asked', False)))
         self.running = False
-        self.sel.unregister(self.chan)
+        self._unwatch(self.chan.fileno())
 
     # -- job processes
     def _job_child(self, uid, job_hash, args, kwargs, code, wfd, start, cgroup=None):
@@ -1922,14 +2022,14 @@ class Worker:
         status = 1
         try:
             os.setpgid(0, 0)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
-            os.close(self.wakeup_r)
-            os.close(self.wakeup_w)
-            self.sel.close()
-            self.chan.close()
+            # _signal, not signal: its enum conversions touch pages for nothing
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                _signal.signal(signum, _signal.SIG_DFL)
+            _signal.set_wakeup_fd(-1)
+            # the worker's descriptors, closed by number: this process never
+            # uses their objects again and ends in os._exit
+            for fd in (self.wakeup_r, self.wakeup_w, self.chan.detach()):
+                os.close(fd)
             self._apply_job_limits(cgroup)
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
@@ -2021,8 +2121,11 @@ class Worker:
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
-            return
-        self.sel.unregister(job.fd)
+                # Nothing more to read (whatever a process the job started
+                # might still write): close now rather than wake for EOF.
+            else:
+                return
+        self._unwatch(job.fd)
         os.close(job.fd)
         job.eof = True
         if job.exit_status is None:
@@ -2514,11 +2617,18 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self.reply(refusal)
             return
         # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
-        # CLOSE the client sends right after it finds the job there.
-        self.node.launch_job(comp, job)
-        if not self.reply(b'ACK'):
-            entry.unacknowledged = True
-            self.node.terminate_job(comp, entry.uid)
+        # CLOSE the client sends right after it finds the job there; its
+        # reply waits for the ACK (job_done): the legacy client breaks (and
+        # hangs) on a JOB_REPLY for a job whose ACK it has not yet read.
+        failed = self.node.launch_job(comp, job)
+        try:
+            if not self.reply(b'ACK'):
+                entry.unacknowledged = True
+                self.node.terminate_job(comp, entry.uid)
+        finally:
+            entry.answered.set()
+        if failed:
+            self.node.job_done(comp, entry.uid, failed)
 
     @handles(b'TERMINATE_JOB')
     def _handle_terminate_job(self, job):
@@ -3896,14 +4006,18 @@ class Node(ServiceControl):
             time.sleep(GUARD_REFUSAL_DELAY)
             return None, None, b'NAK (all cpus busy)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
+        entry.answered = threading.Event()
         return comp, entry, self.state.start_job(comp, entry)
 
     def launch_job(self, comp, job):
+        """Hand the job to the worker; None, or the Terminated reply to
+        give (after the ACK) when the worker is gone."""
         try:
             comp.worker.send(('job', job.uid, job.hash, job.args, job.kwargs, job.code or ''))
         except OSError:
-            self.job_done(comp, job.uid, self._terminated_reply(
-                comp, job.uid, job.hash, 'worker process of the computation is gone'))
+            return self._terminated_reply(comp, job.uid, job.hash,
+                                          'worker process of the computation is gone')
+        return None
 
     def terminate_job(self, comp, uid):
         if not any(e.uid == uid for e in self.state.jobs_of(comp.id)):
@@ -3926,6 +4040,8 @@ class Node(ServiceControl):
         entry, _, unused = self.state.finish_job(uid)
         if entry is None:
             return
+        if entry.answered is not None:
+            entry.answered.wait(self.config.msg_timeout)
         self.note_job(comp, entry, status, limit)
         self.workspace.remove_job_files(comp, unused)
         # A job killed by evict() sends nothing: the client reschedules or

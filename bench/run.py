@@ -3,7 +3,7 @@
 
     python3 bench/run.py [--rounds N] [--quick] [--only ours|original]
                          [--profile] [--profile-tool auto|py-spy|cprofile]
-                         [--files-only] [--big] [--xfer-repeat N] [--old-file]
+                         [--files-only] [--no-big] [--xfer-repeat N] [--old-file]
 
 Both nodes are driven by the same real legacy client (dispy 4.5.5 on Python
 3.6, from the cached venv of tests/legacy.py), alternating A/B within each
@@ -16,8 +16,8 @@ in time is a failed round, reported as such.
 
 Measurements (definitions in bench/README.md), per node and round:
   tiny-job throughput and node CPU per job (-c 2 and -c 1), round-trip
-  latency, job-start latency (1 job vs the last of 20 queued), 200 MB (and
-  with --big 2 GB) file transfers both ways as a user waits for them
+  latency, job-start latency (1 job vs the last of 20 queued), 200 MB and
+  (unless --quick or --no-big) 2 GB file transfers both ways as a user waits for them
   (submit -> file on the node's disk; dispy_send_file -> client has it;
   MB/s, node CPU, peak RSS) beside a plain loopback copy measured in the
   same round (the ceiling), idle RSS, process-tree
@@ -674,6 +674,7 @@ def loopback_copy(src, dst, mode):
     the receiver recv_into()s a reused 1 MiB buffer and writes it to dst;
     'f2f' both: sendfile() of src, received into dst.  Returns MB/s."""
     import socket
+    os.sync()       # no writeback of earlier copies during this one
     size = os.path.getsize(str(src))
     lsock = socket.socket()
     lsock.bind(('127.0.0.1', 0))
@@ -1211,8 +1212,11 @@ def parse_args(argv):
     p.add_argument('--profile-top', type=int, default=15)
     p.add_argument('--leak-rounds', type=int, default=1,
                    help='rounds that include the (long) leak run (default 1)')
-    p.add_argument('--big', action='store_true',
-                   help='also transfer a 2 GB file each way')
+    p.add_argument('--big', action='store_true', default=None,
+                   help='also transfer a 2 GB file each way (the default, except '
+                        'with --quick)')
+    p.add_argument('--no-big', dest='big', action='store_false',
+                   help='no 2 GB transfers')
     p.add_argument('--old-file', action='store_true',
                    help='also run the former file measurement (JobCluster() to first '
                         'result, depends of the cluster)')
@@ -1229,6 +1233,8 @@ def parse_args(argv):
         return o
     if o.rounds is None:
         o.rounds = 1 if o.quick else 5
+    if o.big is None:
+        o.big = not o.quick
     if o.rounds < 0 or (o.rounds == 0 and not o.profile):
         p.error('--rounds must be positive (0 only with --profile)')
     o.tiny_jobs = 200 if o.quick else 1000
