@@ -4,7 +4,7 @@ gets a fresh ``random`` seed, callbacks that setup registers still run, and
 a worker with threads of its own falls back to ``os.fork``."""
 
 import driver  # noqa: F401  (puts the repository on sys.path)
-from test_unit_worker_uids import drv  # noqa: F401  (the fixture: a -c 2 node and a driver)
+from test_unit_worker_uids import drv, node  # noqa: F401  (fixtures: a -c 2 in-process node, a driver)
 
 import dispy_common as dc
 
