@@ -577,24 +577,33 @@ CN = dispynode-test
 '''
 
 
+def self_signed(directory):
+    """A self-signed EC P-256 certificate (quick to make; the interop tests
+    use RSA, as dispy users do); returns (certfile, keyfile)."""
+    import subprocess
+    (directory / 'req.conf').write_bytes(CERT_CONF)
+    certfile, keyfile = directory / 'cert.pem', directory / 'key.pem'
+    r = subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec',
+                        '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2',
+                        '-keyout', str(keyfile), '-out', str(certfile),
+                        '-config', str(directory / 'req.conf')],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    return str(certfile), str(keyfile)
+
+
 @pytest.fixture(scope='module')
 def cert(tmp_path_factory):
     import shutil
-    import subprocess
     if shutil.which('openssl') is None:
         if os.environ.get('CI') == 'true':
             pytest.fail('openssl command not available (.ci/run installs it)')
         pytest.skip('openssl command not available')
     d = tmp_path_factory.mktemp('tls')
-    (d / 'req.conf').write_bytes(CERT_CONF)
-    r = subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
-                        '-keyout', str(d / 'key.pem'), '-out', str(d / 'cert.pem'),
-                        '-config', str(d / 'req.conf')],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert r.returncode == 0, r.stdout
+    certfile, keyfile = self_signed(d)
     combined = d / 'combined.pem'
     combined.write_bytes((d / 'key.pem').read_bytes() + (d / 'cert.pem').read_bytes())
-    return {'cert': str(d / 'cert.pem'), 'key': str(d / 'key.pem'), 'combined': str(combined)}
+    return {'cert': certfile, 'key': keyfile, 'combined': str(combined)}
 
 
 def test_tls_contexts_cap_at_tls12(cert):
@@ -668,14 +677,7 @@ def test_tls13_only_client_is_refused(cert):
 
 def test_client_context_rejects_other_certificate(cert, tmp_path):
     """The node only talks to a peer holding the shared certificate."""
-    import subprocess
-    (tmp_path / 'req.conf').write_bytes(CERT_CONF)
-    r = subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
-                        '-keyout', str(tmp_path / 'k.pem'), '-out', str(tmp_path / 'c.pem'),
-                        '-config', str(tmp_path / 'req.conf')],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert r.returncode == 0
-    server_ctx = dc.server_tls_context(str(tmp_path / 'c.pem'), str(tmp_path / 'k.pem'))
+    server_ctx = dc.server_tls_context(*self_signed(tmp_path))
     client_ctx = dc.client_tls_context(cert['cert'])
     with tls_server(server_ctx) as addr:
         with pytest.raises(ssl.SSLError):

@@ -27,7 +27,7 @@ def test_unit_reply_waits_for_the_ack(node, tmp_path, monkeypatch):
     done = threading.Thread(target=node.job_done,
                             args=(comp, 5, REPLY, dc.DispyJob.Finished))
     done.start()
-    done.join(0.5)
+    done.join(0.2)
     assert done.is_alive() and sent == []    # the request is not answered yet
     entry.answered.set()
     done.join(5)

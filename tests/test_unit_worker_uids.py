@@ -9,6 +9,7 @@ import glob
 
 import driver  # noqa: F401  (puts the repository on sys.path)
 from driver import Driver, InProcessNode, wait_for
+from dispy_common import DispyJob
 
 import pytest
 
@@ -64,4 +65,4 @@ def test_terminate_targets_the_running_job_of_a_reused_uid(drv):
         == b'ACK'
     drv.terminate(compute.id, 5)        # the node gave the job to its worker before the ACK
     reply = drv.server.wait_reply(5, timeout=10)
-    assert reply.status == 9          # Terminated, well before the 30 s
+    assert reply.status == DispyJob.Terminated      # well before the 30 s
