@@ -38,7 +38,8 @@ control, metrics)::
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
                          thread); the request memory budget
-    request threads .... one per complete request, at most --max_connections:
+    request-N .......... a pool of at most --max_connections threads, one
+                         complete request each:
                          COMPUTE claims (NEW -> ACTIVE) and creates the
                          computation directory (Workspace); FILEXFER writes
                          into it; JOB sends to the worker; CLOSE: ACTIVE ->
@@ -2992,28 +2993,31 @@ def _close(sock):
         pass
 
 
-class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class TCPServer(socketserver.TCPServer):
     """The listening socket: accepted connections go to the Reception;
-    complete requests run in handler threads, at most --max_connections
-    at once (the excess is refused at once).
+    complete requests run in the ``request`` pool, at most
+    --max_connections at once (the excess is refused at once).
 
     socketserver's flow is split in two here: ``process_request`` (called
     by ``serve_forever`` for each accepted socket) does not start a thread
     but hands the socket to the Reception, which later calls
-    ``start_handler`` with a whole ``Request``; that calls the inherited
-    ``process_request`` (ThreadingMixIn: a thread running the handler).
+    ``start_handler`` with a whole ``Request``; that runs socketserver's
+    ``finish_request`` in a pooled thread (what ThreadingMixIn does with a
+    new thread per request, which cost the node a thread start per job).
     ``shutdown_request`` therefore gets a ``Request``, not a socket.
     ``serve_forever`` and ``shutdown`` are replaced: the accept loop
     waits on a Waker as well as the listening socket, so ``shutdown``
     returns at once instead of after a poll interval."""
-    daemon_threads = True
     allow_reuse_address = True
-    block_on_close = False
     request_queue_size = 128
 
     def __init__(self, addr, node):
         self.node = node
         self.slots = threading.BoundedSemaphore(node.config.max_connections)
+        # A slot is taken before a request is queued, so the queue never
+        # refuses; idle threads end after a second (jobs come much faster).
+        self.handlers = TaskPool('request', node.config.max_connections,
+                                 node.config.max_connections, idle_seconds=1.0)
         # Before binding: a failed bind calls server_close, which closes it.
         self.waker = Waker()
         self.stopping = threading.Event()
@@ -3052,6 +3056,7 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def server_close(self):
         super().server_close()
         self.waker.close()
+        self.handlers.close(0)      # requests being handled finish on their own
 
     def verify_request(self, request, client_address):
         try:
@@ -3069,14 +3074,22 @@ class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.reception.release(request.reserved)
             _close(request.sock)
             return
-        super().process_request(request, client_address)
+        if not self.handlers.submit(self._handle_request, request, client_address):
+            self._request_done(request)     # closing
+            _close(request.sock)
 
-    def process_request_thread(self, request, client_address):
+    def _handle_request(self, request, client_address):
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.reception.release(request.reserved)
-            self.slots.release()
+            self.shutdown_request(request)
+            self._request_done(request)
+
+    def _request_done(self, request):
+        self.reception.release(request.reserved)
+        self.slots.release()
 
     def shutdown_request(self, request):
         super().shutdown_request(request.sock if isinstance(request, Request) else request)
