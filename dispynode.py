@@ -548,7 +548,9 @@ class TaskPool:
             self.started.wait_for(lambda: not self.starting, timeout)
             threads = list(self.threads)
         for thread in threads:
-            if thread is not threading.current_thread():
+            # not alive: finished, or still starting past the timeout (it
+            # finds the pool closed and ends); join() would raise on it
+            if thread is not threading.current_thread() and thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def thread_count(self):
