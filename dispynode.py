@@ -549,7 +549,7 @@ class TaskPool:
             threads = list(self.threads)
         for thread in threads:
             # not alive: finished, or still starting past the timeout (it
-            # finds the pool closed and ends); join() would raise on it
+            # runs what is queued, then ends); join() would raise on it
             if thread is not threading.current_thread() and thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
 
