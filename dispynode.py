@@ -1906,9 +1906,13 @@ class Worker:
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _recv_command(self):
-        """One frame from the node (dc.send_msg framing).  pickle.loads, not
-        dc.loads_plain: the other end of this socketpair is the node itself,
-        and the checked loader's Python layers cost page copies per job."""
+        """One frame from the node (dc.send_msg framing).  Not dc.recv_msg
+        and dc.loads_plain, which guard against untrusted peers: the other
+        end of this socketpair is the node itself, so the frame is read into
+        one buffer of the size it announces (recv_msg grows in chunks and
+        joins them, a second copy of large job arguments) and unpickled with
+        pickle.loads (the checked loader's Python layers cost page copies
+        per job)."""
         (size,) = _FRAME_LEN.unpack(self._recv_exact(4))
         try:
             return pickle.loads(self._recv_exact(size))
@@ -3376,10 +3380,7 @@ class Node(ServiceControl):
         # Tokens of earlier runs (restored computations): auth -> that run's sign.
         self.old_auths = {}
         self.old_signs = set()
-        self.tls_server = self.tls_client = None
-        if config.certfile:
-            self.tls_server = dc.server_tls_context(config.certfile, config.keyfile)
-            self.tls_client = dc.client_tls_context(config.certfile)
+        self.tls_server, self.tls_client = config.tls_contexts
         self.workspace = Workspace(config.dest_path_prefix, config.job_user)
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
@@ -3910,12 +3911,12 @@ class Node(ServiceControl):
             return      # the node shut down meanwhile and settled it
         if Do.TERMINATED in change:
             self.send_terminated(comp)
-        kept = self.state.stored_uids(comp, None) if Do.SAVE_RECORD in change else []
+        kept = self.state.progress(comp)[1] if Do.SAVE_RECORD in change else 0
         logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
                     comp.name, comp.scheduler_ip, comp.scheduler_port,
                     time.time() - comp.started,
                     ', '.join('%s %d' % kv for kv in sorted(comp.outcomes.items())) or 'none',
-                    '; %d result(s) kept' % len(kept) if kept else '')
+                    '; %d result(s) kept' % kept if kept else '')
         if Do.ANNOUNCE in change:
             self.announce()
         self.computation_ended(comp, shutdown_asked)
@@ -5228,16 +5229,18 @@ def start_up(cfg, environ=os.environ):
         path = getattr(cfg, opt)
         if path and not os.access(path, os.R_OK):
             raise ValueError('--%s %s: file is missing or unreadable' % (opt, path))
+    tls_contexts = (None, None)     # (server, client), loaded once, here
     if cfg.certfile:
         try:
-            dc.server_tls_context(cfg.certfile, cfg.keyfile)
+            tls_contexts = (dc.server_tls_context(cfg.certfile, cfg.keyfile),
+                            dc.client_tls_context(cfg.certfile))
         except OSError as exc:
             raise ValueError('TLS certificate/key not usable: %s' % exc)
     for level, note in notes:
         logger.log(level, note)
     prepare_prefix(cfg)
     check_job_user(cfg)
-    return cfg.replace(started_up=True)
+    return cfg.replace(started_up=True, tls_contexts=tls_contexts)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')

@@ -77,7 +77,7 @@ def test_unit_start_up_completes_the_config_once(tmp_path):
     assert done.secret == 's3cret' and 'DISPYNODE_SECRET' not in environ
     assert done.ip_addr == '127.0.0.1' and done.ip_addrs == [('127.0.0.1', None)]
     assert done.ext_ip_addr == '127.0.0.1' and done.zombie_seconds == 7.0
-    assert done.name and done.started_up is True
+    assert done.name and done.started_up is True and done.tls_contexts == (None, None)
     assert (tmp_path / 'p').is_dir() and (tmp_path / 'p').stat().st_mode & 0o777 == 0o700
     assert cfg.started_up is False and cfg.ip_addr == ['localhost']   # the input is unchanged
     assert dispynode.start_up(done, environ={'DISPYNODE_SECRET': 'other'}) is done
