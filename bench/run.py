@@ -4,6 +4,7 @@
     python3 bench/run.py [--rounds N] [--quick] [--only ours|original]
                          [--profile] [--profile-tool auto|py-spy|cprofile]
                          [--files-only] [--no-big] [--xfer-repeat N] [--old-file]
+                         [--alt-python auto|none|PYTHON]
 
 Both nodes are driven by the same real legacy client (dispy 4.5.5 on Python
 3.6, from the cached venv of tests/legacy.py), alternating A/B within each
@@ -23,6 +24,11 @@ Measurements (definitions in bench/README.md), per node and round:
   same round (the ceiling), idle RSS, process-tree
   memory while 2 jobs share 100 MB of setup data, and RSS growth over
   5,000 jobs (first round only unless --leak-rounds).
+
+Our node also runs the tiny-job and latency runs on a second interpreter
+(--alt-python; by default the newest pyenv CPython 3.13), and
+bench/jobcost.py breaks a tiny job's CPU in our worker down (fork and exit
+of the worker's image, faults, a perf profile in the first round).
 
 The table of medians and ratios (ours / original) goes to stdout,
 bench/results/<timestamp>.md (+ .json with the raw values) and
@@ -61,6 +67,7 @@ from legacy import LegacyUnavailable, Node, ensure_legacy_venv, free_port  # noq
 CLONE_NEWNET = 0x40000000
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 IMPLS = ('original', 'ours')
+ALT = 'ours-alt'     # our node on the second interpreter (--alt-python)
 
 
 def log(msg):
@@ -296,8 +303,21 @@ class Bench:
             'sys.exit(dispynode.main())' % str(snap)])
         self.ours_script_launcher = self.launcher('python-ours-script', [
             self.ours_python, str(self.ours_script)])
+        # the same snapshot on a second interpreter (--alt-python), for the
+        # tiny-job runs only
+        self.alt_python = self.alt_version = None
+        if opts.alt_python:
+            self.alt_python = self.ours_interpreter('venv', opts.alt_python, 'venv-alt')
+            self.alt_version = subprocess.run(
+                [self.alt_python, '-c', 'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
+                stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+            subprocess.run([self.alt_python, '-m', 'compileall', '-q', str(snap)], check=True)
+            self.alt_launcher = self.launcher('python-ours-alt', [
+                self.alt_python, '-c', 'import sys; sys.path.insert(0, %r); import dispynode; '
+                'sys.exit(dispynode.main())' % str(snap)])
+        self.jobcost = {}       # interpreter label -> [result dicts of bench/jobcost.py]
 
-    def ours_interpreter(self, choice):
+    def ours_interpreter(self, choice, base=None, name='venv-ours'):
         """The interpreter our node runs on.  By default a plain venv of this
         CPython (no pip, no site packages), just as the original runs from
         its venv: the base interpreter here processes a site-packages .pth
@@ -307,8 +327,9 @@ class Bench:
             return sys.executable
         if choice != 'venv':
             return choice
-        venv = self.tmp / 'venv-ours'
-        subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+        venv = self.tmp / name
+        subprocess.run([base or sys.executable, '-m', 'venv', '--without-pip', str(venv)],
+                       check=True)
         return str(venv / 'bin' / 'python')
 
     def launcher(self, name, words):
@@ -614,6 +635,52 @@ class Bench:
         finally:
             self.stop_node(node)
 
+    def round_alt(self, rnd):
+        """Our node on the second interpreter: the tiny-job runs and latency."""
+        o = self.o
+        log('round %d/%d: ours on Python %s (load %s)' % (rnd + 1, o.rounds, self.alt_version,
+                                                        loadavg()))
+        for cpus, tag in (('2', 'c2'), ('1', 'c1')):
+            node = self.start_node('ours', ['-c', cpus], self.alt_launcher)
+            try:
+                if self.tiny(rnd, ALT, node, o.tiny_jobs, tag) and tag == 'c2':
+                    self.latency(rnd, ALT, node)
+            finally:
+                self.stop_node(node)
+
+    def job_cost(self, rnd):
+        """bench/jobcost.py on each interpreter of ours: where a tiny job's
+        CPU goes in the worker (perf profile in the first round)."""
+        pythons = [(self.ours_version(), self.ours_python)]
+        if self.alt_python:
+            pythons.append((self.alt_version, self.alt_python))
+        for version, python in pythons:
+            cmd = [python, str(BENCH / 'jobcost.py'), '--repo', str(self.ours_script.parent),
+                   '--python', python, '--jobs', '1000' if self.o.quick else '3000']
+            if rnd == 0:
+                cmd.append('--perf')
+            try:
+                run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     timeout=900)
+                results = [json.loads(line) for line in run.stdout.decode().splitlines()
+                           if line.startswith('{')]
+            except (subprocess.SubprocessError, ValueError) as exc:
+                self.failures.append((rnd, 'ours', 'jobcost on Python %s' % version,
+                                      str(exc)[:300]))
+                continue
+            self.jobcost.setdefault(version, []).extend(results)
+            drive = next((r for r in results if r['what'] == 'drive'), None)
+            if drive:
+                log('  jobcost %s: worker %.3f + job processes %.3f ms/job' % (
+                    version, drive['worker_ms'], drive['jobs_ms']))
+
+    def ours_version(self):
+        if not hasattr(self, '_ours_version'):
+            self._ours_version = subprocess.run(
+                [self.ours_python, '-c', 'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
+                stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+        return self._ours_version
+
     def ceiling(self, rnd):
         """The loopback limit for file transfers, measured in the same round."""
         files = [(self.bigfile, '')] + ([(self.hugefile, '2g')] if self.o.big else [])
@@ -654,6 +721,13 @@ class Bench:
                 except RuntimeError as exc:   # a node that won't start
                     self.failures.append((rnd, impl, 'node start', str(exc)[:400]))
                     log('FAILED %s round %d: %s' % (impl, rnd + 1, exc))
+            if 'ours' in impls and not o.files_only:
+                self.job_cost(rnd)
+                if self.alt_python:
+                    try:
+                        self.round_alt(rnd)
+                    except RuntimeError as exc:
+                        self.failures.append((rnd, ALT, 'node start', str(exc)[:400]))
         self.load_end = loadavg()
         self.elapsed = time.time() - self.t0
 
@@ -1051,6 +1125,90 @@ def ceiling_lines(bench):
     return L
 
 
+ALT_METRICS = ('tput_c2', 'cpu_c2', 'cpuself_c2', 'cpukids_c2', 'tput_c1', 'cpu_c1', 'lat_med')
+
+
+def alt_lines(bench):
+    """Our node on the second interpreter beside the first (same rounds)."""
+    V = bench.values
+    if not bench.alt_python or not any(ALT in V.get(k, {}) for k in ALT_METRICS):
+        return []
+    main = bench.ours_version()
+    L = ['', '## Our node on Python %s (same run)' % bench.alt_version, '',
+         'The same snapshot of our node on a plain venv of Python %s, run right after the '
+         'A/B pair in each round (tiny jobs and latency only).' % bench.alt_version, '',
+         '| measurement | unit | original | ours, %s | ours, %s | %s / original | %s / %s |'
+         % (main, bench.alt_version, bench.alt_version, bench.alt_version, main),
+         '|---|---|---:|---:|---:|---:|---:|']
+    labels = {key: (label, unit) for key, label, unit, _ in METRICS}
+    for key in ALT_METRICS:
+        if key not in V:
+            continue
+        label, unit = labels[key]
+        o, a, b = (med(V[key].get(impl, [])) for impl in ('original', 'ours', ALT))
+        cells = [fmt(v, unit) for v in (o, a, b)]
+        r1 = '%.2f' % (b / o) if b is not None and o else '-'
+        r2 = '%.2f' % (b / a) if b is not None and a else '-'
+        L.append('| %s | %s | %s | %s | %s | %s | %s |' % (label, unit, cells[0], cells[1],
+                                                          cells[2], r1, r2))
+    return L
+
+
+PERF_CLASSES = ('fork', 'exit', 'COW fault', 'file-page fault', 'other fault', 'system call',
+                'user code')
+
+
+def jobcost_lines(bench):
+    """Where the CPU of a tiny job goes in our worker (bench/jobcost.py)."""
+    if not bench.jobcost:
+        return []
+    L = ['', "## Where a tiny job's CPU goes in our worker (same run)", '',
+         '`bench/jobcost.py` on the snapshot, per interpreter, medians over rounds: one '
+         'worker driven through its channel with tiny jobs two in flight (no node '
+         'process, no client), and the fork + exit alone of a process of the same image '
+         '(the worker: the interpreter, `dispynode` and the implicit job modules) and of a '
+         'bare interpreter.  Definitions: bench/README.md.', '',
+         '| Python | worker, ms/job | job processes, ms/job | sum | its minor faults/job '
+         '(worker + jobs) | fork + exit of the worker image alone | bare interpreter | '
+         'worker image anonymous memory |',
+         '|---|---:|---:|---:|---:|---:|---:|---:|']
+
+    def m(results, what, key, **match):
+        vals = [r[key] for r in results if r.get('what') == what and key in r
+                and all(r.get(k) == v for k, v in match.items())]
+        return statistics.median(vals) if vals else None
+    profiles = []
+    for version, results in sorted(bench.jobcost.items()):
+        w, j, t = (m(results, 'drive', k) for k in ('worker_ms', 'jobs_ms', 'total_ms'))
+        wf, jf = m(results, 'drive', 'worker_faults'), m(results, 'drive', 'job_faults')
+        fl, bare = m(results, 'floor', 'total_ms', bare=False), m(results, 'floor', 'total_ms',
+                                                                  bare=True)
+        flp, flc = m(results, 'floor', 'parent_ms', bare=False), m(results, 'floor', 'child_ms',
+                                                                   bare=False)
+        anon = m(results, 'floor', 'anon_kb', bare=False)
+        if t is None or fl is None:
+            continue
+        L.append('| %s | %.3f | %.3f | %.3f | %.0f + %.0f | %.3f (%.3f fork + %.3f exit; '
+                 '%.0f%% of the sum) | %s | %.1f MB |' % (
+                     version, w, j, t, wf, jf, fl, flp, flc, 100.0 * fl / t,
+                     '%.3f' % bare if bare is not None else '-', anon / 1024.0))
+        profiles += [(version, r) for r in results if r.get('what') == 'perf']
+    for version, prof in profiles:
+        if 'error' in prof:
+            L += ['', 'perf profile on Python %s: not taken (%s)' % (version, prof['error'])]
+            continue
+        L += ['', 'perf profile (`perf record -a -g` of the same drive, first round), Python '
+              '%s: share of samples by what the call chain was doing (kernel-side '
+              'classes from the kernel frames):' % version, '',
+              '| process | samples | ' + ' | '.join(PERF_CLASSES) + ' |',
+              '|---|---:|' + '---:|' * len(PERF_CLASSES)]
+        for role in ('worker', 'job processes'):
+            cls = prof['classes'].get(role, {})
+            L.append('| %s | %d | %s |' % (role, prof['samples'].get(role, 0), ' | '.join(
+                '%.0f%%' % cls.get(c, 0.0) for c in PERF_CLASSES)))
+    return L
+
+
 def report(bench, cmdline, netns, profile_lines):
     o = bench.o
     V = bench.values
@@ -1107,6 +1265,8 @@ def report(bench, cmdline, netns, profile_lines):
     ceil = ceiling_lines(bench)
     if ceil:
         L += [''] + ceil
+    L += alt_lines(bench)
+    L += jobcost_lines(bench)
     L += ['', '## Targets', '']
     for text, ok, detail in targets(bench):
         L.append('- %s %s: %s' % ({True: '**met**', False: '**NOT met**',
@@ -1193,6 +1353,23 @@ def replot(json_path):
 
 # ---------------------------------------------------------------- main
 
+def find_alt_python(choice):
+    """The second interpreter, or None."""
+    if choice == 'none':
+        return None
+    if choice != 'auto':
+        return choice
+    try:
+        root = subprocess.run(['pyenv', 'root'], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=30).stdout.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        root = os.path.expanduser('~/.pyenv')
+    found = sorted(Path(root, 'versions').glob('3.13.*/bin/python3'),
+                   key=lambda p: [int(x) for x in p.parent.parent.name.split('.')
+                                  if x.isdigit()])
+    return str(found[-1]) if found else shutil.which('python3.13')
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1206,6 +1383,10 @@ def parse_args(argv):
                    help="interpreter for our node: 'venv' (default: a plain venv of this "
                         "python, as the original runs from its venv), 'system' (this "
                         "python itself) or a path")
+    p.add_argument('--alt-python', default='auto',
+                   help="a second interpreter for our node's tiny-job runs, reported beside "
+                        "(default 'auto': the newest pyenv CPython 3.13 if there is one; "
+                        "'none': skip)")
     p.add_argument('--profile', action='store_true',
                    help='add one profiled tiny-job run of our node and print the top functions')
     p.add_argument('--profile-tool', choices=('auto', 'py-spy', 'cprofile'), default='auto')
@@ -1237,6 +1418,7 @@ def parse_args(argv):
         o.big = not o.quick
     if o.rounds < 0 or (o.rounds == 0 and not o.profile):
         p.error('--rounds must be positive (0 only with --profile)')
+    o.alt_python = find_alt_python(o.alt_python)
     o.tiny_jobs = 200 if o.quick else 1000
     o.tiny_wait = 120.0
     o.lat_n = 30 if o.quick else 100
@@ -1294,7 +1476,8 @@ def main(argv=None):
                    for impl, vals in d.items()} for k, d in bench.values.items()}
         (RESULTS / ('%s.json' % bench.stamp)).write_text(json.dumps(
             {'values': raw, 'failures': bench.failures, 'notes': bench.notes,
-             'leak_detail': bench.leak_detail, 'cmdline': cmdline}, indent=1))
+             'leak_detail': bench.leak_detail, 'jobcost': bench.jobcost,
+             'cmdline': cmdline}, indent=1))
         png = RESULTS / ('%s.png' % bench.stamp)
         if chart(bench, png):
             shutil.copyfile(str(png), str(BENCH / 'LATEST.png'))
