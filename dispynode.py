@@ -3399,10 +3399,14 @@ class Node(ServiceControl):
         self.spare = None                   # a started worker awaiting a computation
         self.spare_lock = threading.Lock()
         self._close_lock = threading.Lock()
-        self.tcp = TCPServer((config.ip_addr, config.node_port), self)
-        self.port = self.tcp.server_address[1]
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(('', self.port))
+        try:
+            self.tcp = TCPServer((config.ip_addr, config.node_port), self)
+            self.port = self.tcp.server_address[1]
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind(('', self.port))
+        except OSError:
+            release_job_cgroup(config)      # start_up made it; no node will use it
+            raise
         self.udp.settimeout(0.5)
         self.broadcast = broadcast_address(config.ip_addr) if config.ip_addr != '0.0.0.0' \
             else '<broadcast>'
@@ -4109,21 +4113,13 @@ class Node(ServiceControl):
         self.guard = ResourceGuard(self)
         self.control = ControlServer(self)
         self.metrics = None
-        self.cgroup_note = None
-        if getattr(cfg, 'job_memory', 0):
-            group, self.cgroup_note = cgroup_v2_memory()
-            self.config = cfg = cfg.replace(job_cgroup=group)
-            if cfg.job_cgroup:
-                logger.info('jobs get a cgroup v2 memory limit under %s', cfg.job_cgroup)
-            else:
-                logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)',
-                            self.cgroup_note)
         if getattr(cfg, 'metrics', None):
             try:
                 self.metrics = MetricsServer(self, cfg.metrics)
             except OSError as exc:
                 self.tcp.server_close()
                 self.udp.close()
+                release_job_cgroup(cfg)
                 raise OSError('--metrics %s:%s: %s' % (cfg.metrics[0], cfg.metrics[1],
                                                         exc.strerror or exc))
 
@@ -4135,9 +4131,8 @@ class Node(ServiceControl):
 
     def _stop_observers(self):
         self.control.stop()
-        group = getattr(self.config, 'job_cgroup', None)
-        if group:
-            self.spawn(_remove_cgroup_later, group)
+        if getattr(self.config, 'job_cgroup', None):
+            self.spawn(release_job_cgroup, self.config)
 
     def note_job(self, comp, entry, status, limit):
         """Count a finished job by its outcome (and the limit that ended it)."""
@@ -4183,7 +4178,7 @@ class Node(ServiceControl):
                        'job_memory': getattr(cfg, 'job_memory_text', '') or None,
                        'job_threads': getattr(cfg, 'job_threads', 0) or None,
                        'job_memory_cgroup': getattr(cfg, 'job_cgroup', None),
-                       'job_memory_cgroup_unavailable': self.cgroup_note},
+                       'job_memory_cgroup_unavailable': getattr(cfg, 'cgroup_note', None)},
             'guards': {'min_free_memory': getattr(cfg, 'min_free_memory', 0),
                        'min_free_disk': getattr(cfg, 'min_free_disk', 0),
                        'free_memory': self.guard.memory, 'free_disk': self.guard.disk},
@@ -4438,8 +4433,12 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
     return group, None
 
 
-def _remove_cgroup_later(group, timeout=3.0):
-    """Remove the jobs' cgroup once the workers have removed their leaves."""
+def release_job_cgroup(cfg, timeout=3.0):
+    """Remove the jobs' cgroup that start_up made (if it did), once the
+    workers have removed their leaves."""
+    group = getattr(cfg, 'job_cgroup', None)
+    if not group:
+        return
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -4895,7 +4894,7 @@ def resolve_obs_options(args):
             args.metrics = parse_hostport(args.metrics)
         except ValueError as exc:
             raise ValueError('--metrics: %s (use HOST:PORT or PORT)' % exc)
-    args.job_cgroup = None
+    args.job_cgroup = args.cgroup_note = None     # see start_up
 
 
 def add_obs_options(p):
@@ -5210,7 +5209,8 @@ def start_up(cfg, environ=os.environ):
     """The node's start-up side effects on a validated Config, in order:
     take the secret (and remove it from the environment, which workers and
     jobs inherit), look up --job_user, resolve addresses, check the TLS
-    files, create the prefix and try the job user.  Returns the completed
+    files, create the prefix, try the job user and (with --job_memory)
+    prepare the cgroup v2 groups for jobs.  Returns the completed
     Config (a second call returns it unchanged); raises ValueError with a
     one-line message."""
     if cfg.started_up:
@@ -5240,7 +5240,15 @@ def start_up(cfg, environ=os.environ):
         logger.log(level, note)
     prepare_prefix(cfg)
     check_job_user(cfg)
-    return cfg.replace(started_up=True, tls_contexts=tls_contexts)
+    job_cgroup = cgroup_note = None
+    if cfg.job_memory:
+        job_cgroup, cgroup_note = cgroup_v2_memory()
+        if job_cgroup:
+            logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
+        else:
+            logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)', cgroup_note)
+    return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
+                       cgroup_note=cgroup_note)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')

@@ -81,3 +81,30 @@ def test_unit_start_up_completes_the_config_once(tmp_path):
     assert (tmp_path / 'p').is_dir() and (tmp_path / 'p').stat().st_mode & 0o777 == 0o700
     assert cfg.started_up is False and cfg.ip_addr == ['localhost']   # the input is unchanged
     assert dispynode.start_up(done, environ={'DISPYNODE_SECRET': 'other'}) is done
+
+
+def test_unit_start_up_prepares_the_job_cgroup_and_a_failed_start_releases_it(
+        tmp_path, monkeypatch):
+    """--job_memory: start_up prepares the jobs' cgroup (here a fake one);
+    a node that then cannot bind its port removes it again."""
+    made = tmp_path / 'dispynode-jobs'
+    made.mkdir()
+    monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (str(made), None))
+    cfg = dispynode.resolve_config(parse('-i', '127.0.0.1', '--job_memory', '64m',
+                                         '--dest_path_prefix', str(tmp_path / 'p')))
+    assert cfg.job_cgroup is None and cfg.cgroup_note is None     # resolve_config: nothing
+    done = dispynode.start_up(cfg, environ={})
+    assert done.job_cgroup == str(made) and done.cgroup_note is None
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen(1)
+        busy = dispynode.resolve_config(parse(
+            '-i', '127.0.0.1', '-p', str(taken.getsockname()[1]), '--job_memory', '64m',
+            '--dest_path_prefix', str(tmp_path / 'q')))
+        with pytest.raises(OSError):
+            dispynode.Node(busy)
+    assert not made.exists()
+    # without a cgroup the reason is kept for the status
+    monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (None, 'no cgroup v2 hierarchy'))
+    other = dispynode.start_up(cfg, environ={})
+    assert other.job_cgroup is None and other.cgroup_note == 'no cgroup v2 hierarchy'
