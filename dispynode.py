@@ -29,7 +29,8 @@ control, metrics)::
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
-                         environment, lookups, TLS files, prefix); waits for
+                         environment, lookups, TLS files, prefix, the jobs'
+                         cgroup with --job_memory); waits for
                          SIGINT/SIGTERM (or Node.quit: --serve, console
                          quit, dispynode_shutdown), then Node.close():
                          evicts all, settles each (ZOMBIE -> DETACHED or GONE)
@@ -3373,7 +3374,20 @@ class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
+        # The jobs' cgroup is this node's to remove only if its own
+        # start_up made it (not a caller's that it was handed).
+        self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
+        try:
+            self._init(config)
+        except BaseException:
+            for sock in (getattr(self, 'tcp', None), getattr(self, 'udp', None)):
+                if sock is not None:
+                    (sock.server_close if sock is self.tcp else sock.close)()
+            self._release_cgroup()      # no node will use it
+            raise
+
+    def _init(self, config):
         self.state = NodeState(config.cpus)
         self.sign = dc.new_sign(config.secret)
         self.auth = dc.auth_code(config.secret, self.sign)
@@ -3399,14 +3413,10 @@ class Node(ServiceControl):
         self.spare = None                   # a started worker awaiting a computation
         self.spare_lock = threading.Lock()
         self._close_lock = threading.Lock()
-        try:
-            self.tcp = TCPServer((config.ip_addr, config.node_port), self)
-            self.port = self.tcp.server_address[1]
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.udp.bind(('', self.port))
-        except OSError:
-            release_job_cgroup(config)      # start_up made it; no node will use it
-            raise
+        self.tcp = TCPServer((config.ip_addr, config.node_port), self)
+        self.port = self.tcp.server_address[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(('', self.port))
         self.udp.settimeout(0.5)
         self.broadcast = broadcast_address(config.ip_addr) if config.ip_addr != '0.0.0.0' \
             else '<broadcast>'
@@ -3474,6 +3484,7 @@ class Node(ServiceControl):
         for thread in self.service_threads:
             thread.join(2.0)
         self.udp.close()
+        self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
 
     def evict(self, comp, reason, kill_jobs=True):
@@ -4117,9 +4128,6 @@ class Node(ServiceControl):
             try:
                 self.metrics = MetricsServer(self, cfg.metrics)
             except OSError as exc:
-                self.tcp.server_close()
-                self.udp.close()
-                release_job_cgroup(cfg)
                 raise OSError('--metrics %s:%s: %s' % (cfg.metrics[0], cfg.metrics[1],
                                                         exc.strerror or exc))
 
@@ -4131,8 +4139,11 @@ class Node(ServiceControl):
 
     def _stop_observers(self):
         self.control.stop()
-        if getattr(self.config, 'job_cgroup', None):
-            self.spawn(release_job_cgroup, self.config)
+
+    def _release_cgroup(self):
+        """Remove the jobs' cgroup (once no worker is left to use it)."""
+        if self.owns_cgroup and not release_job_cgroup(self.config):
+            logger.warning('could not remove the jobs\' cgroup %s', self.config.job_cgroup)
 
     def note_job(self, comp, entry, status, limit):
         """Count a finished job by its outcome (and the limit that ended it)."""
@@ -4390,7 +4401,8 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
     while it holds no process itself, so a node that is alone in its group
     (a systemd service with Delegate=yes, a container) first moves into a
     leaf ``node-<pid>``; jobs then get leaves of ``dispynode-jobs-<pid>``
-    (see Worker).  The node's own leaf goes when its group is removed."""
+    (see Worker).  The node cannot remove its own leaf while it is in it:
+    the service manager removes it with the service's group."""
     pid = pid or os.getpid()
     try:
         with open(cgroup_file) as fh:
@@ -4434,11 +4446,13 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
 
 
 def release_job_cgroup(cfg, timeout=3.0):
-    """Remove the jobs' cgroup that start_up made (if it did), once the
-    workers have removed their leaves."""
+    """Remove the jobs' cgroup that start_up made (if it did) and the job
+    leaves left in it; call it once no worker is left.  Returns False if
+    it is still there after ``timeout`` seconds (a job process that
+    outlived its kill still in it)."""
     group = getattr(cfg, 'job_cgroup', None)
     if not group:
-        return
+        return True
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -4449,13 +4463,12 @@ def release_job_cgroup(cfg, timeout=3.0):
                     except OSError:
                         pass
             os.rmdir(group)
-            return
+            return True
         except FileNotFoundError:
-            return
+            return True
         except OSError:
             if time.monotonic() >= deadline:
-                logger.debug('could not remove the cgroup %s', group)
-                return
+                return False
             time.sleep(0.1)
 
 

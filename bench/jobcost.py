@@ -121,6 +121,7 @@ def drive(repo, jobs, python):
         for uid in range(1, 51):            # warm up: namespace loaded, caches filled
             submit(uid)
             done()
+        time.sleep(0.1)     # the last warm-up job process reaped
         before, t0 = _stat(proc.pid), time.monotonic()
         submit(1000)
         submit(1001)
@@ -142,8 +143,9 @@ def drive(repo, jobs, python):
         shutil.rmtree(work, ignore_errors=True)
     d = [b - a for a, b in zip(before, after)]
     tick_ms = 1000.0 / CLK_TCK / jobs
-    return {'what': 'drive', 'jobs': jobs, 'worker_ms': (d[2] + d[3]) * tick_ms,
-            'jobs_ms': (d[4] + d[5]) * tick_ms, 'total_ms': (d[2] + d[3] + d[4] + d[5]) * tick_ms,
+    worker_ms, jobs_ms = (d[2] + d[3]) * tick_ms, (d[4] + d[5]) * tick_ms
+    return {'what': 'drive', 'jobs': jobs, 'worker_ms': worker_ms, 'jobs_ms': jobs_ms,
+            'total_ms': worker_ms + jobs_ms,
             'worker_faults': d[0] / jobs, 'job_faults': d[1] / jobs, 'jobs_per_s': jobs / elapsed,
             'worker_pid': proc.pid, 'driver_pid': os.getpid(),
             'python': '.'.join(map(str, sys.version_info[:3]))}
@@ -152,29 +154,72 @@ def drive(repo, jobs, python):
 # --------------------------------------------------------------- perf
 
 CLASSES = ('fork', 'exit', 'COW fault', 'file-page fault', 'other fault', 'system call',
-           'user code')
+           'other kernel', 'user space')
+KERNEL_ADDRESSES = 0xffff800000000000     # x86-64 and arm64: the upper half
 
 
-def classify(stack):
-    """One class for a sample's call chain (innermost first)."""
-    frames = set(stack)
-    if frames & {'copy_process', 'dup_mmap', 'kernel_clone'}:
+def _base(symbol):
+    """A kernel symbol without the compiler's suffix (``.isra.0``, ...)."""
+    return symbol.split('.', 1)[0]
+
+
+def classify(stack, in_kernel=None):
+    """One class for a sample's call chain (symbols, innermost first).
+    ``in_kernel``: whether the sample's own address is the kernel's (by
+    default, whether its innermost frame names a kernel function we know)."""
+    frames = {_base(f) for f in stack}
+    if frames & {'copy_process', 'dup_mmap', 'kernel_clone', '_do_fork'}:
         return 'fork'
     if frames & {'do_exit', 'exit_mmap', 'do_group_exit'}:
         return 'exit'
-    if 'asm_exc_page_fault' in frames or 'exc_page_fault' in frames:
-        if frames & {'do_wp_page', 'wp_page_copy'}:
+    if frames & {'asm_exc_page_fault', 'exc_page_fault', 'handle_mm_fault'}:
+        # a write to a page shared with the parent, or to a private file page
+        if frames & {'do_wp_page', 'wp_page_copy', 'do_cow_fault'}:
             return 'COW fault'
         if frames & {'filemap_map_pages', 'do_read_fault', 'next_uptodate_folio',
                      'filemap_fault'}:
             return 'file-page fault'
         return 'other fault'
-    if any(f.startswith(('entry_SYSCALL', 'do_syscall')) for f in stack):
+    if any(f.startswith(('entry_SYSCALL', 'do_syscall')) for f in frames):
         return 'system call'
-    return 'user code'
+    if in_kernel is None:
+        in_kernel = False
+    return 'other kernel' if in_kernel else 'user space'
+
+
+def parse_perf_script(text):
+    """``perf script -F comm,pid,ip,sym`` output -> [(comm, pid, in_kernel,
+    [symbols, innermost first])].  A header line ends with the pid (a comm
+    may hold spaces and digits); frame lines are indented ``ip symbol``."""
+    samples, cur = [], None
+    for line in text.splitlines():
+        if not line.strip():
+            if cur is not None:
+                samples.append(cur)
+            cur = None
+        elif not line[:1].isspace():
+            head = line.rsplit(None, 1)
+            if len(head) == 2 and head[1].isdigit():
+                cur = (head[0].strip(), int(head[1]), None, [])
+        elif cur is not None:
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                if cur[2] is None:      # the innermost frame: where the sample was taken
+                    try:
+                        cur = cur[:2] + (int(parts[0], 16) >= KERNEL_ADDRESSES, cur[3])
+                    except ValueError:
+                        cur = cur[:2] + (False, cur[3])
+                cur[3].append(parts[1].split(' (', 1)[0].strip())
+    if cur is not None:
+        samples.append(cur)
+    return samples
 
 
 def perf_profile(repo, jobs, python, perf):
+    """The drive under ``perf record -a -g``; returns the share of each
+    class.  System-wide (-a) because a per-process recording, which would
+    follow the drive's children by itself, loses the samples of a job
+    process's exit, the largest part of its cost."""
     fd, data = tempfile.mkstemp(prefix='dispy-jobcost-', suffix='.perf')
     os.close(fd)
     cmd = [perf, 'record', '-q', '-a', '-g', '-F', '2000', '-o', data, '--',
@@ -186,8 +231,12 @@ def perf_profile(repo, jobs, python, perf):
         if run.returncode != 0:
             return {'what': 'perf', 'error': run.stderr.decode(errors='replace')[-300:]}
         script = subprocess.run([perf, 'script', '-i', data, '-F', 'comm,pid,ip,sym'],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                timeout=300).stdout.decode(errors='replace')
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+        if script.returncode != 0:
+            return {'what': 'perf', 'error': 'perf script: ' + script.stderr.decode(
+                errors='replace')[-300:]}
+    except subprocess.TimeoutExpired as exc:
+        return {'what': 'perf', 'error': 'timed out: %s' % exc}
     finally:
         try:
             os.unlink(data)
@@ -198,30 +247,18 @@ def perf_profile(repo, jobs, python, perf):
         worker, driver = pids['worker_pid'], pids['driver_pid']
     except (ValueError, KeyError, IndexError):
         return {'what': 'perf', 'error': 'the drive under perf printed no result'}
-    # samples: (comm, pid, [frames, innermost first])
-    samples, cur = [], None
-    for line in script.splitlines():
-        if not line.strip():
-            if cur is not None:
-                samples.append(cur)
-            cur = None
-        elif not line[:1].isspace():
-            head = line.rsplit(None, 1)
-            if len(head) == 2 and head[1].isdigit():
-                cur = (head[0].strip(), int(head[1]), [])
-        elif cur is not None and len(line.split()) >= 2:
-            cur[2].append(line.split()[1])
-    if cur is not None:
-        samples.append(cur)
-    comm = next((c for c, pid, _ in samples if pid == worker), None)
+    samples = parse_perf_script(script.stdout.decode(errors='replace'))
+    comm = next((c for c, pid, _, _ in samples if pid == worker), None)
     if comm is None:
         return {'what': 'perf', 'error': 'no samples of the worker'}
-    # job processes: the worker's forks, the other processes of its name
-    # (the bench runs nothing else of that name meanwhile)
+    # job processes: the other processes of the worker's name, but the
+    # drive and this one (the bench runs nothing else meanwhile)
+    others = (worker, driver, os.getpid())
     result = {'what': 'perf', 'samples': {}, 'classes': {}}
     for role, pick in (('worker', lambda c, p: p == worker),
-                       ('job processes', lambda c, p: c == comm and p not in (worker, driver))):
-        counts = collections.Counter(classify(st) for c, pid, st in samples if pick(c, pid))
+                       ('job processes', lambda c, p: c == comm and p not in others)):
+        counts = collections.Counter(classify(st, kernel) for c, pid, kernel, st in samples
+                                     if pick(c, pid))
         total = sum(counts.values())
         result['samples'][role] = total
         result['classes'][role] = {c: counts.get(c, 0) * 100.0 / total if total else 0.0
@@ -238,6 +275,8 @@ def main(argv=None):
     p.add_argument('--perf', action='store_true', help='also profile with perf, if installed')
     p.add_argument('--only', choices=('floor', 'bare', 'drive'))
     o = p.parse_args(argv)
+    if o.jobs < 2 or o.forks < 1:
+        p.error('--jobs must be at least 2 and --forks at least 1')
     repo = os.path.abspath(o.repo)
     if o.only == 'drive':
         print(json.dumps(drive(repo, o.jobs, o.python)))
@@ -249,8 +288,18 @@ def main(argv=None):
     me = [o.python, os.path.abspath(__file__), '--repo', repo, '--python', o.python,
           '--jobs', str(o.jobs), '--forks', str(o.forks)]
     for what in ('bare', 'floor', 'drive'):
-        run = subprocess.run(me + ['--only', what], stdout=subprocess.PIPE, timeout=300)
+        try:
+            run = subprocess.run(me + ['--only', what], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, timeout=300)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({'what': what, 'error': 'no result in 300 s'}))
+            continue
+        if run.returncode != 0:
+            print(json.dumps({'what': what, 'error': 'exit status %d: %s' % (
+                run.returncode, run.stderr.decode(errors='replace')[-300:])}))
+            continue
         sys.stdout.write(run.stdout.decode())
+        sys.stdout.flush()
     if o.perf:
         perf = shutil.which('perf')
         out = perf_profile(repo, o.jobs, o.python, perf) if perf else \

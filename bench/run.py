@@ -61,6 +61,7 @@ CLIENTS = BENCH / 'clients'
 RESULTS = BENCH / 'results'
 sys.path.insert(0, str(REPO / 'tests'))
 
+import jobcost  # noqa: E402  (bench/, this script's directory)
 import legacy  # noqa: E402
 from legacy import LegacyUnavailable, Node, ensure_legacy_venv, free_port  # noqa: E402
 
@@ -68,6 +69,7 @@ CLONE_NEWNET = 0x40000000
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 IMPLS = ('original', 'ours')
 ALT = 'ours-alt'     # our node on the second interpreter (--alt-python)
+JOBCOST_TIMEOUT = 600   # bench/jobcost.py, perf profile included
 
 
 def log(msg):
@@ -307,14 +309,22 @@ class Bench:
         # tiny-job runs only
         self.alt_python = self.alt_version = None
         if opts.alt_python:
-            self.alt_python = self.ours_interpreter('venv', opts.alt_python, 'venv-alt')
-            self.alt_version = subprocess.run(
-                [self.alt_python, '-c', 'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
-                stdout=subprocess.PIPE, check=True).stdout.decode().strip()
-            subprocess.run([self.alt_python, '-m', 'compileall', '-q', str(snap)], check=True)
-            self.alt_launcher = self.launcher('python-ours-alt', [
-                self.alt_python, '-c', 'import sys; sys.path.insert(0, %r); import dispynode; '
-                'sys.exit(dispynode.main())' % str(snap)])
+            try:
+                self.alt_python = self.ours_interpreter('venv', opts.alt_python, 'venv-alt')
+                self.alt_version = subprocess.run(
+                    [self.alt_python, '-c',
+                     'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
+                    stdout=subprocess.PIPE, check=True, timeout=60).stdout.decode().strip()
+                subprocess.run([self.alt_python, '-m', 'compileall', '-q', str(snap)],
+                               check=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                self.notes.append('--alt-python %s unusable, skipped: %s' % (
+                    opts.alt_python, exc))
+                self.alt_python = None
+            else:
+                self.alt_launcher = self.launcher('python-ours-alt', [
+                    self.alt_python, '-c', 'import sys; sys.path.insert(0, %r); '
+                    'import dispynode; sys.exit(dispynode.main())' % str(snap)])
         self.jobcost = {}       # interpreter label -> [result dicts of bench/jobcost.py]
 
     def ours_interpreter(self, choice, base=None, name='venv-ours'):
@@ -642,6 +652,7 @@ class Bench:
                                                         loadavg()))
         for cpus, tag in (('2', 'c2'), ('1', 'c1')):
             node = self.start_node('ours', ['-c', cpus], self.alt_launcher)
+            node.impl = ALT         # its logs, if kept, are not the main run's
             try:
                 if self.tiny(rnd, ALT, node, o.tiny_jobs, tag) and tag == 'c2':
                     self.latency(rnd, ALT, node)
@@ -659,17 +670,35 @@ class Bench:
                    '--python', python, '--jobs', '1000' if self.o.quick else '3000']
             if rnd == 0:
                 cmd.append('--perf')
+            what = 'jobcost on Python %s' % version
+            # its own session, so that a timeout ends perf, the drive and its
+            # worker too, not only jobcost.py
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
             try:
-                run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     timeout=900)
-                results = [json.loads(line) for line in run.stdout.decode().splitlines()
-                           if line.startswith('{')]
-            except (subprocess.SubprocessError, ValueError) as exc:
-                self.failures.append((rnd, 'ours', 'jobcost on Python %s' % version,
-                                      str(exc)[:300]))
+                out, err = proc.communicate(timeout=JOBCOST_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                self.failures.append((rnd, 'ours', what, 'no result in %d s' % JOBCOST_TIMEOUT))
                 continue
-            self.jobcost.setdefault(version, []).extend(results)
-            drive = next((r for r in results if r['what'] == 'drive'), None)
+            results = []
+            for line in out.decode(errors='replace').splitlines():
+                try:
+                    results.append(json.loads(line))
+                except ValueError:
+                    pass
+            errors = ['%s: %s' % (r.get('what'), r['error']) for r in results if 'error' in r]
+            missing = {'floor', 'drive'} - {r.get('what') for r in results if 'error' not in r}
+            if proc.returncode or missing or errors:
+                why = ('exit status %d; ' % proc.returncode if proc.returncode else '') \
+                    + ('no %s result; ' % ', '.join(sorted(missing)) if missing else '') \
+                    + '; '.join(errors) + ' ' + err.decode(errors='replace')[-300:]
+                self.failures.append((rnd, 'ours', what, ' '.join(why.split())))
+            self.jobcost.setdefault(version, []).extend(r for r in results if 'error' not in r
+                                                        or r.get('what') == 'perf')
+            drive = next((r for r in results if r.get('what') == 'drive' and 'error' not in r),
+                         None)
             if drive:
                 log('  jobcost %s: worker %.3f + job processes %.3f ms/job' % (
                     version, drive['worker_ms'], drive['jobs_ms']))
@@ -728,6 +757,7 @@ class Bench:
                         self.round_alt(rnd)
                     except RuntimeError as exc:
                         self.failures.append((rnd, ALT, 'node start', str(exc)[:400]))
+                        log('FAILED %s round %d: %s' % (ALT, rnd + 1, exc))
         self.load_end = loadavg()
         self.elapsed = time.time() - self.t0
 
@@ -1146,7 +1176,11 @@ def alt_lines(bench):
             continue
         label, unit = labels[key]
         o, a, b = (med(V[key].get(impl, [])) for impl in ('original', 'ours', ALT))
-        cells = [fmt(v, unit) for v in (o, a, b)]
+        cells = []
+        for impl, v in zip(('original', 'ours', ALT), (o, a, b)):
+            vals = V[key].get(impl, [])
+            cells.append('%s (%d/%d)' % (fmt(v, unit), sum(
+                1 for x in vals if not isinstance(x, Fail)), len(vals)) if vals else '-')
         r1 = '%.2f' % (b / o) if b is not None and o else '-'
         r2 = '%.2f' % (b / a) if b is not None and a else '-'
         L.append('| %s | %s | %s | %s | %s | %s | %s |' % (label, unit, cells[0], cells[1],
@@ -1154,8 +1188,7 @@ def alt_lines(bench):
     return L
 
 
-PERF_CLASSES = ('fork', 'exit', 'COW fault', 'file-page fault', 'other fault', 'system call',
-                'user code')
+PERF_CLASSES = jobcost.CLASSES
 
 
 def jobcost_lines(bench):
@@ -1168,10 +1201,11 @@ def jobcost_lines(bench):
          'process, no client), and the fork + exit alone of a process of the same image '
          '(the worker: the interpreter, `dispynode` and the implicit job modules) and of a '
          'bare interpreter.  Definitions: bench/README.md.', '',
-         '| Python | worker, ms/job | job processes, ms/job | sum | its minor faults/job '
-         '(worker + jobs) | fork + exit of the worker image alone | bare interpreter | '
-         'worker image anonymous memory |',
-         '|---|---:|---:|---:|---:|---:|---:|---:|']
+         '| Python | worker, ms/job | job processes, ms/job | total (median of the rounds) | '
+         'minor faults/job (worker + jobs) | fork + exit alone, worker image: parent (fork + '
+         'reap) + child (faults after the fork + exit) | child faults | the same from a bare '
+         'interpreter | worker image anonymous memory |',
+         '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
 
     def m(results, what, key, **match):
         vals = [r[key] for r in results if r.get('what') == what and key in r
@@ -1186,20 +1220,21 @@ def jobcost_lines(bench):
         flp, flc = m(results, 'floor', 'parent_ms', bare=False), m(results, 'floor', 'child_ms',
                                                                    bare=False)
         anon = m(results, 'floor', 'anon_kb', bare=False)
+        flf = m(results, 'floor', 'child_faults', bare=False)
+        profiles += [(version, r) for r in results if r.get('what') == 'perf']
         if t is None or fl is None:
             continue
-        L.append('| %s | %.3f | %.3f | %.3f | %.0f + %.0f | %.3f (%.3f fork + %.3f exit; '
-                 '%.0f%% of the sum) | %s | %.1f MB |' % (
-                     version, w, j, t, wf, jf, fl, flp, flc, 100.0 * fl / t,
+        L.append('| %s | %.3f | %.3f | %.3f | %.0f + %.0f | %.3f (%.3f + %.3f; %.0f%% of the '
+                 'total) | %.0f | %s | %.1f MiB |' % (
+                     version, w, j, t, wf, jf, fl, flp, flc, 100.0 * fl / t, flf,
                      '%.3f' % bare if bare is not None else '-', anon / 1024.0))
-        profiles += [(version, r) for r in results if r.get('what') == 'perf']
     for version, prof in profiles:
         if 'error' in prof:
-            L += ['', 'perf profile on Python %s: not taken (%s)' % (version, prof['error'])]
+            L += ['', 'perf profile on Python %s: not taken (%s)' % (
+                version, ' '.join(str(prof['error']).split()))]
             continue
-        L += ['', 'perf profile (`perf record -a -g` of the same drive, first round), Python '
-              '%s: share of samples by what the call chain was doing (kernel-side '
-              'classes from the kernel frames):' % version, '',
+        L += ['', 'perf profile (`perf record -g` of the same drive, first round), Python '
+              '%s: share of samples by what the call chain was doing:' % version, '',
               '| process | samples | ' + ' | '.join(PERF_CLASSES) + ' |',
               '|---|---:|' + '---:|' * len(PERF_CLASSES)]
         for role in ('worker', 'job processes'):
@@ -1288,7 +1323,7 @@ def report(bench, cmdline, netns, profile_lines):
         if key not in V:
             continue
         parts = []
-        for impl in IMPLS:
+        for impl in IMPLS + (ALT,):
             if impl in V[key]:
                 parts.append('%s [%s]' % (impl, ', '.join(
                     'FAIL' if isinstance(v, Fail) else fmt(v, unit) for v in V[key][impl])))
@@ -1363,7 +1398,8 @@ def find_alt_python(choice):
         root = subprocess.run(['pyenv', 'root'], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, timeout=30).stdout.decode().strip()
     except (OSError, subprocess.SubprocessError):
-        root = os.path.expanduser('~/.pyenv')
+        root = ''
+    root = root or os.path.expanduser('~/.pyenv')
     found = sorted(Path(root, 'versions').glob('3.13.*/bin/python3'),
                    key=lambda p: [int(x) for x in p.parent.parent.name.split('.')
                                   if x.isdigit()])

@@ -83,27 +83,46 @@ def test_unit_start_up_completes_the_config_once(tmp_path):
     assert dispynode.start_up(done, environ={'DISPYNODE_SECRET': 'other'}) is done
 
 
-def test_unit_start_up_prepares_the_job_cgroup_and_a_failed_start_releases_it(
+def test_unit_start_up_prepares_the_job_cgroup_and_the_node_that_made_it_removes_it(
         tmp_path, monkeypatch):
-    """--job_memory: start_up prepares the jobs' cgroup (here a fake one);
-    a node that then cannot bind its port removes it again."""
-    made = tmp_path / 'dispynode-jobs'
-    made.mkdir()
-    monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (str(made), None))
-    cfg = dispynode.resolve_config(parse('-i', '127.0.0.1', '--job_memory', '64m',
-                                         '--dest_path_prefix', str(tmp_path / 'p')))
+    """--job_memory: start_up prepares the jobs' cgroup (here a fake one).
+    The Node whose start_up made it removes it when it stops or fails to
+    start (port or --metrics taken); a Node handed a started config leaves
+    it to its maker."""
+    groups = []
+
+    def fake_cgroup():
+        groups.append(tmp_path / ('jobs-%d' % len(groups)))
+        groups[-1].mkdir()
+        (groups[-1] / 'job-1-7').mkdir()      # a job leaf a worker left behind
+        return str(groups[-1]), None
+    monkeypatch.setattr(dispynode, 'cgroup_v2_memory', fake_cgroup)
+
+    def config(*extra):
+        return dispynode.resolve_config(parse(
+            '-i', '127.0.0.1', '--job_memory', '64m', '--dest_path_prefix',
+            str(tmp_path / ('p%d' % len(groups))), *extra))
+    cfg = config()
     assert cfg.job_cgroup is None and cfg.cgroup_note is None     # resolve_config: nothing
     done = dispynode.start_up(cfg, environ={})
-    assert done.job_cgroup == str(made) and done.cgroup_note is None
+    assert done.job_cgroup == str(groups[0]) and done.cgroup_note is None
+    node = dispynode.Node(done)         # handed a started config: not its cgroup
+    node.close()
+    assert groups[0].is_dir()
+    node = dispynode.Node(config())     # its own start_up made groups[1]
+    assert groups[1].is_dir()
+    node.close()
+    assert not groups[1].exists()
     with socket.socket() as taken:
         taken.bind(('127.0.0.1', 0))
         taken.listen(1)
-        busy = dispynode.resolve_config(parse(
-            '-i', '127.0.0.1', '-p', str(taken.getsockname()[1]), '--job_memory', '64m',
-            '--dest_path_prefix', str(tmp_path / 'q')))
+        port = str(taken.getsockname()[1])
         with pytest.raises(OSError):
-            dispynode.Node(busy)
-    assert not made.exists()
+            dispynode.Node(config('-p', port))
+        assert not groups[2].exists()
+        with pytest.raises(OSError, match='--metrics'):
+            dispynode.Node(config('--metrics', '127.0.0.1:' + port))
+        assert not groups[3].exists()
     # without a cgroup the reason is kept for the status
     monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (None, 'no cgroup v2 hierarchy'))
     other = dispynode.start_up(cfg, environ={})

@@ -30,9 +30,39 @@ def test_classify_by_call_chain():
         == 'other fault'
     assert jobcost.classify(['tcp_sendmsg', 'do_syscall_64', 'entry_SYSCALL_64']) \
         == 'system call'
-    assert jobcost.classify(['_PyEval_EvalFrameDefault', '[unknown]']) == 'user code'
+    assert jobcost.classify(['_PyEval_EvalFrameDefault', '[unknown]']) == 'user space'
     # a fault taken while exiting is the exit's
     assert jobcost.classify(['do_wp_page', 'asm_exc_page_fault', 'do_exit']) == 'exit'
+    # compiler suffixes; a write to a private file page is a copy too
+    assert jobcost.classify(['wp_page_copy.isra.0', 'handle_mm_fault']) == 'COW fault'
+    assert jobcost.classify(['do_cow_fault', 'filemap_fault', 'handle_mm_fault']) \
+        == 'COW fault'
+    # an interrupt taken in user space is the kernel's, not the job's code
+    assert jobcost.classify(['handle_softirqs', 'irq_exit_rcu', '_PyObject_Malloc'],
+                            in_kernel=True) == 'other kernel'
+
+
+PERF_SCRIPT = '''python 3.11   4702
+\tffffffff815e36cd unmap_page_range ([kernel.kallsyms])
+\tffffffff81589512 exit_mmap ([kernel.kallsyms])
+\t          10ab59 _exit (/usr/lib/x86_64-linux-gnu/libc.so.6)
+
+python 3.11   4703
+\t          26f533 _PyFrame_Push (/usr/lib/libpython3.11.so.1.0)
+\t    7feb1d56cc80 [unknown] ([unknown])
+
+perf-exec 12
+\tffffffff81000130 entry_SYSCALL_64_after_hwframe ([kernel.kallsyms])
+'''
+
+
+def test_parse_perf_script_takes_the_pid_from_the_end_and_the_place_from_the_first_frame():
+    samples = jobcost.parse_perf_script(PERF_SCRIPT)
+    assert [(comm, pid, kernel) for comm, pid, kernel, _ in samples] == [
+        ('python 3.11', 4702, True), ('python 3.11', 4703, False), ('perf-exec', 12, True)]
+    assert samples[0][3] == ['unmap_page_range', 'exit_mmap', '_exit']
+    assert [jobcost.classify(st, kernel) for _, _, kernel, st in samples] == [
+        'exit', 'user space', 'system call']
 
 
 def run(*args):
