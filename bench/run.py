@@ -1233,7 +1233,7 @@ def jobcost_lines(bench):
             L += ['', 'perf profile on Python %s: not taken (%s)' % (
                 version, ' '.join(str(prof['error']).split()))]
             continue
-        L += ['', 'perf profile (`perf record -g` of the same drive, first round), Python '
+        L += ['', 'perf profile (`perf record -a -g` of the same drive, first round), Python '
               '%s: share of samples by what the call chain was doing:' % version, '',
               '| process | samples | ' + ' | '.join(PERF_CLASSES) + ' |',
               '|---|---:|' + '---:|' * len(PERF_CLASSES)]
