@@ -3381,9 +3381,10 @@ class Node(ServiceControl):
         try:
             self._init(config)
         except BaseException:
-            for sock in (getattr(self, 'tcp', None), getattr(self, 'udp', None)):
-                if sock is not None:
-                    (sock.server_close if sock is self.tcp else sock.close)()
+            if getattr(self, 'tcp', None) is not None:
+                self.tcp.server_close()
+            if getattr(self, 'udp', None) is not None:
+                self.udp.close()
             self._release_cgroup()      # no node will use it
             raise
 

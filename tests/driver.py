@@ -201,23 +201,27 @@ class InProcessNode:
             [str(a) for a in args]
         if cls._parser is None:
             cls._parser = dispynode.build_parser()
+        cfg = dispynode.resolve_config(cls._parser.parse_args(argv))
+        cls._compile_once(dispynode)
+        capture = _LogCapture()
+        log = logging.getLogger('dispynode')
+        log.addHandler(capture)
+        log.setLevel(logging.DEBUG)
         saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})        # read (and DISPYNODE_SECRET popped) by start_up
+        os.environ.update(env or {})    # read (and DISPYNODE_SECRET popped) by Node's start_up
         try:
-            cfg = dispynode.start_up(
-                dispynode.resolve_config(cls._parser.parse_args(argv)))
+            # Node runs start_up itself, as main() has it, so what start_up
+            # makes (the jobs' cgroup) is the node's to remove
+            node = dispynode.Node(cfg)
+        except BaseException:
+            log.removeHandler(capture)
+            raise
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        capture = _LogCapture()
-        log = logging.getLogger('dispynode')
-        log.addHandler(capture)
-        log.setLevel(logging.DEBUG)
-        cls._compile_once(dispynode)
-        node = dispynode.Node(cfg)
         node.start()
         return cls(node, capture, prefix)
 
