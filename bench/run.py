@@ -300,9 +300,8 @@ class Bench:
         # now.  The script form (python3 dispynode.py, compiled at every start)
         # is measured separately for idle RSS.
         subprocess.run([self.ours_python, '-m', 'compileall', '-q', str(snap)], check=True)
-        self.ours_launcher = self.launcher('python-ours', [
-            self.ours_python, '-c', 'import sys; sys.path.insert(0, %r); import dispynode; '
-            'sys.exit(dispynode.main())' % str(snap)])
+        self.ours_version = python_version(self.ours_python)
+        self.ours_launcher = self.snapshot_launcher('python-ours', self.ours_python)
         self.ours_script_launcher = self.launcher('python-ours-script', [
             self.ours_python, str(self.ours_script)])
         # the same snapshot on a second interpreter (--alt-python), for the
@@ -311,10 +310,7 @@ class Bench:
         if opts.alt_python:
             try:
                 self.alt_python = self.ours_interpreter('venv', opts.alt_python, 'venv-alt')
-                self.alt_version = subprocess.run(
-                    [self.alt_python, '-c',
-                     'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
-                    stdout=subprocess.PIPE, check=True, timeout=60).stdout.decode().strip()
+                self.alt_version = python_version(self.alt_python)
                 subprocess.run([self.alt_python, '-m', 'compileall', '-q', str(snap)],
                                check=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as exc:
@@ -322,9 +318,7 @@ class Bench:
                     opts.alt_python, exc))
                 self.alt_python = None
             else:
-                self.alt_launcher = self.launcher('python-ours-alt', [
-                    self.alt_python, '-c', 'import sys; sys.path.insert(0, %r); '
-                    'import dispynode; sys.exit(dispynode.main())' % str(snap)])
+                self.alt_launcher = self.snapshot_launcher('python-ours-alt', self.alt_python)
         self.jobcost = {}       # interpreter label -> [result dicts of bench/jobcost.py]
 
     def ours_interpreter(self, choice, base=None, name='venv-ours'):
@@ -341,6 +335,13 @@ class Bench:
         subprocess.run([base or sys.executable, '-m', 'venv', '--without-pip', str(venv)],
                        check=True)
         return str(venv / 'bin' / 'python')
+
+    def snapshot_launcher(self, name, python):
+        """A launcher running the snapshot of our node from its cached
+        bytecode, on ``python``."""
+        return self.launcher(name, [
+            python, '-c', 'import sys; sys.path.insert(0, %r); import dispynode; '
+            'sys.exit(dispynode.main())' % str(self.ours_script.parent)])
 
     def launcher(self, name, words):
         path = self.tmp / name
@@ -662,7 +663,7 @@ class Bench:
     def job_cost(self, rnd):
         """bench/jobcost.py on each interpreter of ours: where a tiny job's
         CPU goes in the worker (perf profile in the first round)."""
-        pythons = [(self.ours_version(), self.ours_python)]
+        pythons = [(self.ours_version, self.ours_python)]
         if self.alt_python:
             pythons.append((self.alt_version, self.alt_python))
         for version, python in pythons:
@@ -702,13 +703,6 @@ class Bench:
             if drive:
                 log('  jobcost %s: worker %.3f + job processes %.3f ms/job' % (
                     version, drive['worker_ms'], drive['jobs_ms']))
-
-    def ours_version(self):
-        if not hasattr(self, '_ours_version'):
-            self._ours_version = subprocess.run(
-                [self.ours_python, '-c', 'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
-                stdout=subprocess.PIPE, check=True).stdout.decode().strip()
-        return self._ours_version
 
     def ceiling(self, rnd):
         """The loopback limit for file transfers, measured in the same round."""
@@ -1163,7 +1157,7 @@ def alt_lines(bench):
     V = bench.values
     if not bench.alt_python or not any(ALT in V.get(k, {}) for k in ALT_METRICS):
         return []
-    main = bench.ours_version()
+    main = bench.ours_version
     L = ['', '## Our node on Python %s (same run)' % bench.alt_version, '',
          'The same snapshot of our node on a plain venv of Python %s, run right after the '
          'A/B pair in each round (tiny jobs and latency only).' % bench.alt_version, '',
@@ -1269,7 +1263,7 @@ def report(bench, cmdline, netns, profile_lines):
          '%s; original: legacy venv (Python 3.6, dispy 4.5.5, asyncoro 4.3.4); client: '
          'legacy dispy 4.5.5' % (
              commit, ', '.join('%s %s' % kv for kv in sorted(bench.ours_sha.items())),
-             '%s (%s)' % ('.'.join(map(str, sys.version_info[:3])),
+             '%s (%s)' % (bench.ours_version,
                           'a plain venv' if o.ours_python == 'venv' else o.ours_python)),
          '- machine: %d CPUs; load average %s at start, %s at end; took %.0f s; %s' % (
              os.cpu_count() or 0, bench.load_start, bench.load_end, bench.elapsed, netns),
@@ -1387,6 +1381,13 @@ def replot(json_path):
 
 
 # ---------------------------------------------------------------- main
+
+def python_version(python):
+    """'3.11.7' for the interpreter ``python``."""
+    return subprocess.run(
+        [python, '-c', 'import sys; print("%d.%d.%d" % sys.version_info[:3])'],
+        stdout=subprocess.PIPE, check=True, timeout=60).stdout.decode().strip()
+
 
 def find_alt_python(choice):
     """The second interpreter, or None."""
