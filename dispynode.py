@@ -153,10 +153,13 @@ PING_SOURCE_INTERVAL = 1.0    # one PONG round per (source, port, sign) per inte
 PING_RATE, PING_BURST = 20.0, 40   # PONG rounds per second for all sources together
 MAX_COMPUTATIONS = 16         # active computations (each holds a worker process)
 MAX_LANES = 16                # courier lanes (threads) at once
+MAX_WORKER_RESTARTS = 3       # fresh workers for a computation (without setup) whose worker died
 MAX_XFER_FILES = 10000        # files one computation may announce
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
+MAX_REPLY_ATTEMPTS = 5        # unacknowledged sends of a reply before it is only kept
+HELD_RETRY_SECONDS = 1.0      # replies that could not even be stored are retried this often
 TICK_SECONDS = 0.25           # the timer's period (shorter for a zombie interval under 2.5 s)
 KILL_GRACE = 0.5              # SIGTERM -> SIGKILL for a cancelled job
 CLEANUP_TIMEOUT = 30.0        # for a computation's cleanup function
@@ -437,6 +440,28 @@ def _ps_parents():
     return pairs or None
 
 
+def session_groups(sid):
+    """The process groups of the live processes in session ``sid`` (Linux
+    /proc; empty elsewhere)."""
+    groups = set()
+    try:
+        names = os.listdir('/proc')
+    except OSError:
+        return groups
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name, 'rb') as fh:
+                fields = fh.read().rsplit(b')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the name: state, ppid, pgrp, session
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b'Z', b'X'):
+            groups.add(int(fields[2]))
+    return groups
+
+
 def kill_tree(pid, sig):
     """Signal ``pid``'s process group and every descendant (some may have
     left the group with setsid)."""
@@ -715,6 +740,14 @@ class Computation:
         self.dest_path = dest_path
         self.keep_files = compute.cleanup is False
         self.has_cleanup = isinstance(compute.cleanup, dc.Function)
+        # Setup's state lives only in its worker: a computation with setup
+        # ends when that worker dies; one without gets a fresh worker.
+        self.has_setup = isinstance(getattr(compute, 'setup', None), dc.Function)
+        self.compute_bytes = None  # the COMPUTE payload and code, for a replacement worker
+        self.code = None
+        self.worker_restarts = 0
+        self.worker_ready = threading.Event()  # clear while a dead worker is replaced
+        self.worker_ready.set()
         self.pulse_interval = compute.pulse_interval
         self.sign = sign
         self.program = None
@@ -735,6 +768,7 @@ class Computation:
         self.evicted = None        # the node dropped it (see Node.evict)
         self.node_ip = None        # our address as this client knows it (Node.ip_of)
         self.dropped = set()       # uids killed by evict: their replies are not sent
+        self.unacked = collections.Counter()  # uid -> sends the client did not ACK
         self.running = set()       # uids of running jobs
         self.stored = set()        # uids with a stored, undelivered reply
         self.file_uses = collections.Counter()
@@ -955,6 +989,7 @@ class NodeState:
         with self.lock:
             todo = [Do.REMOVE_REPLY] if uid in comp.stored else []
             comp.stored.discard(uid)
+            comp.unacked.pop(uid, None)
             if not comp.stored and comp.phase is Phase.DETACHED:
                 self._move(comp, Phase.GONE, Phase.DETACHED)
                 todo += [Do.REMOVE_RECORD, Do.REMOVE_FILES]
@@ -1078,9 +1113,20 @@ class NodeState:
             comp.last_resend = now
             return True
 
-    def stored_uids(self, comp, limit=64):
+    def stored_uids(self, comp, limit=64, exhausted=True):
+        """The first ``limit`` uids with stored replies; with ``exhausted``
+        false, not those sent MAX_REPLY_ATTEMPTS times without an ACK."""
         with self.lock:
-            return sorted(comp.stored)[:limit]
+            uids = comp.stored if exhausted else [
+                u for u in comp.stored if comp.unacked[u] < MAX_REPLY_ATTEMPTS]
+            return sorted(uids)[:limit]
+
+    def note_unacked(self, comp, uid, fresh=False):
+        """Count a send of ``uid``'s reply that the client did not ACK
+        (``fresh``: the first of a new reply, as the client reuses uids)."""
+        with self.lock:
+            comp.unacked[uid] = 1 if fresh else comp.unacked[uid] + 1
+            return comp.unacked[uid]
 
     def progress(self, comp, limit=50):
         """(the first ``limit`` uids with stored results, how many are
@@ -2369,12 +2415,36 @@ class WorkerHandle:
                     self._answer(msg)
             except Exception:  # keep reading whatever one result did
                 logger.exception('handling %r from the worker of %s failed', msg[0], self.comp.id)
+        if self.comp.worker is self:
+            self.comp.worker_ready.clear()      # admit_job waits for Node.worker_lost
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
+
+    def exit_reason(self):
+        """Why the worker's channel closed, for its jobs' replies and the
+        log (waits briefly for its exit status; kills it if it lingers)."""
+        try:
+            code = self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait()
+        if code < 0:
+            return 'worker %d killed by signal %d' % (self.proc.pid, -code)
+        return 'worker %d exited with status %d' % (self.proc.pid, code)
+
+    def kill_orphans(self):
+        """Kill what the dead worker left: its job processes (each leads a
+        process group in the worker's session) would run on unseen, their
+        results lost with the worker."""
+        for pgid in session_groups(self.proc.pid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def stop(self, timeout=5.0):
         """Ask the worker to exit (its jobs die with it); kill it if needed."""
@@ -2393,22 +2463,40 @@ class WorkerHandle:
 # ---------------------------------------------------------------- courier
 
 class Delivery:
-    __slots__ = ('comp', 'uid', 'hash', 'reply', 'resend')
+    __slots__ = ('comp', 'uid', 'hash', 'reply', 'resend', 'queued')
 
     def __init__(self, comp, uid, job_hash, reply, resend):
         self.comp, self.uid, self.hash, self.reply, self.resend = \
             comp, uid, job_hash, reply, resend
+        self.queued = time.monotonic()
+
+
+# What one JOB_REPLY send came to (Courier._send).
+ACKED = 'acknowledged'
+REFUSED_REPLY = 'refused'          # the client answered, but not ACK: this reply alone
+UNANSWERED = 'unanswered'          # sent whole, no answer in --msg_timeout (frozen, or dropped it)
+UNREACHABLE = 'unreachable'        # no connection, or it broke before the frame was out
+NO_DESCRIPTOR = 'no descriptor'    # out of descriptors here: nobody's fault but ours
+FD_SHORT_ERRNOS = (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
 
 
 class Courier:
     """Sends JOB_REPLY frames to clients.  Each reply address has its own
     lane (a queue and a thread that ends when idle), so replies to one
-    client stay in order and a client that stalls delays only itself.  A
-    reply that cannot be delivered is stored."""
+    client stay in order and a client that stalls delays only itself.
+
+    A refusal (the client answered, but not ACK) concerns that reply alone.
+    Only an unreachable or silent client marks its address down: new
+    replies then go straight to the store for RETRY_SECONDS, and a resend
+    round stops at its first failure, rather than each waiting out a
+    timeout.  A reply that cannot be delivered is stored (Node.reply_undelivered);
+    one sent MAX_REPLY_ATTEMPTS times without an ACK is no longer resent
+    on its own (Node.resend)."""
 
     def __init__(self, node):
         self.node = node
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)   # notified as deliveries end
         self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
         self.in_flight = set()       # (compute id, uid)
@@ -2441,6 +2529,18 @@ class Courier:
         with self.lock:
             self.down.pop(addr, None)
 
+    def wait_idle(self, comp, timeout):
+        """Wait (at most ``timeout``) until no reply of ``comp`` is queued
+        or being sent."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while any(cid == comp.id for cid, _ in self.in_flight):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.idle.wait(left)
+        return True
+
     def _lane(self, addr):
         lane = self.lanes[addr][0]
         while True:
@@ -2461,6 +2561,7 @@ class Courier:
             finally:
                 with self.lock:
                     self.in_flight.discard((item.comp.id, item.uid))
+                    self.idle.notify_all()
 
     def drain(self, timeout):
         """Finish the queued deliveries (bounded by ``timeout``); later
@@ -2479,32 +2580,54 @@ class Courier:
         with self.lock:
             failed = self.down.get(addr)
             # Right after a failure, new replies go straight to the store
-            # rather than each waiting out a timeout; retries resume later.
-            skip = (not item.resend and failed is not None
-                    and time.monotonic() - failed < RETRY_SECONDS)
-        ok = False if skip else self._send(addr, item.reply)
-        if ok:
+            # rather than each waiting out a timeout, and the rest of a
+            # resend round waits for the next one.
+            skip = failed is not None and (
+                failed >= item.queued if item.resend
+                else time.monotonic() - failed < RETRY_SECONDS)
+        outcome = UNREACHABLE if skip else self._send(addr, item.reply)
+        if outcome is ACKED:
             self.node.reply_delivered(item)
             return
-        if not skip:
+        logs = self.node.logs
+        if outcome in (UNREACHABLE, UNANSWERED) and not skip:
             with self.lock:
                 self.down[addr] = time.monotonic()
-            logger.warning('could not deliver the reply of job %s to %s:%s%s', item.uid,
-                           addr[0], addr[1], '' if item.resend else '; storing it')
+        if outcome in (REFUSED_REPLY, UNANSWERED):
+            self.node.reply_unacknowledged(item, outcome)
+        elif outcome is NO_DESCRIPTOR:
+            logs.log('descriptors short', logging.WARNING, 'out of descriptors: the reply '
+                     'of job %s waits to be sent to %s:%s', item.uid, addr[0], addr[1])
+        elif not skip:
+            logs.log('could not deliver job replies', logging.WARNING,
+                     'could not deliver the reply of job %s to %s:%s%s', item.uid,
+                     addr[0], addr[1], '' if item.resend else '; storing it')
         if not item.resend:
             self.node.reply_undelivered(item)
 
     def _send(self, addr, reply):
+        """One JOB_REPLY to ``addr``: ACKED, REFUSED_REPLY, UNANSWERED,
+        UNREACHABLE or NO_DESCRIPTOR."""
         cfg = self.node.config
         try:
-            with dc.connect(addr, cfg.msg_timeout, self.node.tls_client) as sock:
+            sock = dc.connect(addr, cfg.msg_timeout, self.node.tls_client)
+        except OSError as exc:
+            logger.debug('connecting to %s:%s failed: %s', addr[0], addr[1], exc)
+            return NO_DESCRIPTOR if exc.errno in FD_SHORT_ERRNOS else UNREACHABLE
+        with sock:
+            try:
                 sock.settimeout(cfg.msg_timeout)
                 dc.send_msg(sock, b'JOB_REPLY:' + reply)
-                self.node.counters.add('bytes_out', 14 + len(reply))
-                return dc.recv_msg(sock, 1024) == b'ACK'
-        except (OSError, ProtocolError) as exc:
-            logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
-            return False
+            except OSError as exc:
+                logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
+                return UNREACHABLE
+            self.node.counters.add('bytes_out', 14 + len(reply))
+            try:
+                answer = dc.recv_msg(sock, 1024)
+            except (OSError, ProtocolError) as exc:
+                logger.debug('no answer from %s:%s: %s', addr[0], addr[1], exc)
+                return UNANSWERED
+        return ACKED if answer == b'ACK' else REFUSED_REPLY
 
 
 # ---------------------------------------------------------------- TCP handlers
@@ -2548,9 +2671,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
             if handler is None and self.token_sign is not None:
                 self.reply(b'NAK (invalid command: %s)' % msg[:16])
             return
-        if tag != b'PING':
-            # RESEND_JOB_RESULTS counts stored results before resending them.
-            self.node.sign_of_life(self.peer, resend=(tag != b'RESEND_JOB_RESULTS'))
+        # A request is a sign of its client's life once it is served, never
+        # when it is refused: a client retrying a refused JOB at once would
+        # otherwise keep a dead computation from ever becoming a zombie.
+        self.refused, self.alive_noted = False, tag == b'PING'
+        self.tag = tag
         try:
             # PING may come from anyone: the bounded plain-data decoder.
             body = dc.loads_unauth(payload) if tag == b'PING' else dc.loads_records(payload)
@@ -2563,8 +2688,20 @@ class RequestHandler(socketserver.BaseRequestHandler):
             handler(self, body)
         except (OSError, ProtocolError) as exc:
             logger.debug('%s from %s ended early: %s', tag.decode(), self.peer, exc)
+        finally:
+            if not self.refused:
+                self.note_alive()
+
+    def note_alive(self):
+        """The client was heard from (once per request).  RESEND_JOB_RESULTS
+        resends by itself, after counting."""
+        if not self.alive_noted:
+            self.alive_noted = True
+            self.node.sign_of_life(self.peer, resend=(self.tag != b'RESEND_JOB_RESULTS'))
 
     def reply(self, data):
+        if data == b'Busy' or data.startswith(b'NAK ('):
+            self.refused = True
         try:
             dc.send_msg(self.sock, data)
             self.node.counters.add('bytes_out', 4 + len(data))
@@ -2624,6 +2761,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
                                self.peer, refusal.decode())
             self.reply(refusal)
             return
+        self.note_alive()       # before its reply can be sent
         # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
         # CLOSE the client sends right after it finds the job there; its
         # reply waits for the ACK (job_done): the legacy client breaks (and
@@ -2643,6 +2781,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.state.find(getattr(job, 'compute_id', None))
         if comp is None:
             logger.debug('ignoring TERMINATE_JOB from %s', self.peer)
+            self.refused = True
             return
         self.node.terminate_job(comp, getattr(job, 'uid', None))
 
@@ -2653,6 +2792,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.lookup(info, self.token_sign)
         if comp is None:
             self.node.refuse('CLOSE for an unknown computation', self.peer)
+            self.refused = True
             return
         self.node.close_computation(comp, bool(info.get('terminate_pending')))
 
@@ -2665,7 +2805,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
             return
         _, stored, running = self.node.state.progress(comp)
         self.reply(dc.dumps_plain(stored + running))
-        self.node.resend(comp)
+        self.node.resend(comp, asked=True)
 
     @handles(b'PENDING_JOBS', recovery=True)
     def _handle_pending_jobs(self, info):
@@ -2751,6 +2891,25 @@ class Waker:
         _close(self.w)
 
 
+# Descriptors the node keeps for itself, beyond client connections: its
+# files, sockets, wakers and selectors, the workers' channels, courier
+# connections and stored-reply writes, PONG and task threads.
+FD_RESERVE = 24 + MAX_COMPUTATIONS + 2 * MAX_LANES + PONG_THREADS + TASK_THREADS
+FD_PAUSE_MIN, FD_PAUSE_MAX = 0.05, 1.0   # accepting pauses this long while descriptors are short
+
+
+def fd_budget(soft, max_connections):
+    """(pending connections, requests handled at once) that fit a soft
+    descriptor limit of ``soft`` and still leave room for the work in
+    flight: FD_RESERVE (at most half the limit), then two descriptors per
+    request being handled (its socket and a file), then the pending ones."""
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PENDING, max_connections
+    avail = max(8, soft - min(FD_RESERVE, soft // 2))
+    handlers = min(max_connections, max(4, avail // 3))
+    return max(4, min(MAX_PENDING, avail - 2 * handlers)), handlers
+
+
 class Reception(threading.Thread):
     """Reads every new connection's TLS handshake, auth prefix and frame in
     one selector loop.  Idle or trickling peers cost a descriptor here, not
@@ -2772,17 +2931,18 @@ class Reception(threading.Thread):
             import ssl  # only a TLS node pays for the module
             self.want_read = (ssl.SSLWantReadError, BlockingIOError)
             self.want_write = (ssl.SSLWantWriteError,)
-        # Stay well inside the descriptor limit, or accept() would fail
-        # (and the accept loop spin) before the cap ever refused anyone.
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY \
-            else max(32, min(MAX_PENDING, soft - 256))
+        # Stay inside the descriptor limit, with room for the work in
+        # flight (fd_budget); past the cap, the oldest connection that has
+        # sent nothing yet makes room for a new one (_shed_idle), so idle
+        # peers cannot lock clients out.
+        self.max_pending = server.max_pending
+        self.slack = max(2, self.max_pending // 4)
         self.stopped = False
         self.buffered = 0            # request bytes reserved (under self.lock)
 
     def add(self, sock, addr):
         with self.lock:
-            if self.stopped or self.count >= self.max_pending:
+            if self.stopped or self.count >= self.max_pending + self.slack:
                 refused = True
             else:
                 refused = False
@@ -2868,6 +3028,22 @@ class Reception(threading.Thread):
                 self._forget(sock)
                 continue
             self._advance(arrival)
+        self._shed_idle()
+
+    def _shed_idle(self):
+        """Over the pending cap: drop the oldest connections that have not
+        sent a byte."""
+        with self.lock:
+            over = self.count - self.max_pending
+        if over <= 0:
+            return
+        idle = sorted((a for a in (k.data for k in self.sel.get_map().values())
+                       if a is not None and a.stage == 'auth' and not a.buf
+                       and not a.handshaking), key=lambda a: a.deadline)
+        for a in idle[:over]:
+            self.node.refuse('connection: idle while too many are pending', a.addr[0],
+                             logging.INFO)
+            self._drop(a)
 
     def _advance(self, a):
         """Read as far as the data allows; hand over a complete request."""
@@ -3020,11 +3196,17 @@ class TCPServer(socketserver.TCPServer):
 
     def __init__(self, addr, node):
         self.node = node
-        self.slots = threading.BoundedSemaphore(node.config.max_connections)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_pending, handlers = fd_budget(soft, node.config.max_connections)
+        if handlers < node.config.max_connections:
+            logger.warning('the descriptor limit (%d) allows %d requests at once, not %d '
+                           '(--max_connections), and %d pending connections', soft, handlers,
+                           node.config.max_connections, self.max_pending)
+        self.slots = threading.BoundedSemaphore(handlers)
         # A slot is taken before a request is queued, so the queue never
         # refuses; idle threads end after a second (jobs come much faster).
-        self.handlers = TaskPool('request', node.config.max_connections,
-                                 node.config.max_connections, idle_seconds=1.0)
+        self.handlers = TaskPool('request', handlers, handlers, idle_seconds=1.0)
+        self.pause = FD_PAUSE_MIN       # the next back-off while descriptors are short
         # Before binding: a failed bind calls server_close, which closes it.
         self.waker = Waker()
         self.stopping = threading.Event()
@@ -3037,22 +3219,41 @@ class TCPServer(socketserver.TCPServer):
             with selectors.DefaultSelector() as sel:
                 sel.register(self, selectors.EVENT_READ)
                 sel.register(self.waker, selectors.EVENT_READ)
+                resume = None       # while descriptors are short: when to listen again
                 while not self.stopping.is_set():
-                    for key, _ in sel.select():
-                        if key.fileobj is self and not self.stopping.is_set():
-                            self._accept()
+                    timeout = None if resume is None else max(0.0, resume - time.monotonic())
+                    for key, _ in sel.select(timeout):
+                        if key.fileobj is self and not self.stopping.is_set() \
+                                and not self._accept():
+                            # The listener stays readable: stop polling it
+                            # for a while, or this loop would spin.
+                            sel.unregister(self)
+                            resume = time.monotonic() + self.pause
+                            self.pause = min(FD_PAUSE_MAX, self.pause * 2)
+                    if resume is not None and time.monotonic() >= resume:
+                        sel.register(self, selectors.EVENT_READ)
+                        resume = None
         finally:
             self.stopped.set()
 
     def _accept(self):
+        """Accept one connection; False if out of descriptors."""
         try:
             request, client_address = self.get_request()
-        except OSError:         # the peer left already, or out of descriptors
-            return
+        except OSError as exc:      # the peer left already, or out of descriptors
+            if exc.errno in FD_SHORT_ERRNOS:
+                self.node.logs.log('descriptors short', logging.WARNING,
+                                   'out of descriptors (limit %d): not accepting connections '
+                                   'for %gs', resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                   self.pause)
+                return False
+            return True
+        self.pause = FD_PAUSE_MIN
         if self.verify_request(request, client_address):
             self.process_request(request, client_address)
         else:
             self.shutdown_request(request)
+        return True
 
     def shutdown(self):
         """End serve_forever (which must have been started) and wait for it."""
@@ -3409,6 +3610,8 @@ class Node(ServiceControl):
         self.lookup_lock = threading.Lock()     # guards the two tables above
         self.counters = Counters()
         self.logs = LogLimiter()
+        self.held = collections.deque()     # replies neither delivered nor stored (yet)
+        self.held_lock = threading.Lock()
         self.stopping = threading.Event()
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
@@ -3461,6 +3664,7 @@ class Node(ServiceControl):
             time.sleep(0.05)
         if self._started:
             self.courier.drain(3.0)
+        self.retry_held(store_only=True)    # a last try to keep them
         for comp in active:
             # A retiring computation's worker may be running its cleanup: it
             # gets 2 s.  Any other's jobs are over (or past waiting for), and
@@ -3716,7 +3920,7 @@ class Node(ServiceControl):
 
     # -- timer: pulses, zombies, resends
     def _timer_loop(self):
-        last_pulse = last_retry = time.monotonic()
+        last_pulse = last_retry = last_held = time.monotonic()
         # A zombie is found within a tenth of its interval (the tests use
         # intervals of a fraction of a second).
         zombie = self.config.zombie_seconds
@@ -3730,6 +3934,9 @@ class Node(ServiceControl):
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
+                if self.held and time.monotonic() - last_held >= HELD_RETRY_SECONDS:
+                    last_held = time.monotonic()
+                    self.retry_held()
             except Exception:  # keep ticking
                 logger.exception('timer tick failed')
 
@@ -3829,6 +4036,7 @@ class Node(ServiceControl):
         refusal = self.state.claim(comp)
         if refusal:
             return None, refusal
+        comp.compute_bytes, comp.code = raw, compute.code
         try:
             self.workspace.save_computation(comp)
             comp.worker = self.take_worker()
@@ -3903,7 +4111,7 @@ class Node(ServiceControl):
             for entry in self.state.jobs_of(comp.id):
                 self.terminate_job(comp, entry.uid)
         if self.state.is_detached(comp):
-            self.resend(comp)
+            self.resend(comp, asked=True)
             self._settle(comp, self.state.forget)
             return
         self.retire(comp)
@@ -3926,6 +4134,9 @@ class Node(ServiceControl):
         if not change:
             return      # the node shut down meanwhile and settled it
         if Do.TERMINATED in change:
+            # Replies first: a JOB_REPLY after TERMINATED finds its job
+            # already rescheduled or abandoned at the client.
+            self.courier.wait_idle(comp, 2 * self.config.msg_timeout)
             self.send_terminated(comp)
         kept = self.state.progress(comp)[1] if Do.SAVE_RECORD in change else 0
         logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
@@ -4018,6 +4229,11 @@ class Node(ServiceControl):
                 or not isinstance(job.xfer_files or [], list):
             return None, None, b'NAK (invalid job)'
         comp = self.state.find(job.compute_id)
+        if comp is not None and not comp.worker_ready.is_set():
+            # Its worker died: wait (bounded) while worker_lost replaces it
+            # or ends the computation, rather than refuse the job (the
+            # legacy client would retry it at once, again and again).
+            comp.worker_ready.wait(self.config.msg_timeout)
         if comp is None or comp.worker is None \
                 or not comp.worker.alive:
             return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
@@ -4083,14 +4299,59 @@ class Node(ServiceControl):
         if self.state.retire_due(comp) and not self.stopping.is_set():
             self.spawn(self.retire, comp)
 
-    def worker_lost(self, comp):
-        """The worker exited or died; its running jobs end as Terminated."""
-        for entry in self.state.jobs_of(comp.id):
-            self.job_done(comp, entry.uid, self._terminated_reply(
-                comp, entry.uid, entry.hash, 'worker process of the computation died'))
-        if self.state.phase_of(comp) in (Phase.ACTIVE, Phase.ZOMBIE) \
-                and not self.stopping.is_set():
-            logger.warning('worker of computation %s exited', comp.id)
+    def worker_lost(self, comp, handle=None):
+        """The channel to ``comp``'s worker closed.  At retirement or
+        shutdown that is the worker's normal exit.  Otherwise it died (the
+        OOM killer, a crash in an extension, an operator): its running jobs
+        end Terminated with the reason and what it left running is killed.
+        Then a computation without setup goes on in a fresh worker (the
+        code is all its state: jobs are forks and keep nothing), at most
+        MAX_WORKER_RESTARTS times; one with setup (whose state died with the
+        worker, and which the node must not run twice behind the client's
+        back) ends, and the client gets TERMINATED, as from an original
+        node that shut down: it reschedules reentrant jobs it still had
+        here and abandons the others, and sets up anew when it rediscovers
+        the node, which is free again."""
+        handle = handle or comp.worker
+        try:
+            phase = self.state.phase_of(comp)
+            if comp.worker is not handle or handle.alive or self.stopping.is_set() \
+                    or phase not in (Phase.ACTIVE, Phase.ZOMBIE):
+                return
+            why = handle.exit_reason()
+            handle.kill_orphans()
+            entries = self.state.jobs_of(comp.id)
+            replace = (phase is Phase.ACTIVE and not comp.has_setup
+                       and comp.worker_restarts < MAX_WORKER_RESTARTS)
+            for entry in entries:
+                self.job_done(comp, entry.uid, self._terminated_reply(
+                    comp, entry.uid, entry.hash, why))
+            if replace:
+                try:
+                    worker = self.take_worker()
+                    worker.attach(comp, comp.compute_bytes, comp.code)
+                except Exception as exc:  # no worker: end it as below
+                    why += '; no new worker: %s' % exc
+                else:
+                    comp.worker = worker
+                    comp.worker_restarts += 1
+                    logger.warning('%s (computation %s): %d running job(s) end Terminated; '
+                                   'its jobs go on in a new worker (%d of at most %d)', why,
+                                   comp.id, len(entries), comp.worker_restarts,
+                                   MAX_WORKER_RESTARTS)
+                    self.spawn(self._refill_spare, key='spare')
+                    return
+            if phase is not Phase.ACTIVE:   # closing anyway: its last job_done retires it
+                logger.warning('%s (computation %s, closing): %d running job(s) end '
+                               'Terminated', why, comp.id, len(entries))
+                return
+            why += ('; the computation has setup, whose state died with it' if comp.has_setup
+                    else '; %d workers died already' % comp.worker_restarts)
+            logger.warning('%s (computation %s): %d running job(s) end Terminated', why,
+                           comp.id, len(entries))
+            self.evict(comp, why, kill_jobs=False)
+        finally:
+            comp.worker_ready.set()
 
     # -- results
     def reply_delivered(self, item):
@@ -4102,15 +4363,59 @@ class Node(ServiceControl):
         """``uid``'s stored reply is delivered, or unreadable: forget it."""
         self._drop_files(comp, self.workspace.drop_reply(comp, uid, self.state.drop_stored))
 
+    def reply_unacknowledged(self, item, outcome):
+        """The client did not ACK this reply (it refused it, or sent no
+        answer).  Counted per reply: once MAX_REPLY_ATTEMPTS sends went
+        unacknowledged, the stored reply is no longer resent on its own
+        (only a client's RESEND_JOB_RESULTS, as dispy.recover_jobs sends,
+        still gets it)."""
+        comp, (ip, port) = item.comp, item.comp.reply_addr
+        count = self.state.note_unacked(comp, item.uid, fresh=not item.resend)
+        if count >= MAX_REPLY_ATTEMPTS:
+            self.logs.log('replies never acknowledged', logging.WARNING,
+                          'the client at %s:%s did not acknowledge the reply of job %s in %d '
+                          'attempts (last: %s); it stays stored for recovery and is not sent '
+                          'again unless the client asks (RESEND_JOB_RESULTS)', ip, port,
+                          item.uid, count, outcome)
+        else:
+            self.logs.log('replies not acknowledged', logging.INFO,
+                          'the client at %s:%s %s the reply of job %s (attempt %d of %d)%s',
+                          ip, port, 'refused' if outcome is REFUSED_REPLY else
+                          'did not answer', item.uid, count, MAX_REPLY_ATTEMPTS,
+                          '' if item.resend else '; storing it')
+
     def reply_undelivered(self, item):
+        """Store a reply that was not delivered.  If even that fails (a full
+        disk, no descriptor left), it is held in memory and tried again
+        (delivery, then storage) from the timer: never dropped."""
         try:
             self.workspace.store_reply(item.comp, item.uid, item.hash, item.reply,
                                        self.state.add_stored)
         except OSError as exc:
-            logger.error('could not store the reply of job %s: %s', item.uid, exc)
+            with self.held_lock:
+                self.held.append(item)
+                held = len(self.held)
+            self.logs.log('could not store job replies', logging.ERROR,
+                          'could not store the reply of job %s: %s; %d reply(s) held in '
+                          'memory, tried again every %gs', item.uid, exc, held, HELD_RETRY_SECONDS)
 
-    def resend(self, comp):
-        for uid in self.state.stored_uids(comp):
+    def retry_held(self, store_only=False):
+        """Try the replies held in memory again: delivered, else stored,
+        else held again (``store_only``: at shutdown, no delivery)."""
+        with self.held_lock:
+            items, self.held = list(self.held), collections.deque()
+        for item in items:
+            item = Delivery(item.comp, item.uid, item.hash, item.reply, False)
+            if store_only:
+                self.reply_undelivered(item)
+            else:
+                self.courier.submit(item)
+
+    def resend(self, comp, asked=False):
+        """Send ``comp``'s stored replies again (at most 64 per round); the
+        ones sent MAX_REPLY_ATTEMPTS times without an ACK only if the
+        client ``asked``."""
+        for uid in self.state.stored_uids(comp, exhausted=asked):
             rec = self.workspace.load_reply(comp, uid)
             if rec is None:     # gone, or moved aside as unreadable
                 self._drop_reply(comp, uid)
@@ -5386,7 +5691,9 @@ def _resolve_local(host, option):
 
 
 def _raise_fd_limit():
-    """Many idle peers should cost descriptors, not refusals."""
+    """Many idle peers should cost descriptors, not refusals: the soft
+    limit goes up to the hard one (at most 65536).  Returns a note for the
+    log when the limit stays small, else None."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft != resource.RLIM_INFINITY and soft < min(target, 65536):
@@ -5394,6 +5701,12 @@ def _raise_fd_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 65536), hard))
         except (ValueError, OSError):
             pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < 1024:
+        return ('the descriptor limit is %d (hard limit %s): the node takes fewer '
+                'connections at once' % (soft, 'unlimited' if hard == resource.RLIM_INFINITY
+                                         else hard))
+    return None
 
 
 def check_prefix_path(prefix):
@@ -5476,9 +5789,11 @@ def main(argv=None):
         except ValueError as exc:
             parser.exit(2, 'dispynode: error: %s\n' % exc)
         return 0
-    _raise_fd_limit()
+    fd_note = _raise_fd_limit()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format='%(asctime)s dispynode %(levelname)s %(message)s')
+    if fd_note:
+        logger.warning('%s', fd_note)
     try:
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:
