@@ -746,6 +746,7 @@ class Computation:
         self.compute_bytes = None  # the COMPUTE payload and code, for a replacement worker
         self.code = None
         self.worker_restarts = 0
+        self.rejoin = False        # its worker died: the client is invited back once it retires
         self.worker_ready = threading.Event()  # clear while a dead worker is replaced
         self.worker_ready.set()
         self.pulse_interval = compute.pulse_interval
@@ -4146,6 +4147,13 @@ class Node(ServiceControl):
                     '; %d result(s) kept' % kept if kept else '')
         if Do.ANNOUNCE in change:
             self.announce()
+            if comp.rejoin and self.state.is_free():
+                # As a restarted original node is rediscovered: a TCP PING
+                # makes the client set its computation up here anew, and run
+                # the jobs it still holds.
+                info = self.ping_info(comp.scheduler_ip)
+                self.spawn(self._tcp_notify, (comp.scheduler_ip, comp.scheduler_port),
+                           b'PING:' + dc.dumps_plain(info))
         self.computation_ended(comp, shutdown_asked)
 
     def _settle(self, comp, transition):
@@ -4349,6 +4357,7 @@ class Node(ServiceControl):
                     else '; %d workers died already' % comp.worker_restarts)
             logger.warning('%s (computation %s): %d running job(s) end Terminated', why,
                            comp.id, len(entries))
+            comp.rejoin = True      # retire invites the client back
             self.evict(comp, why, kill_jobs=False)
         finally:
             comp.worker_ready.set()
