@@ -3612,7 +3612,8 @@ class Node(ServiceControl):
         self.counters = Counters()
         self.logs = LogLimiter()
         self.held = collections.deque()     # replies neither delivered nor stored (yet)
-        self.held_lock = threading.Lock()
+        self.held_lock = threading.Lock()    # guards held and invites
+        self.invites = []                   # (when, client ip, port): see retire
         self.stopping = threading.Event()
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
@@ -3935,11 +3936,25 @@ class Node(ServiceControl):
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
+                if self.invites:
+                    self._send_invites()
                 if self.held and time.monotonic() - last_held >= HELD_RETRY_SECONDS:
                     last_held = time.monotonic()
                     self.retry_held()
             except Exception:  # keep ticking
                 logger.exception('timer tick failed')
+
+    def _send_invites(self):
+        """The TCP PINGs due to clients whose computation ended with its
+        worker (see retire), if the node is still free."""
+        now = time.monotonic()
+        with self.held_lock:
+            due = [i for i in self.invites if i[0] <= now]
+            self.invites = [i for i in self.invites if i[0] > now]
+        for _, ip, port in due:
+            if self.state.is_free():
+                self.spawn(self._tcp_notify, (ip, port),
+                           b'PING:' + dc.dumps_plain(self.ping_info(ip)))
 
     def _retry_stored(self):
         active, _ = self.state.snapshot()
@@ -4147,13 +4162,15 @@ class Node(ServiceControl):
                     '; %d result(s) kept' % kept if kept else '')
         if Do.ANNOUNCE in change:
             self.announce()
-            if comp.rejoin and self.state.is_free():
+            if comp.rejoin:
                 # As a restarted original node is rediscovered: a TCP PING
                 # makes the client set its computation up here anew, and run
-                # the jobs it still holds.
-                info = self.ping_info(comp.scheduler_ip)
-                self.spawn(self._tcp_notify, (comp.scheduler_ip, comp.scheduler_port),
-                           b'PING:' + dc.dumps_plain(info))
+                # the jobs it still holds.  Sent by the timer once the
+                # client's own PING of a moment ago no longer counts against
+                # the PONG rate limit.
+                with self.held_lock:
+                    self.invites.append((time.monotonic() + PING_SOURCE_INTERVAL,
+                                         comp.scheduler_ip, comp.scheduler_port))
         self.computation_ended(comp, shutdown_asked)
 
     def _settle(self, comp, transition):
