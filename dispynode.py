@@ -2903,12 +2903,13 @@ def fd_budget(soft, max_connections):
     """(pending connections, requests handled at once) that fit a soft
     descriptor limit of ``soft`` and still leave room for the work in
     flight: FD_RESERVE (at most half the limit), then two descriptors per
-    request being handled (its socket and a file), then the pending ones."""
+    request being handled (its socket and a file), then the pending ones
+    (a fifth kept for the Reception's slack, see _shed_idle)."""
     if soft == resource.RLIM_INFINITY:
         return MAX_PENDING, max_connections
     avail = max(8, soft - min(FD_RESERVE, soft // 2))
     handlers = min(max_connections, max(4, avail // 3))
-    return max(4, min(MAX_PENDING, avail - 2 * handlers)), handlers
+    return max(4, min(MAX_PENDING, (avail - 2 * handlers) * 4 // 5)), handlers
 
 
 class Reception(threading.Thread):

@@ -7,6 +7,7 @@ tests/driver.py, with the node's retry interval shortened.
 """
 
 import errno
+import sys
 import os
 import signal
 import socket
@@ -302,3 +303,86 @@ def test_unit_reply_is_held_when_it_cannot_be_stored(unit_node, monkeypatch):
     monkeypatch.setattr(node.node.workspace, 'save_reply', real)
     assert not getattr(node.node, 'held', None)
     sink.close()
+
+
+# ---------------------------------------------------------------- descriptors
+
+def _cpu_seconds(pid):
+    with open('/proc/%d/stat' % pid) as fh:
+        fields = fh.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+@pytest.mark.interop
+def test_descriptor_limit_40_with_idle_connections(legacy_python, tmp_path):
+    """``ulimit -n 40`` (soft and hard), a -c 2 node, 300 jobs of 20 ms and
+    100 idle TCP connections held for 8 s: every job ends Finished, no
+    reply is dropped, and the node uses under half a CPU over the run.
+    Before: the accept loop spun on EMFILE, and "could not store the reply
+    ...: [Errno 24]" left jobs Running for ever."""
+    wrapper = tmp_path / 'python-nofile-40'
+    wrapper.write_text('#!/bin/sh\nulimit -n 40\nexec %s "$@"\n' % sys.executable)
+    wrapper.chmod(0o755)
+    node = dn_node(tmp_path, '-c', '2', python=wrapper, debug=False)
+    with node:
+        cpu0, t0 = _cpu_seconds(node.pid), time.monotonic()
+        client = LegacyClient(CLIENTS / 'worker_death.py', node.port, free_port(), 'jobs=300',
+                              'secs=0.02', 'wait=100', cwd=tmp_path, watchdog=120)
+        with client:
+            assert client.wait_line('RUNNING', 30) is not None, node.log()[-4000:]
+            idle = []
+            try:
+                for _ in range(100):
+                    try:
+                        idle.append(socket.create_connection(('127.0.0.1', node.port), 2))
+                    except OSError:
+                        pass        # refused or timed out: the node sheds them
+                time.sleep(8)
+            finally:
+                for sock in idle:
+                    sock.close()
+            res = client.result(120)
+        cpu = _cpu_seconds(node.pid) - cpu0
+        wall = time.monotonic() - t0
+        assert res.data and res.data.get('all_final'), _describe(res, node)
+        statuses = [j['status'] for j in res.data['jobs']]
+        assert statuses == [FINISHED] * 300, _describe(res, node)
+        assert 'could not store' not in node.log(), node.log()[-4000:]
+        assert cpu < 0.5 * wall, 'node used %.1f s of CPU in %.1f s\n%s' % (
+            cpu, wall, node.log()[-4000:])
+
+
+def test_unit_fd_budget_leaves_headroom_at_any_size():
+    """The pending cap and the requests handled at once fit the soft limit
+    with room for the node's own descriptors, from 32 up (the old cap was
+    at least 32 pending connections whatever the limit)."""
+    for soft in list(range(32, 2000)) + [4096, 65536]:
+        pending, handlers = dn.fd_budget(soft, dn.MAX_CONNECTIONS)
+        reserve = min(dn.FD_RESERVE, soft // 2)
+        assert pending >= 4 and handlers >= 4, soft
+        assert pending + max(2, pending // 4) + 2 * handlers + reserve <= soft + 8, soft
+    assert dn.fd_budget(65536, 64) == (dn.MAX_PENDING, 64)
+
+
+def test_unit_accept_pauses_while_descriptors_are_short(unit_node, monkeypatch):
+    """accept() failing with EMFILE while a connection waits: the listener
+    stays readable, so the accept loop stops polling it for a back-off
+    interval instead of spinning, logs it once, and serves again after."""
+    node = unit_node()
+    calls = []
+    real = node.node.tcp.get_request
+
+    def no_descriptors():
+        calls.append(time.monotonic())
+        raise OSError(errno.EMFILE, 'Too many open files')
+    monkeypatch.setattr(node.node.tcp, 'get_request', no_descriptors)
+    waiting = socket.create_connection(('127.0.0.1', node.port), 2)
+    try:
+        time.sleep(2.0)
+        assert 1 <= len(calls) <= 10, len(calls)
+        assert node.log().count('out of descriptors') == 1, node.log()[-3000:]
+        monkeypatch.setattr(node.node.tcp, 'get_request', real)
+        drv = Driver('127.0.0.1', node.port)
+        assert drv.ping_tcp() is not None
+    finally:
+        waiting.close()
