@@ -386,3 +386,50 @@ def test_unit_accept_pauses_while_descriptors_are_short(unit_node, monkeypatch):
         assert drv.ping_tcp() is not None
     finally:
         waiting.close()
+
+
+# ---------------------------------------------------------------- faults that ended cleanly before (kept)
+
+@pytest.mark.interop
+@pytest.mark.node_modes('local', 'original')
+def test_node_stopped_12s_midrun(node_factory, legacy_python, tmp_path):
+    """SIGSTOP of the node's process group for 12 s while 20 jobs of 0.5 s
+    run on -c 2, then SIGCONT: every job ends Finished at the client, on
+    ours as on the original."""
+    node = node_factory(args=('-c', '2'))
+    client = LegacyClient(CLIENTS / 'worker_death.py', node.port, free_port(), 'jobs=20',
+                          'secs=0.5', 'wait=80', cwd=tmp_path, watchdog=120)
+    with client:
+        assert client.wait_line('RUNNING', 30) is not None, node.log()[-4000:]
+        os.killpg(node.pid, signal.SIGSTOP)
+        try:
+            time.sleep(12)
+        finally:
+            os.killpg(node.pid, signal.SIGCONT)
+        res = client.result(120)
+    assert res.data and res.data.get('all_final'), _describe(res, node)
+    assert [j['status'] for j in res.data['jobs']] == [FINISHED] * 20, _describe(res, node)
+
+
+@pytest.mark.interop
+def test_killed_job_process_ends_terminated(legacy_python, tmp_path):
+    """kill -9 of one job process (not its worker): that job ends
+    Terminated with the signal, the others Finished in the same worker (no
+    replacement).  The original never replies for such a job (README)."""
+    node = dn_node(tmp_path, '-c', '2')
+    with node:
+        client = LegacyClient(CLIENTS / 'worker_death.py', node.port, free_port(), 'jobs=6',
+                              'secs=1', cwd=tmp_path, watchdog=60)
+        with client:
+            assert client.wait_line('RUNNING', 30) is not None, node.log()[-4000:]
+            worker = _busy_worker(node.pid)
+            victim = _children(worker)[0]
+            os.kill(victim, signal.SIGKILL)
+            res = client.result(70)
+        assert res.data and res.data.get('all_final'), _describe(res, node)
+        jobs = res.data['jobs']
+        dead = [j for j in jobs if j['status'] == TERMINATED]
+        assert len(dead) == 1 and 'killed by signal 9' in dead[0]['exception'], jobs
+        done = [j for j in jobs if j['status'] == FINISHED]
+        assert len(done) == 5 and {j['result']['worker'] for j in done} == {worker}, jobs
+        assert 'new worker' not in node.log()
