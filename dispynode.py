@@ -35,7 +35,9 @@ control, metrics)::
                          quit, dispynode_shutdown), then Node.close():
                          evicts all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon)
-    tcp-server ......... socketserver accept loop; hands sockets to reception
+    tcp-server ......... socketserver accept loop; hands sockets to reception;
+                         stops polling the listener for a back-off while
+                         descriptors are short (EMFILE)
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
                          thread); the request memory budget
@@ -50,8 +52,10 @@ control, metrics)::
                          queues PONGs; refreshes computations (last_pulse)
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
     timer .............. pulses, zombie detection (ACTIVE -> ZOMBIE), retries
-                         of stored results, log summaries, service window,
-                         --ping_interval
+                         of stored results (bounded per reply) and of replies
+                         held in memory (not storable), the PING inviting a
+                         client back after its worker died, log summaries,
+                         service window, --ping_interval
     task-N ............. at most TASK_THREADS: evictions and retirements
                          (ZOMBIE -> RETIRING -> DETACHED or GONE: the
                          worker's close, then Workspace files and record),
@@ -59,10 +63,14 @@ control, metrics)::
     courier-<addr> ..... one lane per client address (at most MAX_LANES):
                          JOB_REPLY delivery; stores what cannot be delivered
                          (Workspace; GONE -> DETACHED) and removes what was
-                         (DETACHED -> GONE when nothing is left)
+                         (DETACHED -> GONE when nothing is left); a refusal
+                         concerns one reply, a failure the address
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
                          results from its worker; frees the job's CPU
-                         (NodeState) and hands the reply to the courier
+                         (NodeState) and hands the reply to the courier;
+                         when the worker dies (Node.worker_lost), ends its
+                         jobs Terminated and starts a fresh worker, or
+                         evicts a computation with setup (ACTIVE -> ZOMBIE)
     control ............ the local status socket <prefix>/.dispynode-control
                          (one connection at a time)
     metrics ............ --metrics only: Prometheus text at /metrics
