@@ -433,3 +433,4 @@ def test_killed_job_process_ends_terminated(legacy_python, tmp_path):
         done = [j for j in jobs if j['status'] == FINISHED]
         assert len(done) == 5 and {j['result']['worker'] for j in done} == {worker}, jobs
         assert 'new worker' not in node.log()
+
