@@ -434,3 +434,22 @@ def test_killed_job_process_ends_terminated(legacy_python, tmp_path):
         assert len(done) == 5 and {j['result']['worker'] for j in done} == {worker}, jobs
         assert 'new worker' not in node.log()
 
+
+
+def test_unit_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    """At start the node raises its soft descriptor limit to the hard one
+    (at most 65536), and says so when the limit stays under 1024."""
+    import subprocess
+    code = ('import resource, dispynode\n'
+            'note = dispynode._raise_fd_limit()\n'
+            'print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], note)\n')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import resource
+    for limits, noted in (((40, 4096), False), ((40, 40), True)):
+        out = subprocess.run([sys.executable, '-c', code], cwd=repo, timeout=30,
+                             stdout=subprocess.PIPE, universal_newlines=True,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                   limits))
+        got, _, note = out.stdout.strip().partition(' ')
+        assert int(got) == limits[1], out.stdout
+        assert (note != 'None') == noted, out.stdout
