@@ -4383,7 +4383,10 @@ class Node(ServiceControl):
                     else '; %d workers died already' % comp.worker_restarts)
             logger.warning('%s (computation %s): %d running job(s) end Terminated', why,
                            comp.id, len(entries))
-            comp.rejoin = True      # retire invites the client back
+            # retire invites the client back if the death took jobs with it:
+            # each round then ends a job, so a worker that keeps dying (in
+            # setup, or between jobs) cannot bring the client back for ever
+            comp.rejoin = bool(entries)
             self.evict(comp, why, kill_jobs=False)
         finally:
             comp.worker_ready.set()
