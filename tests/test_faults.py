@@ -453,3 +453,24 @@ def test_unit_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
         got, _, note = out.stdout.strip().partition(' ')
         assert int(got) == limits[1], out.stdout
         assert (note != 'None') == noted, out.stdout
+
+
+def test_unit_worker_dying_in_setup_frees_the_node_without_invitation(unit_node):
+    """A setup that kills its own worker: SETUP answers the failure, the
+    computation ends and the node is free; the client is not invited back
+    (no job ended with that worker), so a setup that always crashes cannot
+    loop."""
+    from recovery_util import wait_node_free
+    node = unit_node()
+    drv = Driver('127.0.0.1', node.port)
+    drv.ping_tcp()
+    code = ('import os, signal\ndef boom():\n    os.kill(os.getpid(), signal.SIGKILL)\n'
+            'def f(n):\n    return n\n')
+    answer, _ = drv.compute(code, 'f', compute_id=507, auth='ab0507',
+                            setup=dc.Function('boom', (), {}))
+    assert answer == b'ACK'
+    assert drv.setup(507) != b'ACK'
+    assert wait_node_free(node.port, 10), node.log()[-3000:]
+    time.sleep(1.5)     # past the invitation's delay
+    assert not [m for m in drv.server.all if m.tag == 'PING'], node.log()[-3000:]
+    assert node.node.state.find(507) is None
