@@ -474,3 +474,42 @@ def test_unit_worker_dying_in_setup_frees_the_node_without_invitation(unit_node)
     time.sleep(1.5)     # past the invitation's delay
     assert not [m for m in drv.server.all if m.tag == 'PING'], node.log()[-3000:]
     assert node.node.state.find(507) is None
+
+
+# ---------------------------------------------------------------- many nodes (namespaces)
+
+@pytest.mark.slow
+@pytest.mark.node_modes('netns', 'original')
+def test_four_nodes_through_the_scheduler(impl, node_factory, tmp_path, legacy_python):
+    """SharedJobCluster through the legacy dispyscheduler to four nodes on
+    one LAN (namespaces): every job Finished, spread over all four nodes,
+    on ours as on the original."""
+    import netns
+    from test_netns import _lan, _tcp_probe
+    ok, why = netns.available()
+    if not ok:
+        if os.environ.get('CI') == 'true':
+            pytest.fail(why)
+        pytest.skip(why)
+    lab = netns.Lab(tmp_path / 'lab')
+    try:
+        _, c, hosts = _lan(lab, '10.231.40', 4)
+        nodes = [node_factory(host=h, ip_addr=h.addr, args=['-c', '1']) for h in hosts]
+        args = ['-d', '-i', c.addr, '--dest_path_prefix', str(tmp_path / 'sched')]
+        for h in hosts:
+            args += ['-n', h.addr]
+        from legacy import ensure_legacy_venv
+        sched = c.spawn([str(ensure_legacy_venv()), '-m', 'dispy.dispyscheduler'] + args,
+                        tmp_path / 'scheduler.log', cwd=tmp_path)
+        assert wait_for(lambda: _tcp_probe(lab, c, c.addr, 51349) == 'ok', 30), sched.log(8000)
+        res = lab.run_client(c, 'netns_shared.py', 'ip_addr=%s' % c.addr, 'jobs=16',
+                             'sleep=0.3', timeout=90)
+        where = '%s\n--- scheduler ---\n%s' % (res.describe(), sched.log(8000))
+        assert res.data and res.data.get('all_final'), where
+        assert [j['status'] for j in res.data['jobs']] == [FINISHED] * 16, where
+        assert all(j['result'] == j['id'] ** 2 + 1 for j in res.data['jobs']), where
+        assert {j['ip_addr'] for j in res.data['jobs']} == {h.addr for h in hosts}, where
+        assert all(n.alive() for n in nodes)
+    finally:
+        problems = lab.close()
+    assert not problems, problems
