@@ -3443,12 +3443,12 @@ class ServiceControl:
             return text[5:-1] if text.startswith('NAK (') else text
         return None
 
-    def release(self):
+    def release(self, why='released from the console'):
         """Drop the current client's computations now (its view: as a
         zombie drop).  Returns how many."""
         active, _ = self.state.snapshot()
         for comp in active:
-            self.spawn(self.evict, comp, 'released from the console')
+            self.spawn(self.evict, comp, why)
         return len(active)
 
 
@@ -4393,7 +4393,9 @@ def _command_resume(node, args, source):
 
 @node_command('release', 'release', 'drop the current client now')
 def _command_release(node, args, source):
-    return True, 'released %d computation(s)' % node.release()
+    return True, 'released %d computation(s)' % node.release(
+        'released from the console' if source[0] == 'console' else 'released by a control '
+        'command')
 
 
 @node_command('drain', 'drain', 'no new computation or job; exit once running jobs end')
