@@ -22,19 +22,22 @@ see dispy_common for framing and records)::
 
 Threads and processes (every thread is named and comes from a capped pool,
 so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
---max_connections + MAX_LANES + MAX_COMPUTATIONS threads: 114 by default;
-8 fixed: main, console, tcp-server, reception, udp-listener, timer,
-control, metrics)::
+METRICS_THREADS + --max_connections + MAX_LANES + MAX_COMPUTATIONS
+threads: 116 by default; 8 fixed: main, console, tcp-server, reception,
+udp-listener, timer, control, metrics)::
 
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
                          environment, lookups, TLS files, prefix, the jobs'
-                         cgroup with --job_memory); waits for
+                         cgroup with --job_memory); then acts on the signals
+                         its handlers only queue: SIGHUP reopens --log_file,
                          SIGINT/SIGTERM (or Node.quit: --serve, console
-                         quit, dispynode_shutdown), then Node.close():
-                         evicts all, settles each (ZOMBIE -> DETACHED or GONE)
-    console ............ terminal commands (stdin a tty, no --daemon)
+                         quit, control stop, a finished drain,
+                         dispynode_shutdown) end in Node.close(): evicts
+                         all, settles each (ZOMBIE -> DETACHED or GONE)
+    console ............ terminal commands (stdin a tty, no --daemon); the
+                         same table of commands as the control socket
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
@@ -63,10 +66,15 @@ control, metrics)::
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
                          results from its worker; frees the job's CPU
                          (NodeState) and hands the reply to the courier
-    control ............ the local status socket <prefix>/.dispynode-control
-                         (one connection at a time)
-    metrics ............ --metrics only: Prometheus text at /metrics
-                         (one request at a time)
+    control ............ the local control socket <prefix>/.dispynode-control
+                         (one connection at a time): status, and for root
+                         or the node's user drain, pause, resume, cpus,
+                         release, stop; holds the drain/stop connections
+                         open until the process exits
+    metrics ............ --metrics only: accepts and reads HTTP requests in
+                         one selector loop (one deadline per request)
+    metrics-N .......... at most METRICS_THREADS: answer complete requests
+                         (/metrics, /healthz)
 
 State and locks: NodeState (one lock) holds the computations, their
 phases and jobs; every phase change is one of its methods, checked
