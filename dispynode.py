@@ -4173,22 +4173,25 @@ class Node(ServiceControl):
         with self.finishing_lock:
             self.finishing += 1     # a drain waits for this reply too
         try:
-            entry, _, unused = self.state.finish_job(uid)
-            if entry is None:
-                return
-            if entry.answered is not None:
-                entry.answered.wait(self.config.msg_timeout)
-            self.note_job(comp, entry, status, limit, reason)
-            self.workspace.remove_job_files(comp, unused)
-            # A job killed by evict() sends nothing: the client reschedules or
-            # abandons it on our TERMINATED, as with the original node.
-            if not entry.unacknowledged and uid not in comp.dropped:
-                self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
-            if self.state.retire_due(comp) and not self.stopping.is_set():
-                self.spawn(self.retire, comp)
+            self._job_done(comp, uid, reply, status, limit, reason)
         finally:
             with self.finishing_lock:
                 self.finishing -= 1
+
+    def _job_done(self, comp, uid, reply, status, limit, reason):
+        entry, _, unused = self.state.finish_job(uid)
+        if entry is None:
+            return
+        if entry.answered is not None:
+            entry.answered.wait(self.config.msg_timeout)
+        self.note_job(comp, entry, status, limit, reason)
+        self.workspace.remove_job_files(comp, unused)
+        # A job killed by evict() sends nothing: the client reschedules or
+        # abandons it on our TERMINATED, as with the original node.
+        if not entry.unacknowledged and uid not in comp.dropped:
+            self.courier.submit(Delivery(comp, uid, entry.hash, reply, False))
+        if self.state.retire_due(comp) and not self.stopping.is_set():
+            self.spawn(self.retire, comp)
 
     def worker_lost(self, comp):
         """The worker exited or died; its running jobs end as Terminated."""
@@ -6012,12 +6015,15 @@ def main(argv=None):
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
-    # Signal handlers only queue the signal and wake the main loop, which
-    # acts on it (no logging or locks inside a handler).  The one exception
-    # is a second SIGINT/SIGTERM while the first one's shutdown runs: it
-    # exits at once, as it always has.
+    # Signal handlers only queue the signal and wake the main loop through
+    # a pipe, which acts on it (no logging or locks inside a handler: an
+    # Event's lock could be the one the main thread holds).  The one
+    # exception is a second SIGINT/SIGTERM while the first one's shutdown
+    # runs: it exits at once, as it always has.
     signals = collections.deque(maxlen=64)
-    wake = threading.Event()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
     stopping = []
 
     def on_signal(signum, frame):
@@ -6027,7 +6033,10 @@ def main(argv=None):
                 os._exit(1)
             stopping.append(signum)
         signals.append(signum)
-        wake.set()
+        try:
+            os.write(wake_w, b'.')
+        except OSError:
+            pass        # full: the main loop is awake anyway
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
@@ -6036,8 +6045,11 @@ def main(argv=None):
         Console(node).start()
     stop = False
     while not stop and not node.quit.is_set():
-        wake.wait(0.25)
-        wake.clear()
+        try:
+            if _select.select([wake_r], [], [], 0.25)[0]:
+                os.read(wake_r, 4096)
+        except InterruptedError:
+            pass
         while signals:
             signum = signals.popleft()
             if signum == signal.SIGHUP:
