@@ -403,6 +403,28 @@ def test_metrics_slow_client_beside_fast_scrape(nodes):
     assert a.alive()
 
 
+def test_forged_done_message_cannot_inject_metrics(nodes, legacy_python, tmp_path):
+    """Module code of a real client's computation forges the worker's
+    'done' message for its running job, with limit and reason names that
+    try to start metric lines of their own: /metrics stays one sample per
+    line of the node's own families (the names are counted as 'other')."""
+    mport = free_port()
+    a = nodes('a', ['--daemon', '--metrics', mport])
+    res = start_client(CLIENTS / 'forge_done.py', a.port, free_port(), timeout=60,
+                       cwd=tmp_path).result(60)
+    data = check_client(res, a)
+    assert data['jobs'][0]['exception'] == 'forged', describe(res, a)   # it did reach us
+    assert wait_for(lambda: sum(status(a)['jobs_done'].values()) == 1, 15, 0.2)
+    code, text = http_get(mport, '/metrics')
+    assert code == 200
+    assert 'evil_' not in ''.join(line.split(' ', 1)[0] for line in text.splitlines()), text
+    samples, _ = metric_samples(text)
+    assert not [k for k in samples if k[0].startswith('evil')], text
+    assert samples[('dispynode_jobs_terminated_total', (('reason', 'other'),))] == 1, text
+    assert all(v == 0 for k, v in samples.items()
+               if k[0] == 'dispynode_job_limit_kills_total'), text
+
+
 def test_unit_prometheus_label_escaping():
     """Label values escape backslash, double quote and line feed, so a
     value can neither end its label nor start a line of its own."""
