@@ -145,6 +145,40 @@ def test_drain_two_running_jobs_then_exit(nodes, legacy_python, tmp_path):
     assert 'Traceback' not in log, log
 
 
+def test_drain_refuses_new_jobs_and_computations(nodes):
+    """At the protocol level: while draining, a JOB of the current client
+    and a new COMPUTE get 'NAK (node is draining)'; the running job's
+    reply is still delivered, then the node exits 0."""
+    from driver import Driver
+    a = nodes('a', ['--daemon'])
+    d = Driver('127.0.0.1', a.port)
+    drain = None
+    try:
+        d.ping_tcp()
+        _, compute = d.compute('import time\ndef f(n):\n    time.sleep(n)\n    return n\n', 'f')
+        assert d.job(compute.id, 1, args=(3,)) == b'ACK'
+        assert wait_for(lambda: status(a)['jobs_running'], 10, 0.1)
+        drain = subprocess.Popen([sys.executable, str(REPO / 'dispynode.py'), 'drain',
+                                  '--dest_path_prefix', str(a.prefix), '--timeout', '60'],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 universal_newlines=True)
+        assert wait_for(lambda: status(a)['draining'], 10, 0.1)
+        assert d.job(compute.id, 2, args=(0,)) == b'NAK (node is draining)'
+        answer, _ = d.compute('def g():\n    return 1\n', 'g')
+        assert answer == b'NAK (node is draining)'
+        reply = d.server.wait_reply(1, 30)
+        assert reply is not None and reply.status == FINISHED and reply.result == 3, a.log()
+        out, err = drain.communicate(timeout=60)
+        assert drain.returncode == 0 and out.startswith('drained: '), (out, err)
+        assert a.proc.wait(10) == 0
+        assert d.server.wait_reply(2, 0.5) is None
+    finally:
+        d.close_server()
+        if drain is not None and drain.poll() is None:
+            drain.kill()
+            drain.wait()
+
+
 # ---------------------------------------------------------------- control commands
 
 def test_control_commands(nodes, legacy_python, tmp_path):
@@ -291,13 +325,13 @@ def test_healthz_names_the_reason(nodes, case):
     outside the service window; other paths stay 404."""
     mport = free_port()
     if case == 'guard':
-        a = nodes('a', ['--daemon', '--metrics', mport, '--min_free_memory', '64m'],
-                  env={'DISPYNODE_FREE_MEMORY': '1m'})
+        nodes('a', ['--daemon', '--metrics', mport, '--min_free_memory', '64m'],
+              env={'DISPYNODE_FREE_MEMORY': '1m'})
         want = 'guard: free memory 1m is below --min_free_memory 64m\n'
     else:
         # the clock shows 23:00; the service starts at 23:30
-        a = nodes('a', ['--daemon', '--metrics', mport, '--service_start', '23:30',
-                        '--service_stop', '23:50'], env={'DISPYNODE_CLOCK_START': '23:00'})
+        nodes('a', ['--daemon', '--metrics', mport, '--service_start', '23:30',
+                    '--service_stop', '23:50'], env={'DISPYNODE_CLOCK_START': '23:00'})
         want = 'outside the service window\n'
     assert http_get(mport, '/healthz') == (503, want)
     assert http_get(mport, '/nothing')[0] == 404
