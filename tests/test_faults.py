@@ -129,6 +129,29 @@ def test_killed_worker_with_setup_ends_the_computation(legacy_python, tmp_path):
         _next_client_served(node, tmp_path)
 
 
+@pytest.mark.interop
+def test_killed_worker_leaves_no_job_running(legacy_python, tmp_path):
+    """The job processes of a killed worker are killed too: they would run
+    on unseen (a 30 s job here), holding a CPU, their results lost with the
+    worker.  Before, they ran to their end."""
+    from legacy import pid_alive
+    node = dn_node(tmp_path, '-c', '2')
+    with node:
+        client = LegacyClient(CLIENTS / 'worker_death.py', node.port, free_port(), 'jobs=2',
+                              'secs=30', cwd=tmp_path, watchdog=60)
+        with client:
+            assert client.wait_line('RUNNING', 30) is not None, node.log()[-4000:]
+            worker = _busy_worker(node.pid)
+            jobs = wait_for(lambda: len(_children(worker)) == 2 and _children(worker), 10)
+            assert jobs, node.log()[-4000:]
+            os.kill(worker, signal.SIGKILL)
+            assert wait_for(lambda: not [p for p in jobs if pid_alive(p)], 10), \
+                'job processes %s still run\n%s' % (jobs, node.log()[-4000:])
+            res = client.result(70)
+        assert res.data and res.data.get('all_final'), _describe(res, node)
+        assert [j['status'] for j in res.data['jobs']] == [TERMINATED] * 2, _describe(res, node)
+
+
 def dn_node(tmp_path, *args, **kw):
     from nodes import NodeProc
     return NodeProc.start(tmp_path / 'node', args=args, **kw)
