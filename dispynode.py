@@ -130,6 +130,65 @@ __version__ = '1.0.0'
 
 logger = logging.getLogger('dispynode')
 
+# ---------------------------------------------------------------- printable logs
+# Names a client chooses (computation name, dest_path, file names, job
+# hashes) and texts its code makes (exceptions) reach log lines and the
+# status table: control characters in them are escaped, so they can
+# neither start a line that looks like the node's nor reach a terminal raw.
+
+_CONTROL_RE = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
+
+
+def _escape_char(match):
+    char = match.group()
+    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 256
+                                  else '\\u%04x' % ord(char))
+
+
+def printable(text):
+    """``text`` with its control characters (newline, ESC, DEL, C1,
+    Unicode line separators) escaped as ``\\n``, ``\\x1b``, ..."""
+    return _CONTROL_RE.sub(_escape_char, text)
+
+
+class LogLines(str):
+    """A multi-line text for a log record (a traceback of user code): its
+    lines stay lines, indented under the record, each escaped."""
+
+
+def _indented(text):
+    return '\n'.join('    ' + printable(line) for line in str(text).rstrip('\n').split('\n'))
+
+
+def _printable_arg(arg):
+    if isinstance(arg, LogLines):
+        return _indented(arg)
+    if isinstance(arg, str):
+        return printable(arg)
+    if arg is None or isinstance(arg, (int, float)):
+        return arg
+    try:
+        text = str(arg)         # an exception, a path: its text may hold a client's name
+    except Exception:  # an object whose str fails is logged as it is
+        return arg
+    return printable(text) if _CONTROL_RE.search(text) else arg
+
+
+class _PrintableRecords(logging.Filter):
+    """Escapes the arguments of every record of the node's logger, and
+    indents the lines of a logged traceback."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_printable_arg(a) for a in record.args)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _indented(''.join(traceback.format_exception(*record.exc_info)))
+        return True
+
+
+logger.addFilter(_PrintableRecords())
+
 # ---------------------------------------------------------------- constants
 
 DEFAULT_NODE_PORT = 51348
@@ -996,12 +1055,15 @@ class NodeState:
                 comp.file_uses[name] += 1
             return None
 
-    def finish_job(self, uid):
-        """Free the job's CPU.  Returns (entry, comp, files to delete)."""
+    def finish_job(self, uid, compute_id=None):
+        """Free the job's CPU (if it is a job of ``compute_id``, when given:
+        a worker ends only its own computation's jobs).  Returns (entry,
+        comp, files to delete)."""
         with self.lock:
-            entry = self.jobs.pop(uid, None)
-            if entry is None:
+            entry = self.jobs.get(uid)
+            if entry is None or compute_id is not None and entry.compute_id != compute_id:
                 return None, None, []
+            del self.jobs[uid]
             self.avail_cpus += 1
             comp = self.active.get(entry.compute_id) or self.detached.get(entry.compute_id)
             unused = []
@@ -2393,14 +2455,22 @@ class Worker:
                 job.chunks = [head]
                 size, job.status, job.limit_code = _REPLY_LEN.unpack_from(head)
                 job.size = _REPLY_LEN.size + size
-            if job.size is not None and job.got == job.size and not job.replied:
+                limit = self.cfg.get('max_reply')
+                if limit and size > limit:
+                    # the node would stop this worker for such a frame: the
+                    # job ends instead (its writes fail once the pipe closes)
+                    job.replied, job.chunks, block = True, [], None
+                    self._finish(job.uid, job.hash, job.start, None,
+                                 "the job's result of %d bytes is over the node's limit of "
+                                 "%d bytes (--max_request_size)" % (size, limit))
+            if block and job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
                 # Nothing more to read (whatever a process the job started
                 # might still write): close now rather than wake for EOF.
-            else:
+            elif block:
                 return
         self._unwatch(job.fd)
         os.close(job.fd)
@@ -2545,6 +2615,28 @@ def worker_command(statement):
     return [sys.executable, '-c', loader + statement]
 
 
+class WorkerFault(Exception):
+    """A worker broke the rules of its channel: it is stopped as faulty."""
+
+
+WORKER_FRAME_RATE = 16 * 1024 * 1024    # bytes/s: a worker frame's body must keep this pace
+_LIMIT_NAME_RE = re.compile(r'^[a-z][a-z_]{0,31}$')
+# tag -> checks of the fields after it (Worker.send's messages)
+WORKER_MESSAGES = {
+    'done': (small_int, lambda v: isinstance(v, bytes),
+             lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256,
+             lambda v: v is None or isinstance(v, str) and bool(_LIMIT_NAME_RE.match(v))),
+    'setup': (small_int, lambda v: isinstance(v, bool), lambda v: isinstance(v, str)),
+    'closed': (small_int, lambda v: isinstance(v, str), lambda v: isinstance(v, bool)),
+}
+
+
+def worker_frame_limit(cfg):
+    """The largest frame the node reads from a worker (a job's reply and
+    a little framing): --max_request_size, as for a client's request."""
+    return min(cfg.max_request_size, cfg.max_request_memory, INTERNAL_FRAME_LIMIT)
+
+
 class WorkerHandle:
     """The node's end of one worker process.  Workers are started ahead of
     need (Node keeps a spare), because a fresh interpreter takes tens of
@@ -2588,7 +2680,8 @@ class WorkerHandle:
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
-            'max_file_size': cfg.max_file_size, **job_limits(cfg)}))
+            'max_file_size': cfg.max_file_size, 'max_reply': worker_frame_limit(cfg) - 4096,
+            **job_limits(cfg)}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)
         self.reader.start()
@@ -2626,10 +2719,20 @@ class WorkerHandle:
         waiter[0].set()
 
     def _read_loop(self):
+        fault = None
         while True:
             try:
-                msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
-            except (ProtocolError, OSError):
+                msg = self._recv_frame()
+                if msg is None:
+                    break       # the worker exited (or was stopped)
+                msg = self._checked(dc.loads_plain(msg))
+            except WorkerFault as exc:
+                fault = str(exc)
+                break
+            except ProtocolError as exc:
+                fault = 'a malformed message (%s)' % exc
+                break
+            except OSError:
                 break
             try:
                 if msg[0] == 'done':
@@ -2638,12 +2741,84 @@ class WorkerHandle:
                     self._answer(msg)
             except Exception:  # keep reading whatever one result did
                 logger.exception('handling %r from the worker of %s failed', msg[0], self.comp.id)
+        if fault is not None:
+            # The worker runs the computation's own code: a worker that breaks
+            # the channel's rules is faulty, and is ended, never trusted.
+            logger.warning('worker of computation %s (pid %d) sent %s: stopping it as faulty',
+                           self.comp.id, self.proc.pid, fault)
+            kill_tree(self.proc.pid, signal.SIGKILL)
+            try:
+                self.chan.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
+
+    def _recv_frame(self):
+        """One frame from the worker, or None at its end.  The length comes
+        whenever the worker has something to say; the body is bounded: at
+        most worker_frame_limit() bytes, held in the --max_request_memory
+        budget (shared with the requests being received; the frame waits
+        in the kernel until there is room), and whole by a deadline."""
+        head = bytearray(4)
+        got = 0
+        while got < 4:
+            n = self.chan.recv_into(memoryview(head)[got:], 4 - got)
+            if not n:
+                if got:
+                    raise WorkerFault('a cut frame header')
+                return None
+            got += n
+        (size,) = _FRAME_LEN.unpack(head)
+        limit = worker_frame_limit(self.node.config)
+        if size > limit:
+            raise WorkerFault('a frame of %d bytes (over the limit of %d)' % (size, limit))
+        reception = self.node.tcp.reception
+        while not reception.reserve(size):
+            if not self.alive or self.node.stopping.is_set():
+                raise OSError('stopping')
+            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + self.node.config.msg_timeout + \
+                size / WORKER_FRAME_RATE
+            return self._recv_body(size, deadline)
+        finally:
+            reception.release(size)
+
+    def _recv_body(self, size, deadline):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        poller = _select.poll()
+        poller.register(self.chan.fileno(), _select.POLLIN)
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFault('%d of a %d-byte frame by its deadline' % (got, size))
+            if not poller.poll(int(left * 1000) + 1):
+                continue
+            try:
+                # MSG_DONTWAIT: the socket stays blocking for the sending threads
+                n = self.chan.recv_into(view[got:], min(size - got, CHUNK), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if not n:
+                raise WorkerFault('%d of a %d-byte frame, then its end' % (got, size))
+            got += n
+        return buf
+
+    @staticmethod
+    def _checked(msg):
+        """A worker's message, checked like any peer's (WORKER_MESSAGES)."""
+        kinds = WORKER_MESSAGES.get(msg[0]) if isinstance(msg, tuple) and msg else None
+        if kinds is None or len(msg) != len(kinds) + 1 \
+                or not all(check(v) for check, v in zip(kinds, msg[1:])):
+            raise WorkerFault('an invalid message %s' % brief(msg[0] if isinstance(msg, tuple)
+                                                              and msg else msg))
+        return msg
 
     def stop(self, timeout=5.0):
         """Ask the worker to exit (its jobs die with it); kill it if needed."""
@@ -4161,7 +4336,7 @@ class Node(ServiceControl):
         if answer is not None and answer[1]:
             return b'ACK'
         text = answer[2] if answer else 'worker process died during setup'
-        logger.warning('setup of computation %s failed:\n%s', comp.id, text)
+        logger.warning('setup of computation %s failed:\n%s', comp.id, LogLines(text))
         self.state.mark_zombie(comp)
         self.spawn(self.retire, comp, False)
         return text.encode('utf-8', 'replace')
@@ -4189,7 +4364,8 @@ class Node(ServiceControl):
         if comp.worker is not None:
             answer = comp.worker.request(('close', run_cleanup), CLEANUP_TIMEOUT)
             if answer and answer[1]:
-                logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
+                logger.warning('cleanup of computation %s failed:\n%s', comp.id,
+                               LogLines(answer[1]))
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._drop_files(comp, started)     # before the record decision, as ever
@@ -4365,8 +4541,9 @@ class Node(ServiceControl):
     def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None):
         """A worker finished job ``uid`` with ``reply`` (pickled bytes);
         ``status`` is the job's own status, ``limit`` the limit that ended it."""
-        entry, _, unused = self.state.finish_job(uid)
+        entry, _, unused = self.state.finish_job(uid, comp.id)
         if entry is None:
+            logger.debug('result for job %s, not running in computation %s', brief(uid), comp.id)
             return
         if entry.answered is not None:
             entry.answered.wait(self.config.msg_timeout)
@@ -5108,7 +5285,8 @@ def format_status_table(status):
             format_size(guards.get('min_free_memory')),
             format_size(guards.get('min_free_disk')))))
     width = max(len(str(k)) for k, _ in rows)
-    lines = ['%-*s  %s' % (width, k, v) for k, v in rows]
+    # client-given names reach a terminal here: escaped (printable)
+    lines = ['%-*s  %s' % (width, k, printable(str(v))) for k, v in rows]
     comps = status.get('computations') or []
     lines.append('')
     lines.append('computations: %d' % len(comps))
@@ -5132,6 +5310,7 @@ def format_status_table(status):
 
 
 def _columns(table):
+    table = [[printable(cell) for cell in row] for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ['  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
             for row in table]
