@@ -61,7 +61,10 @@ control, metrics)::
                          (Workspace; GONE -> DETACHED) and removes what was
                          (DETACHED -> GONE when nothing is left)
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
-                         results from its worker; frees the job's CPU
+                         results from its worker, checked like a peer's
+                         (frames within --max_request_size, held in the
+                         request memory budget, whole by a deadline; a
+                         faulty worker is killed); frees the job's CPU
                          (NodeState) and hands the reply to the courier
     control ............ the local status socket <prefix>/.dispynode-control
                          (one connection at a time)
