@@ -1257,6 +1257,9 @@ class Workspace:
         self.level_owner = (os.geteuid(), os.getegid()) if job_user else None
         self.level_mode = 0o711 if job_user else 0o700
         self.job_owner = (job_user.uid, job_user.gid) if job_user else None
+        # whether another computation still works in comp's directory (Node
+        # sets it: a dest_path named by two running computations stays open)
+        self.shared = lambda comp: False
 
     # -- descriptor-relative directories
     def _parts(self, path):
@@ -1383,7 +1386,7 @@ class Workspace:
         """With --job_user, a computation that ended gives its directory
         back to the node (0700), so no later job reads what it left; a
         computation that names the same directory again reopens it."""
-        if not self.job_user:
+        if not self.job_user or self.shared(comp):
             return
         fds = self._open_comp(comp, quiet=True)
         if fds:
@@ -3844,6 +3847,8 @@ class Node(ServiceControl):
         self.old_signs = set()
         self.tls_server, self.tls_client = config.tls_contexts
         self.workspace = Workspace(config.dest_path_prefix, config.job_user)
+        self.workspace.shared = lambda comp: any(
+            c is not comp and c.dest_path == comp.dest_path for c in self.state.snapshot()[0])
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)

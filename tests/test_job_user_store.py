@@ -201,6 +201,29 @@ def test_job_user_later_client_cannot_read_an_earlier_clients_files(job_user_nod
     assert again == "read:the first client's data\n", again
 
 
+def test_job_user_directory_of_two_running_computations_stays_open(job_user_node):
+    """Two computations of one client name the same dest_path: the first
+    one's end does not close the directory under the second one's jobs;
+    the second one's end does."""
+    node = job_user_node()
+    drv = Driver('127.0.0.1', node.port)
+    drv.ping_tcp()
+    probe = (CLIENTS / 'job_user_files.py').read_text().split("if __name__ ==")[0]
+    first = drv.compute(probe, 'probe', dest_path='shared')[1]
+    second = drv.compute(probe, 'probe', dest_path='shared')[1]
+    assert first.id in drv.computes and second.id in drv.computes, node.log()
+    assert drv.job(first.id, 1, ('write', 'a.txt')) == b'ACK'
+    path = drv.server.wait_reply(1, timeout=15).result
+    drv.close(first.id)
+    assert wait_for(lambda: 'computation %s closed' % first.id in node.log(), 15), node.log()
+    assert drv.job(second.id, 2, ('read', 'a.txt')) == b'ACK'
+    assert drv.server.wait_reply(2, timeout=15).result == "read:the first client's data\n"
+    drv.close(second.id)
+    assert wait_node_free(node.port, 15), node.log()
+    st = os.stat(os.path.dirname(path))
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700), st
+
+
 def test_job_user_stored_results_cannot_be_stolen_moved_or_forged(job_user_node, tmp_path):
     """Client B (a real 4.5.5 client) dies with two results stored.  Client
     A's job, as the job user, tries to move one into its own directory and
