@@ -2686,7 +2686,7 @@ class WorkerHandle:
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
-            'max_file_size': cfg.max_file_size, 'max_reply': worker_frame_limit(cfg) - 4096,
+            'max_file_size': cfg.max_file_size, 'max_reply': max(1, worker_frame_limit(cfg) - 1024),
             **job_limits(cfg)}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)

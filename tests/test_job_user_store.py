@@ -30,7 +30,7 @@ import pytest
 
 import dispy_common as dc
 import dispynode as dn
-from driver import Driver, NodeProcess, ReplyServer, wait_for
+from driver import Driver, InProcessNode, NodeProcess, ReplyServer, wait_for
 from legacy import CLIENTS, REPO, find_files, free_port, run_client
 from nodes import NodeProc
 from recovery_util import REPLY_PREFIX, wait_node_free
@@ -427,6 +427,25 @@ def test_half_sent_huge_worker_frames_are_bounded_and_the_worker_dropped(tmp_pat
         assert answer == b'ACK'
         assert drv.job(comp.id, 9, (1,)) == b'ACK'
         assert drv.server.wait_reply(9).result == 2
+    finally:
+        node.stop()
+
+
+def test_unit_result_over_the_frame_limit_ends_the_job_not_the_worker(tmp_path):
+    """A job whose result is over --max_request_size ends Terminated with a
+    message naming the option; its worker serves the next job."""
+    node = InProcessNode.start(tmp_path / 'n', args=('--max_request_size', '1m'))
+    try:
+        drv = Driver('127.0.0.1', node.port)
+        drv.ping_tcp()
+        answer, comp = drv.compute('def f(n):\n    return b"x" * n\n', 'f')
+        assert answer == b'ACK'
+        assert drv.job(comp.id, 1, (2 << 20,)) == b'ACK'
+        reply = drv.server.wait_reply(1, timeout=20)
+        assert reply.status == TERMINATED and '--max_request_size' in reply.exception, reply
+        assert drv.job(comp.id, 2, (10,)) == b'ACK'
+        assert drv.server.wait_reply(2, timeout=20).result == b'x' * 10
+        assert 'faulty' not in node.log()
     finally:
         node.stop()
 
