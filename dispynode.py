@@ -1589,7 +1589,8 @@ class Workspace:
             try:
                 os.mkdir(level, 0o700)
             except FileExistsError:
-                pass
+                continue
+            fsync_dir(os.path.dirname(level))   # the new directory survives a crash too
         rec = {'uid': uid, 'hash': job_hash, 'compute_id': comp.id, 'reply': reply,
                'mac': reply_mac(self.store_key(), comp.id, comp.auth, uid, job_hash, reply)}
         atomic_write(self.reply_path(comp, uid), dc.dumps_plain(rec))
