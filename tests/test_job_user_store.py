@@ -64,9 +64,9 @@ def job_user_node():
     started = []
     python = _python_for('nobody')
 
-    def start(*args, env=None):
+    def start(*args, env=None, port=None):
         node = NodeProc.start(workdir, ['--job_user', 'nobody'] + list(args),
-                              copy_as='dispynode.py', python=python,
+                              copy_as='dispynode.py', python=python, port=port,
                               prefix=workdir / 'deploy' / 'prefix', timeout=20, env=env)
         started.append(node)
         return node
@@ -230,8 +230,9 @@ def test_job_user_stored_results_cannot_be_stolen_moved_or_forged(job_user_node,
     to write over the other: refused.  Then, as if someone with the disk
     did it, a copy of B's stored reply is put among A's stored replies
     under B's uid, and A's own stored reply is replaced by a forged one:
-    A's RETRIEVE_JOB gets neither (both are quarantined), and B's
-    dispy.recover_jobs still gets both of its own results."""
+    A's RETRIEVE_JOB gets neither (both are quarantined).  The node is
+    killed and restarted, and B's dispy.recover_jobs still gets both of
+    its own results."""
     node = job_user_node(env={'DISPYNODE_ZOMBIE_SECONDS': '2'})
     recover = tmp_path / 'b.recover'
     res = run_client(CLIENTS / 'recovery_submit.py', node.port, free_port(),
@@ -273,7 +274,11 @@ def test_job_user_stored_results_cannot_be_stolen_moved_or_forged(job_user_node,
         [REPLY_PREFIX + str(stolen['uid']), REPLY_PREFIX + '3']), aside
     assert 'moved or forged' in node.log()
     a.close(comp.id)
-
+    assert wait_node_free(node.port, 15), node.log()
+    # B recovers from the node's next run (its store is read at start)
+    node.kill()
+    node = job_user_node(env={'DISPYNODE_ZOMBIE_SECONDS': '2'}, port=node.port)
+    assert 'restored 2 stored result(s)' in node.log(), node.log()
     res = run_client(CLIENTS / 'recovery_recover.py', node.port, free_port(),
                      'recover_file=%s' % recover, 'timeout=20', timeout=60, cwd=str(tmp_path))
     assert res.data and 'error' not in res.data, res.describe() + node.log()[-6000:]
