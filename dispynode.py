@@ -1190,6 +1190,13 @@ def _close_fds(fds):
             pass
 
 
+def _names_at(dir_fd, prefix):
+    """The names in the directory ``dir_fd`` that start with ``prefix``
+    (a job may fill its directory: only the matches are kept)."""
+    with os.scandir(dir_fd) as entries:
+        return [e.name for e in entries if e.name.startswith(prefix)]
+
+
 def _unlink_at(name, dir_fd):
     """Remove ``name`` (never a directory) from the directory ``dir_fd``:
     a symlink is removed itself, not followed."""
@@ -1431,7 +1438,7 @@ class Workspace:
             if ext == '.py':
                 victims.append(name + 'c')
                 stems.append(stem + '.')
-        victims.extend(n for n in os.listdir(dfd) if n.startswith('.tmp-'))
+        victims.extend(_names_at(dfd, '.tmp-'))
         for name in victims:
             try:
                 _unlink_at(name, dfd)
@@ -1444,7 +1451,7 @@ class Workspace:
         except OSError:
             return      # none, or not a real directory (a planted symlink): left alone
         try:
-            for name in os.listdir(cfd):
+            for name in _names_at(cfd, ''):
                 if name.endswith('.pyc') and any(name.startswith(s) for s in stems):
                     try:
                         _unlink_at(name, cfd)
@@ -1648,8 +1655,8 @@ class Workspace:
         directory into the store.  Only a file the node wrote can be
         trusted there: a regular 0600 file of the node's with one link,
         whose uid matches its name; anything else is moved aside."""
-        for name in os.listdir(dfd):
-            if not name.startswith(REPLY_PREFIX) or not name[len(REPLY_PREFIX):].isdigit():
+        for name in _names_at(dfd, REPLY_PREFIX):
+            if not name[len(REPLY_PREFIX):].isdigit():
                 continue
             uid = int(name[len(REPLY_PREFIX):])
             try:
@@ -1698,7 +1705,7 @@ class Workspace:
             self.close_dir(comp)
             with self.opened(comp) as dfd:
                 if dfd is not None:
-                    for stray in [n for n in os.listdir(dfd) if n.startswith('.tmp-')]:
+                    for stray in _names_at(dfd, '.tmp-'):
                         _unlink_at(stray, dfd)
                     self._migrate(comp, dfd)
             for stray in _stray_temp_files(self.store_path(comp)):

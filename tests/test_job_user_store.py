@@ -65,7 +65,10 @@ def job_user_node():
     python = _python_for('nobody')
 
     def start(*args, env=None, port=None):
-        node = NodeProc.start(workdir, ['--job_user', 'nobody'] + list(args),
+        # each run in a folder of its own (its own log: readiness is read there)
+        run = workdir / ('run-%d' % len(started))
+        run.mkdir(mode=0o755)
+        node = NodeProc.start(run, ['--job_user', 'nobody'] + list(args),
                               copy_as='dispynode.py', python=python, port=port,
                               prefix=workdir / 'deploy' / 'prefix', timeout=20, env=env)
         started.append(node)
