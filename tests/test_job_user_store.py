@@ -461,7 +461,9 @@ def test_unit_result_over_the_frame_limit_ends_the_job_not_the_worker(tmp_path):
 @pytest.mark.parametrize('msg', [
     ('done', 1, 'not bytes', FINISHED, None), ('done', -1, b'r', FINISHED, None),
     ('done', 1, b'r', FINISHED, 'x\n} 1\nforged_metric 1'), ('done', 1, b'r', 300, None),
-    ('done', 1, b'r'), ('setup', 1, 'yes', ''), ('closed', 1, b'', False), ('nonsense', 1),
+    ('done', 1, b'r'), ('done', 1, b'r', FINISHED, None, 'exited', 'extra'),
+    ('done', 1, b'r', FINISHED, None, 'a\nb'),
+    ('setup', 1, 'yes', ''), ('closed', 1, b'', False), ('nonsense', 1),
     ['done', 1, b'r', FINISHED, None], 'done', ()])
 def test_unit_worker_messages_are_checked(msg):
     with pytest.raises(dn.WorkerFault):
@@ -470,6 +472,7 @@ def test_unit_worker_messages_are_checked(msg):
 
 def test_unit_worker_messages_of_the_worker_pass():
     for msg in (('done', 1, b'r', FINISHED, None), ('done', 2, b'r', TERMINATED, 'job_timeout'),
+                ('done', 5, b'r', TERMINATED, None, 'signal'),
                 ('setup', 3, True, ''), ('closed', 4, 'traceback', False)):
         assert dn.WorkerHandle._checked(msg) == msg
 
