@@ -2654,14 +2654,19 @@ class WorkerFault(Exception):
 
 WORKER_FRAME_RATE = 16 * 1024 * 1024    # bytes/s: a worker frame's body must keep this pace
 _LIMIT_NAME_RE = re.compile(r'^[a-z][a-z_]{0,31}$')
-_NAME_OR_NONE = lambda v: v is None or isinstance(v, str) and bool(_LIMIT_NAME_RE.match(v))  # noqa: E731
+
+
+def _name_or_none(value):
+    return value is None or isinstance(value, str) and bool(_LIMIT_NAME_RE.match(value))
+
+
 # tag -> (fields required, checks of the fields after the tag; the last
 # ones optional) for Worker.send's messages
 WORKER_MESSAGES = {
     # uid, reply, status, limit name[, reason (JOB_END_REASONS)]
     'done': (4, (small_int, lambda v: isinstance(v, bytes),
                  lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256,
-                 _NAME_OR_NONE, _NAME_OR_NONE)),
+                 _name_or_none, _name_or_none)),
     'setup': (3, (small_int, lambda v: isinstance(v, bool), lambda v: isinstance(v, str))),
     'closed': (3, (small_int, lambda v: isinstance(v, str), lambda v: isinstance(v, bool))),
 }
