@@ -4970,7 +4970,8 @@ class Node(ServiceControl):
                        and comp.worker_restarts < MAX_WORKER_RESTARTS)
             for entry in entries:
                 self.job_done(comp, entry.uid, self._terminated_reply(
-                    comp, entry.uid, entry.hash, why), reason='worker_lost')
+                    comp, entry.uid, entry.hash, 'worker process of the computation died '
+                    '(%s)' % why), reason='worker_lost')
             if replace:
                 try:
                     worker = self.take_worker()

@@ -94,7 +94,8 @@ def test_killed_worker_jobs_go_on_in_a_new_worker(legacy_python, tmp_path):
         dead = [j for j in jobs if j['status'] == TERMINATED]
         assert len(dead) == 2, _describe(res, node)
         for j in dead:
-            assert j['exception'] == 'worker %d killed by signal 9' % worker, j
+            assert j['exception'] == ('worker process of the computation died '
+                                      '(worker %d killed by signal 9)' % worker), j
         done = [j for j in jobs if j['status'] == FINISHED]
         assert len(done) == 10, _describe(res, node)
         assert {j['result']['worker'] for j in done} != {worker}, done
@@ -120,7 +121,8 @@ def test_killed_worker_with_setup_ends_the_computation(legacy_python, tmp_path):
         dead = [j for j in jobs if j['status'] == TERMINATED]
         assert len(dead) == 2, _describe(res, node)
         for j in dead:
-            assert j['exception'].startswith('worker %d killed by signal 9' % worker), j
+            assert j['exception'] == ('worker process of the computation died '
+                                      '(worker %d killed by signal 9)' % worker), j
         done = [j for j in jobs if j['status'] == FINISHED]
         assert done and all(j['result']['base'] == 1000 for j in done), jobs
         assert worker not in {j['result']['worker'] for j in done}
