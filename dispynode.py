@@ -2568,11 +2568,14 @@ class Courier:
         self.lock = threading.Lock()
         self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
-        self.in_flight = set()       # (compute id, uid)
+        # (compute id, uid, hash): the legacy client reuses a uid (an id())
+        # for its next job as soon as a reply is in, maybe before this lane
+        # is done with that reply; the hash tells the jobs apart.
+        self.in_flight = set()
         self.closing = False
 
     def submit(self, delivery):
-        key = (delivery.comp.id, delivery.uid)
+        key = (delivery.comp.id, delivery.uid, delivery.hash)
         addr = delivery.comp.reply_addr
         with self.lock:
             # Past MAX_LANES client addresses at once, a reply waits in the
@@ -2617,7 +2620,7 @@ class Courier:
                 logger.exception('delivering the reply of job %s failed', item.uid)
             finally:
                 with self.lock:
-                    self.in_flight.discard((item.comp.id, item.uid))
+                    self.in_flight.discard((item.comp.id, item.uid, item.hash))
 
     def drain(self, timeout):
         """Finish the queued deliveries (bounded by ``timeout``); later
