@@ -85,7 +85,8 @@ No socket, fork or worker request happens under either lock.  Processes::
         node --TCP JOB_REPLY (same bytes)--> client
 
 The node never forks itself and never unpickles user objects: a job pickles
-its own ``_JobReply`` (protocol 4) and the node forwards those bytes.  Data
+its own ``_JobReply`` (protocol 4; numpy 2 types under their numpy 1.x
+names, for the 3.6 client) and the node forwards those bytes.  Data
 from unauthenticated peers is decoded by a loader that accepts plain data
 only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
@@ -2161,6 +2162,7 @@ class Worker:
                 failed = self._load_namespace()     # cleanup runs even if no job ran here
                 if failed:
                     raise RuntimeError('the computation could not be loaded:\n' + failed)
+                os.chdir(self.cfg['cwd'])   # wherever setup left this process
                 cleanup = self.compute.cleanup
                 if isinstance(cleanup, dc.Function):
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
