@@ -68,3 +68,14 @@ def test_unit_numpy2_only_type_is_named():
     why = dispynode._unloadable_reason(dispynode.dumps_for_36(reply))
     assert why and 'numpy._core._internal._convert_to_stringdtype_kwargs' in why, why
     assert 'numpy 1.x' in why
+
+
+def test_unit_dest_path_dot_is_the_client_level(tmp_path):
+    """dest_path '.' is <prefix>/<client ip> (the original's outcome)."""
+    prefix = tmp_path / 'prefix'
+    prefix.mkdir(mode=0o700)
+    ws = dispynode.Workspace(str(prefix))
+    compute = dc.Compute(id=1, auth='ab', name='f', type=1, scheduler_ip_addr='127.0.0.1',
+                         scheduler_port=1, job_result_port=1, dest_path='.', xfer_files=[])
+    made = ws.make_computation_dir(compute)
+    assert made is not None and made[0] == str(prefix / '127.0.0.1'), made
