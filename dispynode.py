@@ -1379,21 +1379,25 @@ class Workspace:
         with self.lock:
             ip = compute.scheduler_ip_addr
             try:
-                if compute.dest_path and is_here(compute.dest_path):
-                    # '.': the client's own level, as on the original; not
-                    # with --job_user, where that level is the node's and
-                    # holds the client's other computations
-                    if self.job_user:
-                        return None
+                here = bool(compute.dest_path) and is_here(compute.dest_path)
+                if here and not self.job_user:
+                    # '.': the client's own level, as on the original
                     path = os.path.join(self.prefix, ip)
                     fds = self._walk([ip], True, False, self.level_owner, self.level_mode)
-                elif compute.dest_path:
+                elif compute.dest_path and not here:
                     path = confined_join(os.path.join(self.prefix, ip), compute.dest_path)
                     parts = self._parts(path) if path else None
                     if parts is None:
                         return None
                     fds = self._walk(parts, True, False, self.job_owner, 0o700)
                 else:
+                    # no dest_path, or '.' with --job_user, where the client's
+                    # level is the node's (it holds the client's other
+                    # computations): a new private directory, so the jobs run
+                    # (a refusal would leave them Created at the 4.5.5 client)
+                    if here:
+                        logger.info("dest_path '.' of computation %s runs in a directory of "
+                                    "its own under --job_user", compute.id)
                     stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
                     for _ in range(100):
                         name = '%s_%s' % (stem, base64.b32encode(os.urandom(5)).decode().lower())

@@ -1,7 +1,10 @@
 """Unit checks for the parity rows of issue 21 (the interop tests with the
 real client are in test_parity_rows.py)."""
 
+import os
 import pickletools
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,3 +82,21 @@ def test_unit_dest_path_dot_is_the_client_level(tmp_path):
                          scheduler_port=1, job_result_port=1, dest_path='.', xfer_files=[])
     made = ws.make_computation_dir(compute)
     assert made is not None and made[0] == str(prefix / '127.0.0.1'), made
+
+
+def test_unit_dest_path_dot_with_job_user_gets_its_own_directory(tmp_path):
+    """With --job_user the client's level is the node's: '.' gets a new
+    directory of its own below it (the jobs run; a refusal would leave them
+    Created at the 4.5.5 client)."""
+    prefix = tmp_path / 'prefix'
+    prefix.mkdir(mode=0o700)
+    user = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), name='self')
+    ws = dispynode.Workspace(str(prefix), job_user=user)
+    compute = dc.Compute(id=1, auth='ab', name='f', type=1, scheduler_ip_addr='127.0.0.1',
+                         scheduler_port=1, job_result_port=1, dest_path='.', xfer_files=[])
+    made = ws.make_computation_dir(compute)
+    assert made is not None, 'refused'
+    path = Path(made[0])
+    assert path.parent == prefix / '127.0.0.1' and path.is_dir(), made
+    assert (path.stat().st_mode & 0o777) == 0o700
+    assert ((prefix / '127.0.0.1').stat().st_mode & 0o777) == 0o711
