@@ -3136,8 +3136,9 @@ class Delivery:
         self.queued = time.monotonic()
 
 
-# What one JOB_REPLY send came to (Courier._send).
-ACKED = 'acknowledged'
+# What one JOB_REPLY send came to (Courier._send): True when the client
+# ACKed it (as _send always said), else what went wrong.
+ACKED = True
 REFUSED_REPLY = 'refused'          # the client answered, but not ACK: this reply alone
 UNANSWERED = 'unanswered'          # sent whole, no answer in --msg_timeout (frozen, or dropped it)
 UNREACHABLE = 'unreachable'        # no connection, or it broke before the frame was out
@@ -3259,6 +3260,8 @@ class Courier:
                 failed >= item.queued if item.resend
                 else time.monotonic() - failed < RETRY_SECONDS)
         outcome = UNREACHABLE if skip else self._send(addr, item.reply)
+        if outcome is False:
+            outcome = UNREACHABLE
         if outcome is ACKED:
             self.node.reply_delivered(item)
             return
