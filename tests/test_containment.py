@@ -283,16 +283,18 @@ def _python_for(user):
 SPARE_CODE = textwrap.dedent('''
     def poke():
         import os
+        def parent(pid):
+            return int(open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()[1])
         out = {'uid': os.getuid(), 'cgroup': open('/proc/self/cgroup').read(),
                'worker': os.getppid()}
+        node = parent(os.getppid())
         for entry in os.listdir('/proc'):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             try:
-                cmd = open('/proc/%s/cmdline' % entry).read()
-            except OSError:
-                continue
-            if 'worker_main' not in cmd:
+                if parent(int(entry)) != node:
+                    continue        # the workers of this node only
+            except (OSError, IndexError, ValueError):
                 continue
             try:
                 with open('/proc/%s/mem' % entry, 'r+b'):
@@ -330,8 +332,10 @@ def test_a_job_cannot_open_the_spare_workers_memory(legacy_python, tmp_path):
         probe = ('import sys\ntry:\n    open("/proc/%d/mem" % int(sys.argv[1]), "r+b")\n'
                  'except OSError as exc:\n    print(type(exc).__name__)\n'
                  'else:\n    print("opened")\n')
-        out = subprocess.run([python, '-c', probe, str(spare[0])], user='nobody',
-                             stdout=subprocess.PIPE, timeout=30).stdout.decode().strip()
+        nobody = __import__('pwd').getpwnam('nobody')
+        out = subprocess.run([python, '-c', probe, str(spare[0])], user=nobody.pw_uid,
+                             group=nobody.pw_gid, extra_groups=[], stdout=subprocess.PIPE,
+                             timeout=30).stdout.decode().strip()
         assert out == 'PermissionError', out
         res = run_client(_client_code(SPARE_CODE), node.port, free_port(), timeout=90,
                          cwd=tmp_path)
