@@ -78,11 +78,20 @@ between a decision and its write.  Lock order: Workspace, then NodeState.
 No socket, fork or worker request happens under either lock.  Processes::
 
     node (threads) --socketpair--> worker process (one per computation,
-        single-threaded, started ahead of need, then moved into the
+        single-threaded, started ahead of need with stdio on /dev/null and
+        no other descriptor of the node's, not dumpable, then moved into the
         computation directory): runs the code and setup once, then forks
         one child per job, each in its own process group
     job child --pipe: length + pickled _JobReply--> worker --socketpair-->
         node --TCP JOB_REPLY (same bytes)--> client
+
+Containment: the node (as root, in the thread that starts a worker) makes
+the worker's cgroup v2 group with one job group per CPU
+(make_worker_cgroup) and removes it, killing what is left, when the worker
+stops; a job child joins a free job group before user code, and the worker
+ends that group (cgroup.kill) once it has reaped the job's own process.
+The job ends then, whoever still holds its pipe.  Without cgroups the
+worker and each job child are child subreapers (see Worker._end_job).
 
 The node never forks itself and never unpickles user objects: a job pickles
 its own ``_JobReply`` (protocol 4) and the node forwards those bytes.  Data
