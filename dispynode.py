@@ -1872,10 +1872,11 @@ class _WorkerJob:
 class _JobSlot:
     """One of a worker's per-job cgroups, made by the node (see
     make_worker_cgroup): reused job after job, emptied by cgroup.kill."""
-    __slots__ = ('path', 'oom')
+    __slots__ = ('path', 'procs', 'oom')
 
     def __init__(self, path):
         self.path = path
+        self.procs = os.fsencode(os.path.join(path, 'cgroup.procs'))   # made before the fork
         self.oom = 0        # its memory.events oom_kill count when a job took it
 
 
@@ -2132,7 +2133,7 @@ class Worker:
         if pid == 0:
             os.close(rfd)
             self._job_child(uid, job_hash, args, kwargs, code, wfd, start,
-                            job.cgroup and job.cgroup.path)
+                            job.cgroup and job.cgroup.procs)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
@@ -2408,7 +2409,7 @@ class Worker:
         # first (a job user may move its processes into an idle group).
         slot = self.free_slots.pop(0)
         _cgroup_kill(slot.path)
-        if self.cfg.get('job_memory'):
+        if self.cfg.get('cgroup_memory'):
             slot.oom = self._oom_kills(slot)
         return slot
 
@@ -2428,11 +2429,13 @@ class Worker:
         if it did), cap its address space (inherited by everything it
         starts)."""
         joined = False
-        if cgroup:
+        if cgroup:      # the group's cgroup.procs; plain system calls: few pages touched
             try:
-                with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as fh:
-                    fh.write(str(os.getpid()))
-                joined = True
+                fd = os.open(cgroup, os.O_WRONLY)
+                try:
+                    joined = os.write(fd, b'0') == 1        # 0: this process
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
         limit = self.cfg.get('job_memory')
@@ -2447,20 +2450,25 @@ class Worker:
         if slot is None:
             return False
         _cgroup_kill(slot.path)
-        oom = bool(self.cfg.get('job_memory')) and self._oom_kills(slot) > slot.oom
+        oom = bool(self.cfg.get('cgroup_memory')) and self._oom_kills(slot) > slot.oom
         self.free_slots.append(slot)
-        # Nothing but this worker's own leaf holds processes in its group
-        # itself; a job that moved one there left it behind.
-        try:
-            with open(os.path.join(self.cgroup, 'cgroup.procs')) as fh:
-                left = fh.read().split()
-        except OSError:
-            left = ()
-        for pid in left:
+        if not self.cfg.get('cgroup_memory'):
+            # Nothing but this worker's own leaf holds processes in its group
+            # itself; a job that moved one there left it behind.  (With the
+            # memory controller the group can hold none.)
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+                fd = os.open(os.path.join(self.cgroup, 'cgroup.procs'), os.O_RDONLY)
+                try:
+                    left = os.read(fd, 65536).split()
+                finally:
+                    os.close(fd)
+            except OSError:
+                left = ()
+            for pid in left:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
         return oom
 
 
@@ -2561,11 +2569,12 @@ class WorkerHandle:
             theirs.close()
         cfg = node.config
         self.cgroup = None
+        self.cgroup_memory = getattr(cfg, 'job_memory', 0) if getattr(cfg, 'job_cgroup', None) \
+            else 0
         if getattr(cfg, 'proc_cgroup', None):
             self.cgroup = make_worker_cgroup(
                 cfg.proc_cgroup, self.proc.pid, max(cfg.cpus, os.cpu_count() or 1),
-                getattr(cfg, 'job_memory', 0) if getattr(cfg, 'job_cgroup', None) else 0,
-                cfg.job_user.uid if cfg.job_user else None)
+                self.cgroup_memory, cfg.job_user.uid if cfg.job_user else None)
 
     def usable(self):
         return self.proc.poll() is None
@@ -2581,7 +2590,7 @@ class WorkerHandle:
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size, **job_limits(cfg),
-            'cgroup': self.cgroup,
+            'cgroup': self.cgroup, 'cgroup_memory': bool(self.cgroup and self.cgroup_memory),
             'cgroup_slots': max(cfg.cpus, os.cpu_count() or 1) if self.cgroup else 0}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)

@@ -245,7 +245,8 @@ def test_worker_job_cgroup_and_oom_report(tmp_path):
     a, b = socket.socketpair()
     try:
         worker = dn.Worker(a)
-        worker.cfg = {'job_memory': 64 * 1024 * 1024, 'job_memory_text': '64m'}
+        worker.cfg = {'job_memory': 64 * 1024 * 1024, 'job_memory_text': '64m',
+                      'cgroup_memory': True}
         worker.cgroup = str(tmp_path)
         for n in range(2):
             (tmp_path / ('job-%d' % n)).mkdir()
