@@ -479,3 +479,62 @@ def test_unit_worker_cgroup_with_memory_limits_every_job_group(tmp_path):
         job = group / 'w-4242' / ('job-%d' % n)
         assert (job / 'memory.max').read_text() == str(64 << 20)
         assert (job / 'memory.swap.max').read_text() == '0'
+
+
+UNIT_CODE = textwrap.dedent('''
+    def escape(tag, end):
+        import ctypes, os, time
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            if os.fork() == 0:
+                ctypes.CDLL(None).prctl(15, ctypes.c_char_p(tag.encode()), 0, 0, 0)
+                while True:
+                    time.sleep(1)
+            os._exit(0)
+        os.waitpid(child, 0)
+        if end == 'exit':
+            os._exit(3)
+        if end == 'wait':
+            time.sleep(600)
+        return 'returned'
+''')
+
+
+@pytest.mark.parametrize('env', [None, NO_CGROUP], ids=['cgroup', 'subreaper'])
+@pytest.mark.parametrize('end', ['return', 'exit', 'terminate'])
+def test_unit_job_ends_when_its_process_does(tmp_path, tag, env, end):
+    """The worker ends a job once it has reaped the job's own process,
+    whoever holds the reply pipe (a setsid grandchild here): a return is
+    Finished with its result, an os._exit without a reply and a
+    TERMINATE_JOB are Terminated; the grandchild dies with the job (without
+    a cgroup: for os._exit, by the worker's sweep of what came back to it),
+    and the next job runs."""
+    from driver import Driver, InProcessNode
+    node = InProcessNode.start(tmp_path / 'n', args=('-c', '2'), env=env)
+    d = Driver('127.0.0.1', node.port)
+    try:
+        assert d.ping_tcp() is not None
+        answer, comp = d.compute(UNIT_CODE, 'escape')
+        assert answer == b'ACK'
+        assert d.job(comp.id, 1, (tag, 'wait' if end == 'terminate' else end)) == b'ACK'
+        if end == 'terminate':
+            assert wait_for(lambda: named(tag), 10)
+            d.terminate(comp.id, 1)
+        reply = d.server.wait_reply(1, 20)
+        assert reply is not None, node.log()
+        if end == 'return':
+            assert reply.status == FINISHED and reply.result == 'returned', reply.exception
+        else:
+            assert reply.status == TERMINATED, reply
+            if end == 'exit':
+                assert 'exited with status 3 without a result' in reply.exception
+        assert gone(tag), named(tag)
+        assert d.job(comp.id, 2, (tag, 'return')) == b'ACK'
+        assert d.server.wait_reply(2, 20).result == 'returned'
+        assert gone(tag), named(tag)
+        assert ('contained without a cgroup' if env else 'each job runs in a cgroup') \
+            in node.log()
+    finally:
+        d.close_server()
+        node.stop()
