@@ -3657,6 +3657,7 @@ class Node(ServiceControl):
         # start_up made it (not a caller's that it was handed).
         self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
+        self.owns_proc_cgroup = False
         try:
             self._init(config)
         except BaseException:
@@ -3666,6 +3667,24 @@ class Node(ServiceControl):
                 self.udp.close()
             self._release_cgroup()      # no node will use it
             raise
+
+    def _contain_jobs(self, config):
+        """Every job gets a cgroup of its own where the node can make one:
+        it holds whatever the job starts (setsid or not), and cgroup.kill
+        ends it.  The jobs' group is the memory limit's when there is one,
+        else a plain one that this Node makes when it starts serving and
+        removes when it closes."""
+        group, note = getattr(config, 'proc_cgroup', None), None
+        if group is None and getattr(config, 'proc_cgroup_note', None) is None:
+            group, note = cgroup_v2_jobs()
+            self.owns_proc_cgroup = group is not None
+            config = config.replace(proc_cgroup=group, proc_cgroup_note=note)
+        if group:
+            logger.debug('each job runs in a cgroup of its own under %s', group)
+        else:
+            logger.info('jobs are contained without a cgroup (the worker is their '
+                        'subreaper): %s', config.proc_cgroup_note)
+        return config
 
     def _init(self, config):
         self.state = NodeState(config.cpus)
@@ -3707,6 +3726,7 @@ class Node(ServiceControl):
     # -- start and stop
     def start(self):
         self._started = True
+        self.config = self._contain_jobs(self.config)     # before the first worker
         self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare, key='spare')
@@ -4424,6 +4444,11 @@ class Node(ServiceControl):
         """Remove the jobs' cgroup (once no worker is left to use it)."""
         if self.owns_cgroup and not release_job_cgroup(self.config):
             logger.warning('could not remove the jobs\' cgroup %s', self.config.job_cgroup)
+        if getattr(self, 'owns_proc_cgroup', False):
+            self.owns_proc_cgroup = False
+            if not remove_cgroup(self.config.proc_cgroup):
+                logger.warning('could not remove the jobs\' cgroup %s',
+                               self.config.proc_cgroup)
 
     def note_job(self, comp, entry, status, limit):
         """Count a finished job by its outcome (and the limit that ended it)."""
@@ -4836,10 +4861,7 @@ def release_job_cgroup(cfg, timeout=3.0):
     whatever is left in it; call it once no worker is left.  Returns False
     if it is still there after ``timeout`` seconds (a job process that
     outlived its kill still in it)."""
-    ok = True
-    for group in {getattr(cfg, 'job_cgroup', None), getattr(cfg, 'proc_cgroup', None)}:
-        ok = remove_cgroup(group, timeout) and ok
-    return ok
+    return remove_cgroup(getattr(cfg, 'job_cgroup', None), timeout)
 
 
 class JobTimes:
@@ -5631,21 +5653,12 @@ def start_up(cfg, environ=os.environ):
             logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
         else:
             logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)', cgroup_note)
-    # Every job gets a cgroup of its own where the node can make one: it
-    # holds whatever the job starts (setsid or not), and cgroup.kill ends it.
-    proc_cgroup = job_cgroup
-    if proc_cgroup is None:
-        if environ.get('DISPYNODE_NO_CGROUP') == '1':
-            proc_note = 'DISPYNODE_NO_CGROUP=1'
-        else:
-            proc_cgroup, proc_note = cgroup_v2_jobs()
-    if proc_cgroup:
-        logger.debug('each job runs in a cgroup of its own under %s', proc_cgroup)
-    else:
-        logger.info('jobs are contained without a cgroup (the worker is their subreaper): %s',
-                    proc_note)
+    if environ.get('DISPYNODE_NO_CGROUP') == '1':
+        proc_note = 'DISPYNODE_NO_CGROUP=1'
+    # The memory group is the jobs' group too; without it the Node makes a
+    # plain one (see Node.__init__: it removes what it made).
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
-                       cgroup_note=cgroup_note, proc_cgroup=proc_cgroup,
+                       cgroup_note=cgroup_note, proc_cgroup=job_cgroup,
                        proc_cgroup_note=proc_note)
 
 

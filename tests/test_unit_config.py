@@ -125,6 +125,5 @@ def test_unit_start_up_prepares_the_job_cgroup_and_the_node_that_made_it_removes
         assert not groups[3].exists()
     # without a cgroup the reason is kept for the status
     monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (None, 'no cgroup v2 hierarchy'))
-    monkeypatch.setattr(dispynode, 'cgroup_v2_jobs', lambda: (None, 'no cgroup v2 hierarchy'))
     other = dispynode.start_up(cfg, environ={})
     assert other.job_cgroup is None and other.cgroup_note == 'no cgroup v2 hierarchy'
