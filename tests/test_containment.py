@@ -329,6 +329,7 @@ def test_a_job_cannot_open_the_spare_workers_memory(legacy_python, tmp_path):
     try:
         spare = wait_for(lambda: [p for p in _workers(node.pid)], 20)
         assert spare, 'no spare worker'
+        assert wait_for(lambda: _booted(spare[0]), 20), 'the spare worker did not boot'
         probe = ('import sys\ntry:\n    open("/proc/%d/mem" % int(sys.argv[1]), "r+b")\n'
                  'except OSError as exc:\n    print(type(exc).__name__)\n'
                  'else:\n    print("opened")\n')
@@ -351,6 +352,17 @@ def test_a_job_cannot_open_the_spare_workers_memory(legacy_python, tmp_path):
     finally:
         node.stop()
         subprocess.run(['rm', '-rf', str(workdir)])
+
+
+def _booted(pid):
+    """Whether a worker has imported its implicit modules (worker_main
+    does that after its start-up settings)."""
+    try:
+        with open('/proc/%d/maps' % pid) as fh:
+            maps = fh.read()
+    except OSError:
+        return False
+    return any(name in maps for name in ('/_ssl.', '/_bz2.', '/_lzma.', '/unicodedata.'))
 
 
 def _workers(node_pid):
