@@ -22,19 +22,22 @@ see dispy_common for framing and records)::
 
 Threads and processes (every thread is named and comes from a capped pool,
 so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
---max_connections + MAX_LANES + MAX_COMPUTATIONS threads: 114 by default;
-8 fixed: main, console, tcp-server, reception, udp-listener, timer,
-control, metrics)::
+METRICS_THREADS + --max_connections + MAX_LANES + MAX_COMPUTATIONS
+threads: 116 by default; 8 fixed: main, console, tcp-server, reception,
+udp-listener, timer, control, metrics)::
 
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
                          environment, lookups, TLS files, prefix, the jobs'
-                         cgroup with --job_memory); waits for
+                         cgroup with --job_memory); then acts on the signals
+                         its handlers only queue: SIGHUP reopens --log_file,
                          SIGINT/SIGTERM (or Node.quit: --serve, console
-                         quit, dispynode_shutdown), then Node.close():
-                         evicts all, settles each (ZOMBIE -> DETACHED or GONE)
-    console ............ terminal commands (stdin a tty, no --daemon)
+                         quit, control stop, a finished drain,
+                         dispynode_shutdown) end in Node.close(): evicts
+                         all, settles each (ZOMBIE -> DETACHED or GONE)
+    console ............ terminal commands (stdin a tty, no --daemon); the
+                         same table of commands as the control socket
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
@@ -61,12 +64,20 @@ control, metrics)::
                          (Workspace; GONE -> DETACHED) and removes what was
                          (DETACHED -> GONE when nothing is left)
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
-                         results from its worker; frees the job's CPU
+                         results from its worker, checked like a peer's
+                         (frames within --max_request_size, held in the
+                         request memory budget, whole by a deadline; a
+                         faulty worker is killed); frees the job's CPU
                          (NodeState) and hands the reply to the courier
-    control ............ the local status socket <prefix>/.dispynode-control
-                         (one connection at a time)
-    metrics ............ --metrics only: Prometheus text at /metrics
-                         (one request at a time)
+    control ............ the local control socket <prefix>/.dispynode-control
+                         (one connection at a time): status, and for root
+                         or the node's user drain, pause, resume, cpus,
+                         release, stop; holds the drain/stop connections
+                         open until the process exits
+    metrics ............ --metrics only: accepts and reads HTTP requests in
+                         one selector loop (one deadline per request)
+    metrics-N .......... at most METRICS_THREADS: answer complete requests
+                         (/metrics, /healthz)
 
 State and locks: NodeState (one lock) holds the computations, their
 phases and jobs; every phase change is one of its methods, checked
@@ -94,7 +105,8 @@ The job ends then, whoever still holds its pipe.  Without cgroups the
 worker and each job child are child subreapers (see Worker._end_job).
 
 The node never forks itself and never unpickles user objects: a job pickles
-its own ``_JobReply`` (protocol 4) and the node forwards those bytes.  Data
+its own ``_JobReply`` (protocol 4; numpy 2 types under their numpy 1.x
+names, for the 3.6 client) and the node forwards those bytes.  Data
 from unauthenticated peers is decoded by a loader that accepts plain data
 only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
@@ -104,7 +116,9 @@ import _random
 import _signal
 import _thread
 import argparse
+import base64
 import collections
+import contextlib
 import enum
 import fcntl
 import io
@@ -129,6 +143,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 
 import dispy_common as dc
 from dispy_common import DispyJob, ProtocolError
@@ -136,6 +151,66 @@ from dispy_common import DispyJob, ProtocolError
 __version__ = '1.0.0'
 
 logger = logging.getLogger('dispynode')
+_PROCESS_START = time.time()     # process_start_time_seconds where /proc cannot tell
+
+# ---------------------------------------------------------------- printable logs
+# Names a client chooses (computation name, dest_path, file names, job
+# hashes) and texts its code makes (exceptions) reach log lines and the
+# status table: control characters in them are escaped, so they can
+# neither start a line that looks like the node's nor reach a terminal raw.
+
+_CONTROL_RE = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
+
+
+def _escape_char(match):
+    char = match.group()
+    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 256
+                                  else '\\u%04x' % ord(char))
+
+
+def printable(text):
+    """``text`` with its control characters (newline, ESC, DEL, C1,
+    Unicode line separators) escaped as ``\\n``, ``\\x1b``, ..."""
+    return _CONTROL_RE.sub(_escape_char, text)
+
+
+class LogLines(str):
+    """A multi-line text for a log record (a traceback of user code): its
+    lines stay lines, indented under the record, each escaped."""
+
+
+def _indented(text):
+    return '\n'.join('    ' + printable(line) for line in str(text).rstrip('\n').split('\n'))
+
+
+def _printable_arg(arg):
+    if isinstance(arg, LogLines):
+        return _indented(arg)
+    if isinstance(arg, str):
+        return printable(arg)
+    if arg is None or isinstance(arg, (int, float)):
+        return arg
+    try:
+        text = str(arg)         # an exception, a path: its text may hold a client's name
+    except Exception:  # an object whose str fails is logged as it is
+        return arg
+    return printable(text) if _CONTROL_RE.search(text) else arg
+
+
+class _PrintableRecords(logging.Filter):
+    """Escapes the arguments of every record of the node's logger, and
+    indents the lines of a logged traceback."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_printable_arg(a) for a in record.args)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _indented(''.join(traceback.format_exception(*record.exc_info)))
+        return True
+
+
+logger.addFilter(_PrintableRecords())
 
 # ---------------------------------------------------------------- constants
 
@@ -242,6 +317,12 @@ def confined_join(base, relative):
     return os.path.join(base, *parts)
 
 
+def is_here(relative):
+    """True for '.', './' and the like: no directory below the base."""
+    relative = relative.strip().replace('\\', '/')
+    return not relative.startswith('/') and all(p in ('', '.') for p in relative.split('/'))
+
+
 def safe_basename(name, sep='/'):
     """Base name of a client file name, or None if it is unusable."""
     if not isinstance(name, str):
@@ -251,27 +332,6 @@ def safe_basename(name, sep='/'):
     if base in ('', '.', '..') or '\0' in base or base.startswith(REPLY_PREFIX):
         return None
     return base
-
-
-def make_dirs_confined(base, parts, mode, owner=None):
-    """Create ``base/part1/part2...`` one level at a time; an existing
-    level must be a real directory (``lstat``: a symlink is refused, never
-    followed).  New levels get ``mode`` and, with ``owner`` (a JobUser),
-    that owner.  Returns the path, or None if a level is unusable."""
-    path = base
-    for part in parts:
-        path = os.path.join(path, part)
-        try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            pass
-        else:
-            if owner is not None:
-                os.chown(path, owner.uid, owner.gid)
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            logger.warning('refusing %s: not a directory (a symlink?)', path)
-            return None
-    return path
 
 
 def atomic_write(path, data):
@@ -794,6 +854,7 @@ class Computation:
         self.scheduler_port = compute.scheduler_port
         self.result_port = compute.job_result_port
         self.dest_path = dest_path
+        self.dir_id = None      # (st_dev, st_ino) of the directory the node made for it
         self.keep_files = compute.cleanup is False
         self.has_cleanup = isinstance(compute.cleanup, dc.Function)
         self.pulse_interval = compute.pulse_interval
@@ -884,6 +945,7 @@ class NodeState:
         self.active = {}             # compute id -> Computation
         self.detached = {}           # closed or restored, with stored results
         self.jobs = {}               # uid -> JobEntry
+        self.draining = False        # set by Node.drain: start_job refuses from then on
 
     def _move(self, comp, phase, *sources):
         """Move ``comp`` to ``phase`` if TRANSITIONS allows it and it is in
@@ -1081,6 +1143,8 @@ class NodeState:
     # -- jobs and files
     def start_job(self, comp, entry):
         with self.lock:
+            if self.draining:
+                return b'NAK (node is draining)'
             if self.avail_cpus <= 0:
                 return b'NAK (all cpus busy)'
             if self.active.get(comp.id) is not comp or comp.phase is not Phase.ACTIVE:
@@ -1095,12 +1159,15 @@ class NodeState:
                 comp.file_uses[name] += 1
             return None
 
-    def finish_job(self, uid):
-        """Free the job's CPU.  Returns (entry, comp, files to delete)."""
+    def finish_job(self, uid, compute_id=None):
+        """Free the job's CPU (if it is a job of ``compute_id``, when given:
+        a worker ends only its own computation's jobs).  Returns (entry,
+        comp, files to delete)."""
         with self.lock:
-            entry = self.jobs.pop(uid, None)
-            if entry is None:
+            entry = self.jobs.get(uid)
+            if entry is None or compute_id is not None and entry.compute_id != compute_id:
                 return None, None, []
+            del self.jobs[uid]
             self.avail_cpus += 1
             comp = self.active.get(entry.compute_id) or self.detached.get(entry.compute_id)
             unused = []
@@ -1209,17 +1276,75 @@ class NodeState:
 
 # ---------------------------------------------------------------- workspace
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+STORE_DIR = '.replies'               # <prefix>/.replies/<id>_<auth>/_dispy_job_reply_<uid>
+STORE_KEY = '.dispynode-store-key'   # <prefix>/.dispynode-store-key: the stored replies' MAC key
+_MAC_TAG = b'dispynode stored reply v1'
+
+
+def _close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _names_at(dir_fd, prefix):
+    """The names in the directory ``dir_fd`` that start with ``prefix``
+    (a job may fill its directory: only the matches are kept)."""
+    with os.scandir(dir_fd) as entries:
+        return [e.name for e in entries if e.name.startswith(prefix)]
+
+
+def _unlink_at(name, dir_fd):
+    """Remove ``name`` (never a directory) from the directory ``dir_fd``:
+    a symlink is removed itself, not followed."""
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def reply_mac(key, compute_id, auth, uid, job_hash, reply):
+    """HMAC-SHA256 binding a stored reply to its computation (id and auth)
+    and its job (uid, hash): a reply file moved to another computation or
+    uid, or written by anyone without the node's key, does not verify."""
+    import hmac
+    parts = [_MAC_TAG, str(compute_id).encode(), str(auth).encode(), str(uid).encode(),
+             str(job_hash).encode('utf-8', 'surrogatepass'), bytes(reply)]
+    return hmac.new(key, b''.join(struct.pack('>Q', len(p)) + p for p in parts),
+                    'sha256').digest()
+
+
 class Workspace:
     """Everything the node keeps on disk under ``--dest_path_prefix``,
-    with one lock for it.  The layout (unchanged, so that an earlier run's
-    store loads)::
+    with one lock for it.  The layout::
 
-        <prefix>/<client ip>/<dest_path, or name_XXXXXX>/   a computation's
-            directory: transferred files, the jobs' own files, and
-        <that directory>/_dispy_job_reply_<uid>   an undelivered reply:
-            {'uid', 'hash', 'reply'}, ``reply`` the job's pickled _JobReply
+        <prefix>/<client ip>/<dest_path, or name_XXXXXXXX>/   a computation's
+            directory: transferred files and the jobs' own files.  Every
+            level above it is the node's (0711 with --job_user: the job
+            user may pass, not list, rename or replace); the directory is
+            the job user's (0700) while the computation runs, the node's
+            (0700: closed) once it ended, and the job user's again when a
+            computation of the same client address names it again
+        <prefix>/.replies/<compute_id>_<auth>/_dispy_job_reply_<uid>   an
+            undelivered reply (0700 / 0600, the node's: no job can reach
+            it): {'uid', 'hash', 'compute_id', 'reply', 'mac'}, ``reply``
+            the job's pickled _JobReply, ``mac`` reply_mac() with the key in
+        <prefix>/.dispynode-store-key   (0600, made at the first stored reply)
         <prefix>/<compute_id>_<auth>          a computation's record (plain data)
-        <any of these>.corrupt-<time>         an unreadable file, moved aside
+        <any of these>.corrupt-<time>         an unreadable or forged file, moved aside
+
+    (Replies of a node before this layout lie in the computation's
+    directory; ``restore`` moves those it can trust into the store.)
+    Root never follows a path that a job can change: inside the prefix
+    every directory is opened one level at a time relative to the one
+    above, with O_NOFOLLOW (``_walk``), and a computation's directory must
+    be the very one the node made (st_dev, st_ino in ``comp.dir_id``);
+    files in it are created, replaced and removed through that descriptor.
 
     Every write is atomic; unreadable files are moved aside, not fatal.
     ``lock`` serialises creating, pruning and storing into computation
@@ -1234,98 +1359,253 @@ class Workspace:
         self.prefix = prefix
         self.job_user = job_user
         self.lock = threading.Lock()
+        self.store = os.path.join(prefix, STORE_DIR)
+        self._key = None
+        # with --job_user: levels above computation directories are root's
+        self.level_owner = (os.geteuid(), os.getegid()) if job_user else None
+        self.level_mode = 0o711 if job_user else 0o700
+        self.job_owner = (job_user.uid, job_user.gid) if job_user else None
+        # whether another computation still works in comp's directory (Node
+        # sets it: a dest_path named by two running computations stays open)
+        self.shared = lambda comp: False
+
+    # -- descriptor-relative directories
+    def _parts(self, path):
+        """``path`` as the levels below the prefix, or None if it is not
+        strictly inside it."""
+        if not isinstance(path, str) or not os.path.isabs(path):
+            return None
+        rel = os.path.relpath(path, self.prefix)
+        parts = rel.split(os.sep)
+        if any(p in ('', '.', '..') for p in parts):
+            return None
+        return parts
+
+    def _walk(self, parts, create=False, exclusive=False, leaf_owner=None, leaf_mode=None):
+        """Descriptors of the prefix and of each level of ``parts`` below it
+        (the caller closes them: _close_fds), each opened relative to the
+        one above with O_NOFOLLOW: a symlink anywhere is an OSError (ELOOP
+        or ENOTDIR), never followed.  With ``create``, missing levels are
+        made (``exclusive``: the last must be new), every level above the
+        last becomes the node's with level_mode (one that a job user owned
+        under an earlier version is taken back), and the last gets
+        ``leaf_owner`` (uid, gid) and ``leaf_mode``."""
+        fds = [os.open(self.prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                if create:
+                    try:
+                        os.mkdir(part, 0o700, dir_fd=fds[-1])
+                    except FileExistsError:
+                        if exclusive and last:
+                            raise
+                fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                if create or last:
+                    owner, mode = (leaf_owner, leaf_mode) if last else \
+                        (self.level_owner, self.level_mode)
+                    self._own(fds[-1], owner, mode)
+        except BaseException:  # whatever failed: no descriptor leaks, then re-raise
+            _close_fds(fds)
+            raise
+        return fds
+
+    @staticmethod
+    def _own(fd, owner, mode):
+        st = os.fstat(fd)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+
+    def _open_comp(self, comp, quiet=False):
+        """Descriptors down to ``comp``'s directory (see _walk), or None if
+        it is gone or is not the directory the node made for it."""
+        parts = self._parts(comp.dest_path)
+        if parts is None:
+            return None
+        try:
+            fds = self._walk(parts)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if not quiet:
+                logger.warning('not using %s: %s (a symlink?)', comp.dest_path, exc)
+            return None
+        ident = getattr(comp, 'dir_id', None)
+        st = os.fstat(fds[-1])
+        if ident is not None and (st.st_dev, st.st_ino) != tuple(ident):
+            _close_fds(fds)
+            if not quiet:
+                logger.warning('not using %s: it is not the directory made for computation '
+                               '%s (it was replaced)', comp.dest_path, comp.id)
+            return None
+        return fds
+
+    @contextlib.contextmanager
+    def opened(self, comp):
+        """The descriptor of ``comp``'s directory (None if unusable)."""
+        fds = self._open_comp(comp)
+        try:
+            yield fds[-1] if fds else None
+        finally:
+            _close_fds(fds or ())
 
     # -- computation directories
     def make_computation_dir(self, compute):
         """``<prefix>/<client ip>/<dest_path or a new temp dir>``, created one
         level at a time without following a symlink anywhere (a job may have
-        planted one), so nothing is ever created outside the prefix."""
+        planted one), so nothing is ever created outside the prefix.
+        Returns (path, (st_dev, st_ino)), or None for an unusable dest_path."""
         with self.lock:
-            # The job user may traverse, not list, the client level.
-            base = make_dirs_confined(self.prefix, [compute.scheduler_ip_addr],
-                                      0o711 if self.job_user else 0o700)
-            if base is None:
-                return None
-            if compute.dest_path:
-                path = confined_join(base, compute.dest_path)
-                if path is None:
+            ip = compute.scheduler_ip_addr
+            try:
+                here = bool(compute.dest_path) and is_here(compute.dest_path)
+                if here and not self.job_user:
+                    # '.': the client's own level, as on the original
+                    path = os.path.join(self.prefix, ip)
+                    fds = self._walk([ip], True, False, self.level_owner, self.level_mode)
+                elif compute.dest_path and not here:
+                    path = confined_join(os.path.join(self.prefix, ip), compute.dest_path)
+                    parts = self._parts(path) if path else None
+                    if parts is None:
+                        return None
+                    fds = self._walk(parts, True, False, self.job_owner, 0o700)
+                else:
+                    # no dest_path, or '.' with --job_user, where the client's
+                    # level is the node's (it holds the client's other
+                    # computations): a new private directory, so the jobs run
+                    # (a refusal would leave them Created at the 4.5.5 client)
+                    if here:
+                        logger.info("dest_path '.' of computation %s runs in a directory of "
+                                    "its own under --job_user", compute.id)
+                    stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
+                    for _ in range(100):
+                        name = '%s_%s' % (stem, base64.b32encode(os.urandom(5)).decode().lower())
+                        try:
+                            fds = self._walk([ip, name], True, True, self.job_owner, 0o700)
+                            break
+                        except FileExistsError:
+                            continue
+                    else:
+                        raise FileExistsError('no free directory name for %s' % stem)
+                    path = os.path.join(self.prefix, ip, name)
+            except OSError as exc:
+                if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
+                    logger.warning('refusing dest_path %s: %s (a symlink?)',
+                                   compute.dest_path, exc)
                     return None
-                parts = os.path.relpath(path, base).split(os.sep)
-                return make_dirs_confined(base, parts, 0o700, self.job_user)
-            stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
-            path = tempfile.mkdtemp(prefix=stem + '_', dir=base)
-            if self.job_user:
-                os.chown(path, self.job_user.uid, self.job_user.gid)
-            return path
+                raise
+            try:
+                st = os.fstat(fds[-1])
+            finally:
+                _close_fds(fds)
+            return path, (st.st_dev, st.st_ino)
+
+    def close_dir(self, comp):
+        """With --job_user, a computation that ended gives its directory
+        back to the node (0700), so no later job reads what it left; a
+        computation that names the same directory again reopens it."""
+        if not self.job_user or self.shared(comp):
+            return
+        fds = self._open_comp(comp, quiet=True)
+        if fds:
+            try:
+                self._own(fds[-1], self.level_owner, 0o700)
+            except OSError as exc:
+                logger.warning('could not close %s: %s', comp.dest_path, exc)
+            finally:
+                _close_fds(fds)
 
     def remove_files(self, comp, names):
         """Remove what was transferred for a computation (``names``:
         depends, the program, per-job files; their bytecode) and our temp
         files, unless the client asked to keep them with cleanup=False.
         Files its jobs wrote stay, as on the original, in a named or a
-        default directory alike; so do stored replies.  The directory goes
-        once empty, and so do its empty parents below the prefix."""
-        base = os.path.realpath(self.prefix) + os.sep
-        path = os.path.realpath(comp.dest_path)
-        if comp.keep_files or not path.startswith(base):
+        default directory alike.  The directory goes once empty, and so do
+        its empty parents below the prefix.  All through descriptors: a
+        planted ``__pycache__`` symlink is not followed."""
+        if comp.keep_files:
             return
         with self.lock:
-            if not os.path.isdir(path):
+            fds = self._open_comp(comp)
+            if not fds:
                 return
-            victims = [os.path.join(path, n) for n in names]
-            cache = os.path.join(path, '__pycache__')
-            for name in names:
-                stem, ext = os.path.splitext(name)
-                if ext == '.py':
-                    victims.append(os.path.join(path, name + 'c'))
-                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
-                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
-            victims.extend(_stray_temp_files(path))
-            for full in victims:
-                try:
-                    if not stat.S_ISDIR(os.lstat(full).st_mode):
-                        os.unlink(full)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    logger.warning('could not remove %s: %s', full, exc)
-            for directory in (cache, path):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass    # not empty: the jobs' files or stored replies remain
-            if not os.path.isdir(path):
-                self._prune_empty_parents(path, base)
+            try:
+                self._remove_in(fds[-1], names)
+                parts = self._parts(comp.dest_path)
+                for level in range(len(parts) - 1, -1, -1):
+                    try:
+                        os.rmdir(parts[level], dir_fd=fds[level])
+                    except OSError:
+                        break   # not empty: the jobs' files remain
+            finally:
+                _close_fds(fds)
 
     @staticmethod
-    def remove_job_files(comp, names):
+    def _remove_in(dfd, names):
+        victims = list(names)
+        stems = []
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext == '.py':
+                victims.append(name + 'c')
+                stems.append(stem + '.')
+        victims.extend(_names_at(dfd, '.tmp-'))
+        for name in victims:
+            try:
+                _unlink_at(name, dfd)
+            except OSError as exc:
+                logger.warning('could not remove %s: %s', name, exc)
+        if not stems:
+            return
+        try:
+            cfd = os.open('__pycache__', _DIR_FLAGS, dir_fd=dfd)
+        except OSError:
+            return      # none, or not a real directory (a planted symlink): left alone
+        try:
+            for name in _names_at(cfd, ''):
+                if name.endswith('.pyc') and any(name.startswith(s) for s in stems):
+                    try:
+                        _unlink_at(name, cfd)
+                    except OSError as exc:
+                        logger.warning('could not remove __pycache__/%s: %s', name, exc)
+        finally:
+            os.close(cfd)
+        try:
+            os.rmdir('__pycache__', dir_fd=dfd)
+        except OSError:
+            pass
+
+    def remove_job_files(self, comp, names):
         """Remove per-job files no running job of ``comp`` uses any more
         (NodeState.finish_job names them).  Without the lock: each is one
         unlink of a name only this computation's jobs use, and the lock
         may be held by a store's fsync."""
-        for name in names:
-            try:
-                os.unlink(os.path.join(comp.dest_path, name))
-            except OSError:
-                pass
-
-    @staticmethod
-    def _prune_empty_parents(path, base):
-        parent = os.path.dirname(path)
-        while parent.startswith(base) and len(parent) > len(base):
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break
-            parent = os.path.dirname(parent)
+        if not names:
+            return
+        fds = self._open_comp(comp)
+        if not fds:
+            return
+        try:
+            for name in names:
+                try:
+                    _unlink_at(name, fds[-1])
+                except OSError:
+                    pass
+        finally:
+            _close_fds(fds)
 
     # -- records and replies, with the transitions that decide about them
     def settle(self, comp, transition):
         """Run the NodeState ``transition`` on ``comp`` and save or remove
-        its record as the returned Change says, under the lock."""
+        its record as the returned Change says, under the lock; a
+        computation that ended closes its directory (close_dir)."""
         with self.lock:
             change = transition(comp)
             self._write_record(comp, change)
+            if change and comp.phase in (Phase.DETACHED, Phase.GONE):
+                self.close_dir(comp)
         return change
 
     def store_reply(self, comp, uid, job_hash, reply, note):
@@ -1371,24 +1651,90 @@ class Workspace:
             fsync_dir(self.prefix)
         except OSError:
             pass
+        try:
+            os.rmdir(self.store_path(comp))     # its stored replies are all gone
+        except OSError:
+            pass
+
+    # The store is the node's alone (0700 directories under the prefix,
+    # which no job can write), so plain paths are safe there.
+    def store_path(self, comp):
+        return os.path.join(self.store, '%d_%s' % (comp.id, comp.auth))
 
     def reply_path(self, comp, uid):
-        return os.path.join(comp.dest_path, '%s%d' % (REPLY_PREFIX, uid))
+        return os.path.join(self.store_path(comp), '%s%d' % (REPLY_PREFIX, uid))
+
+    def store_key(self):
+        """The key of the stored replies' MACs: 32 random bytes in a 0600
+        file of the node's, made (atomically) when first needed."""
+        if self._key is not None:
+            return self._key
+        path = os.path.join(self.prefix, STORE_KEY)
+        try:
+            fd = os.open(path, os.O_RDONLY | _FILE_FLAGS)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                key = os.read(fd, 64)
+            finally:
+                os.close(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() \
+                    and not st.st_mode & 0o077 and len(key) == 32:
+                self._key = key
+                return key
+            self.quarantine(path, 'not a 32-byte 0600 file of the node\'s')
+        key = os.urandom(32)
+        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=self.prefix)
+        try:
+            with os.fdopen(fd, 'wb') as fh:
+                fh.write(key)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)      # never over a key another start made meanwhile
+            except FileExistsError:
+                self._key = None
+                return self.store_key()
+        finally:
+            os.unlink(tmp)
+        fsync_dir(self.prefix)
+        self._key = key
+        return key
 
     def save_reply(self, comp, uid, job_hash, reply):
-        os.makedirs(comp.dest_path, exist_ok=True)
-        atomic_write(self.reply_path(comp, uid),
-                     dc.dumps_plain({'uid': uid, 'hash': job_hash, 'reply': reply}))
+        directory = self.store_path(comp)
+        for level in (self.store, directory):
+            try:
+                os.mkdir(level, 0o700)
+            except FileExistsError:
+                continue
+            fsync_dir(os.path.dirname(level))   # the new directory survives a crash too
+        rec = {'uid': uid, 'hash': job_hash, 'compute_id': comp.id, 'reply': reply,
+               'mac': reply_mac(self.store_key(), comp.id, comp.auth, uid, job_hash, reply)}
+        atomic_write(self.reply_path(comp, uid), dc.dumps_plain(rec))
 
     def load_reply(self, comp, uid):
+        """The stored reply {'uid', 'hash', 'reply'} of job ``uid``, or
+        None; a file that does not load, or whose MAC does not bind it to
+        this computation and uid (moved or forged), is quarantined."""
+        import hmac
         path = self.reply_path(comp, uid)
         try:
             with open(path, 'rb') as fh:
                 rec = dc.loads_plain(fh.read())
             if not isinstance(rec, dict) or rec.get('uid') != uid \
-                    or not isinstance(rec.get('reply'), bytes):
+                    or not isinstance(rec.get('reply'), bytes) \
+                    or not isinstance(rec.get('hash'), str) \
+                    or not isinstance(rec.get('mac'), bytes):
                 raise ProtocolError('malformed reply record')
-            return rec
+            mac = reply_mac(self.store_key(), comp.id, comp.auth, uid, rec['hash'],
+                            rec['reply'])
+            if rec.get('compute_id') != comp.id or not hmac.compare_digest(mac, rec['mac']):
+                raise ProtocolError('its MAC does not match computation %s, job %s: moved '
+                                    'or forged' % (comp.id, uid))
+            return {'uid': uid, 'hash': rec['hash'], 'reply': rec['reply']}
         except FileNotFoundError:
             return None
         except (OSError, ProtocolError) as exc:
@@ -1403,19 +1749,51 @@ class Workspace:
 
     def stored_uids(self, comp):
         try:
-            names = os.listdir(comp.dest_path)
+            names = os.listdir(self.store_path(comp))
         except OSError:
             return set()
         return {int(n[len(REPLY_PREFIX):]) for n in names
                 if n.startswith(REPLY_PREFIX) and n[len(REPLY_PREFIX):].isdigit()}
 
-    def quarantine(self, path, why):
+    def quarantine(self, path, why, dir_fd=None):
         aside = '%s.corrupt-%d' % (path, int(time.time()))
         logger.warning('moving unreadable store file %s aside to %s (%s)', path, aside, why)
         try:
-            os.replace(path, aside)
+            os.replace(path, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             logger.warning('could not move %s aside: %s', path, exc)
+
+    def _migrate(self, comp, dfd):
+        """Move replies that a node before the store kept in ``comp``'s
+        directory into the store.  Only a file the node wrote can be
+        trusted there: a regular 0600 file of the node's with one link,
+        whose uid matches its name; anything else is moved aside."""
+        for name in _names_at(dfd, REPLY_PREFIX):
+            if not name[len(REPLY_PREFIX):].isdigit():
+                continue
+            uid = int(name[len(REPLY_PREFIX):])
+            try:
+                fd = os.open(name, os.O_RDONLY | _FILE_FLAGS | os.O_NONBLOCK, dir_fd=dfd)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                            or st.st_nlink != 1 or st.st_mode & 0o077:
+                        raise ProtocolError('not a file the node wrote')
+                    with os.fdopen(os.dup(fd), 'rb') as fh:
+                        rec = dc.loads_plain(fh.read())
+                finally:
+                    os.close(fd)
+                if not isinstance(rec, dict) or rec.get('uid') != uid \
+                        or not isinstance(rec.get('reply'), bytes) \
+                        or not isinstance(rec.get('hash'), str):
+                    raise ProtocolError('malformed reply record')
+            except (OSError, ProtocolError) as exc:
+                self.quarantine(name, exc, dfd)
+                continue
+            self.save_reply(comp, uid, rec['hash'], rec['reply'])
+            os.unlink(name, dir_fd=dfd)
+            logger.info('moved the stored reply of job %d of computation %s into the store',
+                        uid, comp.id)
 
     def restore(self):
         """Computation records left by an earlier run, as DETACHED
@@ -1432,12 +1810,18 @@ class Workspace:
             try:
                 with open(path, 'rb') as fh:
                     comp = Computation.from_record(dc.loads_plain(fh.read()))
-                if not comp.dest_path.startswith(self.prefix + os.sep):
+                if self._parts(comp.dest_path) is None:
                     raise ProtocolError('record points outside the prefix')
             except (OSError, ProtocolError, KeyError, TypeError, AttributeError) as exc:
                 self.quarantine(path, exc)
                 continue
-            for stray in _stray_temp_files(comp.dest_path):
+            self.close_dir(comp)
+            with self.opened(comp) as dfd:
+                if dfd is not None:
+                    for stray in _names_at(dfd, '.tmp-'):
+                        _unlink_at(stray, dfd)
+                    self._migrate(comp, dfd)
+            for stray in _stray_temp_files(self.store_path(comp)):
                 os.unlink(stray)
             comp.stored = self.stored_uids(comp)
             if comp.stored:
@@ -1446,13 +1830,6 @@ class Workspace:
                 self.remove_files(comp, sorted(comp.transferred))
                 self.remove_computation(comp)
         return found
-
-
-def _listdir(directory):
-    try:
-        return os.listdir(directory)
-    except OSError:
-        return []
 
 
 def _stray_temp_files(directory):
@@ -1606,12 +1983,16 @@ NEW_SINCE_36_MODULES = (
 NEW_SINCE_36_BUILTINS = (
     'BaseExceptionGroup', 'EncodingWarning', 'ExceptionGroup', 'PythonFinalizationError',
     '_IncompleteInputError', 'aiter', 'anext', 'breakpoint')
+# numpy 2 names a 1.x reader lacks, once NUMPY_LEGACY_NAMES has renamed
+# what 1.x has elsewhere (numpy 1.19.5 is the newest for Python 3.6).
+NUMPY2_ONLY_MODULES = ('numpy._core', 'numpy.dtypes', 'numpy.exceptions')
 # A protocol 4 pickle that refers to such a name spells it out once as a
 # SHORT_BINUNICODE (0x8c, length, text) before it memoizes it, so one
 # C-speed search rules out nearly every reply before any opcode is parsed
 # (about 0.3 ms per MB of result; a result of many short strings costs more).
 _NEW_SINCE_36_RE = re.compile(b'\\x8c.(?:%s)' % b'|'.join(
-    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS), re.S)
+    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS
+    + NUMPY2_ONLY_MODULES), re.S)
 _PICKLE_STRINGS = frozenset(('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
                              'SHORT_BINSTRING', 'BINSTRING', 'STRING'))
 
@@ -1657,15 +2038,123 @@ def _new_since_36(module, qualname):
         return False
     if module in ('builtins', '__builtin__'):
         return qualname.split('.')[0] in NEW_SINCE_36_BUILTINS
-    return any(module == m or module.startswith(m + '.') for m in NEW_SINCE_36_MODULES)
+    return any(module == m or module.startswith(m + '.')
+               for m in NEW_SINCE_36_MODULES + NUMPY2_ONLY_MODULES)
 
 
 def _unloadable_reason(data):
     found = unloadable_on_36(data)
     if found is None:
         return None
+    if found.startswith('numpy.'):
+        return ('the result refers to %s, which numpy 1.x (the newest numpy for Python 3.6, '
+                'the dispy 4.5 client) does not have, so the client could not load it' % found)
     return ('the result refers to %s, which Python 3.6 (the dispy 4.5 client) does not '
             'have, so the client could not load it' % found)
+
+
+# numpy 2 moved numpy.core to numpy._core and pickles its arrays and
+# scalars under the new name, which numpy 1.x cannot import: such a reply
+# is pickled again with these names as 1.x spells them (module prefix ->
+# 1.x module; names under numpy._core that 1.x never had are left, and
+# unloadable_on_36 names them).
+NUMPY_LEGACY_MODULES = (('numpy._core', 'numpy.core'), ('numpy.char', 'numpy.core.defchararray'),
+                        ('numpy.rec', 'numpy.core.records'))
+NUMPY_LEGACY_NAMES = {          # module.name -> the 1.x module, for single names
+    'numpy.exceptions.%s' % n: 'numpy' for n in (
+        'AxisError', 'ComplexWarning', 'ModuleDeprecationWarning', 'RankWarning',
+        'TooHardError', 'VisibleDeprecationWarning')}
+NUMPY2_NEW_NAMES = frozenset(('numpy._core._internal._convert_to_stringdtype_kwargs',))
+
+
+class _ModuleRef:
+    """Pickles as ``importlib.import_module(name)``: a module by the
+    name the client knows it under."""
+    __slots__ = ('name',)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        import importlib
+        return importlib.import_module, (self.name,)
+
+
+class _Numpy1Pickler(pickle.Pickler):
+    """Writes numpy 2's classes and functions by their numpy 1.x names."""
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            return NotImplemented
+        module, name = getattr(obj, '__module__', None), getattr(obj, '__qualname__', None)
+        if not isinstance(module, str) or not isinstance(name, str):
+            return NotImplemented
+        full = '%s.%s' % (module, name)
+        legacy = NUMPY_LEGACY_NAMES.get(full)
+        if legacy is None and full not in NUMPY2_NEW_NAMES:
+            legacy = next((old + module[len(new):] for new, old in NUMPY_LEGACY_MODULES
+                           if module == new or module.startswith(new + '.')), None)
+        if legacy is None:
+            return NotImplemented
+        return getattr, (_ModuleRef(legacy), name)
+
+
+def dumps_for_36(record):
+    """A job's reply record pickled for the legacy client: through
+    _Numpy1Pickler once the job process has numpy (one pass; the same
+    bytes as dc.dumps where nothing is renamed)."""
+    if 'numpy' not in sys.modules:
+        return dc.dumps(record)
+    return dc.dumps(record, _Numpy1Pickler)
+
+
+def compile_legacy(code):
+    """Compile client code as the original did (it names it '<string>'
+    in tracebacks and warnings; scripts parse those)."""
+    return compile(code, '<string>', 'exec')
+
+
+LEGACY_CODE_NOTE = (
+    '\ncode valid only on Python 3.6: it uses async or await as a name, which Python 3.7 '
+    'and later reserve, so this node (Python %d.%d) cannot run it\n' % sys.version_info[:2])
+
+
+def only_valid_on_36(code):
+    """True if ``code`` fails to compile here only because it uses
+    ``async`` or ``await`` as names, as Python 3.6 allowed."""
+    import ast
+    try:
+        compile(code, '<string>', 'exec')
+        return False
+    except (SyntaxError, ValueError):
+        pass
+    try:
+        ast.parse(code, feature_version=(3, 6))     # 3.8 to 3.12 know 3.6's grammar
+        return True
+    except (SyntaxError, ValueError, TypeError):
+        pass
+    # Python 3.13 does not: the names renamed (same length, so every token
+    # keeps its place), async before def, for or with kept.
+    import tokenize
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        return False
+    renamed = []
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.string in ('async', 'await'):
+            after = next((t.string for t in tokens[i + 1:]
+                          if t.type not in (tokenize.NL, tokenize.COMMENT)), '')
+            if not (tok.string == 'async' and after in ('def', 'for', 'with')):
+                tok = tok._replace(string='_' + tok.string[:4])
+        renamed.append(tok)
+    if renamed == tokens:
+        return False
+    try:
+        compile(tokenize.untokenize(renamed), '<string>', 'exec')
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 class _JobContext:
@@ -1697,7 +2186,7 @@ def dispy_provisional_result(result, timeout=None):
     sendable = False
     try:
         try:
-            data = dc.dumps(reply)
+            data = dumps_for_36(reply)
         except Exception:  # unpicklable (TypeError, AttributeError, ...): -1, the job goes on
             return -1
         if unloadable_on_36(data):
@@ -1732,7 +2221,7 @@ def dispy_send_file(path, timeout=None):
     name = os.path.splitdrive(path)[1].lstrip(os.sep)
     xf = dc.XferFile(name=name, stat_buf=stat_buf, compute_id=_JOB.compute_id, sep=os.sep)
     try:
-        head, reply = dc.dumps(xf), dc.dumps(_JOB.reply)
+        head, reply = dc.dumps(xf), dumps_for_36(_JOB.reply)
     except Exception:  # whatever made them unpicklable
         return -1
     if unloadable_on_36(head) or unloadable_on_36(reply):
@@ -1912,6 +2401,10 @@ class Worker:
         self.free_slots = []    # _JobSlot not held by a running job
         self.own = set()        # no cgroup: children the worker itself started (setup)
         self.strays = {}        # no cgroup: killed leftovers to reap -> give-up time
+        # Why the computation's code could not be loaded (a traceback), once
+        # it failed: every job reports the same, not a half-run namespace.
+        self.load_error = None
+        self.legacy_code = False    # that code is valid only on Python 3.6
 
     # -- plumbing
     def send(self, msg):
@@ -2077,26 +2570,46 @@ class Worker:
 
     # -- commands from the node
     def _load_namespace(self):
-        if self.ns is not None:
-            return
-        import types
+        """Run the computation's code once; None, or (then and for every
+        later call) the traceback of its failure."""
+        if self.ns is not None or self.load_error is not None:
+            return self.load_error
         module = types.ModuleType('__main__')
-        self.ns = module.__dict__
-        self.ns.update(_IMPLICIT)
-        self.ns['dispy_provisional_result'] = dispy_provisional_result
-        self.ns['dispy_send_file'] = dispy_send_file
-        self.ns['DispyJob'] = DispyJob
-        self.ns['dispynode_shutdown'] = self._shutdown_asked
+        ns = module.__dict__
+        ns.update(_IMPLICIT)
+        ns['dispy_provisional_result'] = dispy_provisional_result
+        ns['dispy_send_file'] = dispy_send_file
+        ns['DispyJob'] = DispyJob
+        ns['dispynode_shutdown'] = self._shutdown_asked
         # Classes sent as dependencies pickle as __main__.<name> on both ends.
         sys.modules['__main__'] = module
-        if self.cfg['code']:
-            exec(compile(self.cfg['code'], '<dispy computation>', 'exec'), self.ns)
-        self.compute = dc.loads_full(self.cfg['compute_bytes'], self.ns)
-        self._note_own_children()
+        try:
+            if self.cfg['code']:
+                # '<string>', as the original names it in tracebacks and warnings
+                exec(compile_legacy(self.cfg['code']), ns)
+            self.compute = dc.loads_full(self.cfg['compute_bytes'], ns)
+        except BaseException as exc:  # user code may raise anything
+            self.load_error = traceback.format_exc()
+            if isinstance(exc, SyntaxError) and only_valid_on_36(self.cfg['code']):
+                self.legacy_code = True
+                self.load_error += LEGACY_CODE_NOTE
+            return self.load_error
+        finally:
+            self._note_own_children()
+        self.ns = ns
+        return None
 
     def _cmd_setup(self, rid):
         try:
-            self._load_namespace()
+            failed = self._load_namespace()
+            if self.legacy_code:
+                # Setup cannot run here; every job ends Terminated with the
+                # reason rather than the client's jobs staying Created.
+                self.send(('setup', rid, True, failed))
+                return
+            if failed:
+                self.send(('setup', rid, False, failed))
+                return
             func = self.compute.setup
             result = self.ns[func.name](*(func.args or ()), **(func.kwargs or {}))
             if result != 0:
@@ -2114,10 +2627,9 @@ class Worker:
             self.own = set(direct_children(os.getpid())) - set(self.jobs)
 
     def _cmd_job(self, uid, job_hash, args, kwargs, code):
-        try:
-            self._load_namespace()
-        except BaseException:  # user code may raise anything
-            self._finish(uid, job_hash, time.time(), None, traceback.format_exc())
+        failed = self._load_namespace()
+        if failed:
+            self._finish(uid, job_hash, time.time(), None, failed)
             return
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
@@ -2160,7 +2672,10 @@ class Worker:
         # Load the computation (user objects) only when there is a cleanup to run.
         if run_cleanup and self.cfg['has_cleanup']:
             try:
-                self._load_namespace()      # cleanup runs even if no job ran here
+                failed = self._load_namespace()     # cleanup runs even if no job ran here
+                if failed:
+                    raise RuntimeError('the computation could not be loaded:\n' + failed)
+                os.chdir(self.cfg['cwd'])   # wherever setup left this process
                 cleanup = self.compute.cleanup
                 if isinstance(cleanup, dc.Function):
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
@@ -2177,8 +2692,11 @@ class Worker:
         try:
             os.setpgid(0, 0)
             # _signal, not signal: its enum conversions touch pages for nothing
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for signum in (signal.SIGTERM, signal.SIGCHLD):
                 _signal.signal(signum, _signal.SIG_DFL)
+            # As on the original (a plain Python process): SIGINT and
+            # _thread.interrupt_main() raise KeyboardInterrupt in the job.
+            _signal.signal(signal.SIGINT, _signal.default_int_handler)
             _signal.set_wakeup_fd(-1)
             # the worker's descriptors, closed by number: this process never
             # uses their objects again and ends in os._exit
@@ -2190,6 +2708,12 @@ class Worker:
                 # when their parent dies (setsid, double fork), and it ends
                 # them all before it replies.
                 prctl(PR_SET_CHILD_SUBREAPER, 1)
+            # Every job starts in the computation's directory, wherever
+            # setup (or the code) left this process, as on the original.
+            try:
+                os.chdir(self.cfg['cwd'])
+            except OSError:
+                pass        # gone: the job says so when it touches its files
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             if not contained:
                 end_own_children()
@@ -2217,7 +2741,7 @@ class Worker:
             sys.stdout, sys.stderr = out, err
         try:
             if code:
-                exec(compile(code, '<dispy job depends>', 'exec'), self.ns)
+                exec(compile_legacy(code), self.ns)
             args = dc.loads_full(args, self.ns) if args else ()
             kwargs = dc.loads_full(kwargs, self.ns) if kwargs else {}
             if is_prog:
@@ -2228,6 +2752,8 @@ class Worker:
         except BaseException as exc:  # user code may raise anything
             reply.status = DispyJob.Terminated
             reply.exception = traceback.format_exc()
+            if isinstance(exc, SyntaxError) and code and only_valid_on_36(code):
+                reply.exception += LEGACY_CODE_NOTE
             if isinstance(exc, MemoryError) and self.cfg.get('job_memory'):
                 reply.exception = self._memory_note(
                     'MemoryError in the job') + '\n' + reply.exception
@@ -2237,7 +2763,7 @@ class Worker:
             reply.stdout, reply.stderr = out.getvalue(), err.getvalue()
         reply.end_time = time.time()
         try:
-            data = dc.dumps(reply)
+            data = dumps_for_36(reply)
         except Exception:  # an unpicklable result must still produce a reply
             reply.result = None
             reply.status = DispyJob.Terminated
@@ -2290,6 +2816,17 @@ class Worker:
                 job.chunks = [head]
                 size, job.status, job.limit_code = _REPLY_LEN.unpack_from(head)
                 job.size = _REPLY_LEN.size + size
+                limit = self.cfg.get('max_reply')
+                if limit and size > limit:
+                    # the node would stop this worker for such a frame: the
+                    # job ends instead (its writes fail once the pipe closes)
+                    job.replied, job.chunks, block = True, [], None
+                    self._finish(job.uid, job.hash, job.start, None,
+                                 "the job's result of %d bytes is over the node's limit of "
+                                 "%d bytes (--max_request_size)" % (size, limit),
+                                 reason='result_too_large')
+            if block is None:
+                break       # refused: close the pipe
             if job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
@@ -2333,18 +2870,23 @@ class Worker:
         limit = None
         if job.limit:
             why, limit = job.limit, 'job_timeout'
+            reason = limit
         elif job.terminated:
             why = None      # as the original: Terminated, no exception text
+            reason = 'cancelled'
         elif oom_killed:
             why, limit = self._memory_note('the job was killed by the cgroup memory limit'), \
                 'job_memory'
+            reason = limit
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
             if self.cfg.get('job_memory'):
                 why += ' (%s)' % self._memory_note('it may have run out of memory')
+            reason = 'signal'
         else:
             why = 'job process exited with status %d without a result' % (status >> 8)
-        self._finish(job.uid, job.hash, job.start, None, why, limit)
+            reason = 'exited'
+        self._finish(job.uid, job.hash, job.start, None, why, limit, reason)
 
     def _sweep_strays(self):
         """No cgroup: kill every child of this worker that is neither a
@@ -2357,11 +2899,12 @@ class Worker:
                 for pid in kill_tree(child, signal.SIGKILL):
                     self.strays[pid] = give_up
 
-    def _finish(self, uid, job_hash, start, result, exception, limit=None):
+    def _finish(self, uid, job_hash, start, result, exception, limit=None, reason='exception'):
         reply = dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.cfg['ip_addr'],
                             status=DispyJob.Terminated, result=result,
                             exception=exception, start_time=start, end_time=time.time())
-        self.send(('done', uid, dc.dumps(reply), DispyJob.Terminated, limit))
+        # reason: why the job ended without its own reply (JOB_END_REASONS)
+        self.send(('done', uid, dc.dumps(reply), DispyJob.Terminated, limit, reason))
 
     def _enforce_kills(self):
         now = time.monotonic()
@@ -2534,6 +3077,36 @@ def worker_command(statement):
     return [sys.executable, '-c', loader + statement]
 
 
+class WorkerFault(Exception):
+    """A worker broke the rules of its channel: it is stopped as faulty."""
+
+
+WORKER_FRAME_RATE = 16 * 1024 * 1024    # bytes/s: a worker frame's body must keep this pace
+_LIMIT_NAME_RE = re.compile(r'^[a-z][a-z_]{0,31}$')
+
+
+def _name_or_none(value):
+    return value is None or isinstance(value, str) and bool(_LIMIT_NAME_RE.match(value))
+
+
+# tag -> (fields required, checks of the fields after the tag; the last
+# ones optional) for Worker.send's messages
+WORKER_MESSAGES = {
+    # uid, reply, status, limit name[, reason (JOB_END_REASONS)]
+    'done': (4, (small_int, lambda v: isinstance(v, bytes),
+                 lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256,
+                 _name_or_none, _name_or_none)),
+    'setup': (3, (small_int, lambda v: isinstance(v, bool), lambda v: isinstance(v, str))),
+    'closed': (3, (small_int, lambda v: isinstance(v, str), lambda v: isinstance(v, bool))),
+}
+
+
+def worker_frame_limit(cfg):
+    """The largest frame the node reads from a worker (a job's reply and
+    a little framing): --max_request_size, as for a client's request."""
+    return min(cfg.max_request_size, cfg.max_request_memory, INTERNAL_FRAME_LIMIT)
+
+
 class WorkerHandle:
     """The node's end of one worker process.  Workers are started ahead of
     need (Node keeps a spare), because a fresh interpreter takes tens of
@@ -2589,7 +3162,8 @@ class WorkerHandle:
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
-            'max_file_size': cfg.max_file_size, **job_limits(cfg),
+            'max_file_size': cfg.max_file_size, 'max_reply': max(1, worker_frame_limit(cfg) - 1024),
+            **job_limits(cfg),
             'cgroup': self.cgroup, 'cgroup_memory': bool(self.cgroup and self.cgroup_memory),
             'cgroup_slots': max(cfg.cpus, os.cpu_count() or 1) if self.cgroup else 0}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -2629,24 +3203,108 @@ class WorkerHandle:
         waiter[0].set()
 
     def _read_loop(self):
+        fault = None
         while True:
             try:
-                msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
-            except (ProtocolError, OSError):
+                msg = self._recv_frame()
+                if msg is None:
+                    break       # the worker exited (or was stopped)
+                msg = self._checked(dc.loads_plain(msg))
+            except WorkerFault as exc:
+                fault = str(exc)
+                break
+            except ProtocolError as exc:
+                fault = 'a malformed message (%s)' % exc
+                break
+            except OSError:
                 break
             try:
                 if msg[0] == 'done':
-                    self.node.job_done(self.comp, msg[1], msg[2], *msg[3:5])
+                    self.node.job_done(self.comp, msg[1], msg[2], *msg[3:6])
                 elif msg[0] in ('setup', 'closed'):
                     self._answer(msg)
             except Exception:  # keep reading whatever one result did
                 logger.exception('handling %r from the worker of %s failed', msg[0], self.comp.id)
+        if fault is not None:
+            # The worker runs the computation's own code: a worker that breaks
+            # the channel's rules is faulty, and is ended, never trusted.
+            logger.warning('worker of computation %s (pid %d) sent %s: stopping it as faulty',
+                           self.comp.id, self.proc.pid, fault)
+            if self.cgroup:
+                _cgroup_kill(self.cgroup)       # its jobs, wherever they went
+            kill_tree(self.proc.pid, signal.SIGKILL)
+            try:
+                self.chan.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
+
+    def _recv_frame(self):
+        """One frame from the worker, or None at its end.  The length comes
+        whenever the worker has something to say; the body is bounded: at
+        most worker_frame_limit() bytes, held in the --max_request_memory
+        budget (shared with the requests being received; the frame waits
+        in the kernel until there is room), and whole by a deadline."""
+        head = bytearray(4)
+        got = 0
+        while got < 4:
+            n = self.chan.recv_into(memoryview(head)[got:], 4 - got)
+            if not n:
+                if got:
+                    raise WorkerFault('a cut frame header')
+                return None
+            got += n
+        (size,) = _FRAME_LEN.unpack(head)
+        limit = worker_frame_limit(self.node.config)
+        if size > limit:
+            raise WorkerFault('a frame of %d bytes (over the limit of %d)' % (size, limit))
+        reception = self.node.tcp.reception
+        while not reception.reserve(size):
+            if not self.alive or self.node.stopping.is_set():
+                raise OSError('stopping')
+            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + self.node.config.msg_timeout + \
+                size / WORKER_FRAME_RATE
+            return self._recv_body(size, deadline)
+        finally:
+            reception.release(size)
+
+    def _recv_body(self, size, deadline):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        poller = _select.poll()
+        poller.register(self.chan.fileno(), _select.POLLIN)
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFault('%d of a %d-byte frame by its deadline' % (got, size))
+            if not poller.poll(int(left * 1000) + 1):
+                continue
+            try:
+                # MSG_DONTWAIT: the socket stays blocking for the sending threads
+                n = self.chan.recv_into(view[got:], min(size - got, CHUNK), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if not n:
+                raise WorkerFault('%d of a %d-byte frame, then its end' % (got, size))
+            got += n
+        return buf
+
+    @staticmethod
+    def _checked(msg):
+        """A worker's message, checked like any peer's (WORKER_MESSAGES)."""
+        rule = WORKER_MESSAGES.get(msg[0]) if isinstance(msg, tuple) and msg else None
+        if rule is None or not rule[0] <= len(msg) - 1 <= len(rule[1]) \
+                or not all(check(v) for check, v in zip(rule[1], msg[1:])):
+            raise WorkerFault('an invalid message %s' % brief(msg[0] if isinstance(msg, tuple)
+                                                              and msg else msg))
+        return msg
 
     def stop(self, timeout=5.0):
         """Ask the worker to exit (its jobs die with it); kill it if needed."""
@@ -2690,11 +3348,14 @@ class Courier:
         self.lock = threading.Lock()
         self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
-        self.in_flight = set()       # (compute id, uid)
+        # (compute id, uid, hash): the legacy client reuses a uid (an id())
+        # for its next job as soon as a reply is in, maybe before this lane
+        # is done with that reply; the hash tells the jobs apart.
+        self.in_flight = set()
         self.closing = False
 
     def submit(self, delivery):
-        key = (delivery.comp.id, delivery.uid)
+        key = (delivery.comp.id, delivery.uid, delivery.hash)
         addr = delivery.comp.reply_addr
         with self.lock:
             # Past MAX_LANES client addresses at once, a reply waits in the
@@ -2720,6 +3381,11 @@ class Courier:
         with self.lock:
             self.down.pop(addr, None)
 
+    def idle(self):
+        """True if no reply is queued or being delivered (or stored)."""
+        with self.lock:
+            return not self.in_flight
+
     def _lane(self, addr):
         lane = self.lanes[addr][0]
         while True:
@@ -2739,7 +3405,7 @@ class Courier:
                 logger.exception('delivering the reply of job %s failed', item.uid)
             finally:
                 with self.lock:
-                    self.in_flight.discard((item.comp.id, item.uid))
+                    self.in_flight.discard((item.comp.id, item.uid, item.hash))
 
     def drain(self, timeout):
         """Finish the queued deliveries (bounded by ``timeout``); later
@@ -2881,7 +3547,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if refusal:
             self.reply(refusal)
             return
-        if self.node.have_file(target, xf.stat_buf):
+        if self.node.have_file(comp, target, xf.stat_buf):
             self.reply(b'ACK')
             return
         self.reply(b'NAK')
@@ -3457,7 +4123,9 @@ class ServiceControl:
         cfg = self.config
         self.quit = threading.Event()        # main() exits when set
         self.started_at = time.monotonic()
-        self.paused = False                  # console 'stop'
+        self.paused = False                  # console 'stop', control 'pause'
+        self.draining = False                # control 'drain' (also NodeState.draining)
+        self.state_listeners = []            # callables (event, text): see notify_state
         self.served = 0                      # computations ended
         self.clock = getattr(cfg, 'service_clock', None) or ServiceClock()
         self.window = (getattr(cfg, 'service_start_minute', None),
@@ -3478,6 +4146,8 @@ class ServiceControl:
 
     def service_refusal(self):
         """Why a new computation is refused (None: it is welcome)."""
+        if self.draining:
+            return b'NAK (node is draining)'
         if self.phase != 'on':
             return b'NAK (node is outside its service hours)'
         if self.paused:
@@ -3634,18 +4304,81 @@ class ServiceControl:
     def pause(self):
         self.paused = True
         logger.info('stopped: running work goes on, no new computation')
+        self.notify_state('paused', 'paused: no new computation')
 
     def resume(self):
         self.paused = False
         logger.info('started: taking computations')
+        self.notify_state('serving', 'serving')
         self.announce()
 
-    def release(self):
+    def drain(self):
+        """Take no new computation or job and stop announcing; once the
+        running jobs have ended and their replies are delivered or stored,
+        the node exits (the timer checks ``drained``).  Returns how many
+        jobs run."""
+        with self.state.lock:
+            first = not self.draining
+            self.draining = self.state.draining = True
+            running = len(self.state.jobs)
+        if first:
+            logger.info('draining: no new computation or job; the node exits once its %d '
+                        'running job(s) have ended and their replies are delivered or '
+                        'stored', running)
+            self.notify_state('draining', 'draining: %d job(s) running' % running)
+        self._drain_check()
+        return running
+
+    def drained(self):
+        """True once a drain has nothing left to wait for: no job runs,
+        none is being finished, and no reply is on its way to a client."""
+        if not self.draining or self.state.busy_cpus():
+            return False
+        with self.finishing_lock:
+            if self.finishing:
+                return False
+        return self.courier.idle()
+
+    def _drain_check(self):
+        if self.drained():
+            self.request_exit('drained')
+
+    def notify_state(self, event, text):
+        """Tell the state listeners (for instance a service manager's
+        status line) about ``event``: 'serving', 'paused', 'draining',
+        'stopping' or 'stopped', with a one-line ``text``.  A listener must
+        not block; its errors are logged."""
+        for listener in list(self.state_listeners):
+            try:
+                listener(event, text)
+            except Exception:  # a listener must not break the node
+                logger.exception('state listener %r failed', listener)
+
+    def health(self):
+        """None while the node takes new work, else why not (/healthz)."""
+        if self.stopping.is_set() or self.quit.is_set():
+            return 'stopping'
+        if self.draining:
+            return 'draining'
+        if self.paused:
+            return 'paused'
+        why = self.guard.refusal()
+        if why:
+            return 'guard: %s' % why
+        if self.phase != 'on':
+            return 'outside the service window'
+        why = self.service_refusal()
+        if why:
+            text = why.decode()
+            return text[5:-1] if text.startswith('NAK (') else text
+        return None
+
+    def release(self, why='released from the console'):
         """Drop the current client's computations now (its view: as a
         zombie drop).  Returns how many."""
         active, _ = self.state.snapshot()
         for comp in active:
-            self.spawn(self.evict, comp, 'released from the console')
+            self.spawn(self.evict, comp, why)
         return len(active)
 
 
@@ -3695,6 +4428,8 @@ class Node(ServiceControl):
         self.old_signs = set()
         self.tls_server, self.tls_client = config.tls_contexts
         self.workspace = Workspace(config.dest_path_prefix, config.job_user)
+        self.workspace.shared = lambda comp: any(
+            c is not comp and c.dest_path == comp.dest_path for c in self.state.snapshot()[0])
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
@@ -3708,6 +4443,8 @@ class Node(ServiceControl):
         self.counters = Counters()
         self.logs = LogLimiter()
         self.stopping = threading.Event()
+        self.finishing = 0          # job_done calls under way (a drain waits for them)
+        self.finishing_lock = threading.Lock()
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
         self.spare_lock = threading.Lock()
@@ -3737,6 +4474,7 @@ class Node(ServiceControl):
             thread.start()
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
+        self.notify_state('serving', 'serving %d cpus' % self.config.cpus)
         self.announce()
 
     def close(self):
@@ -3747,6 +4485,7 @@ class Node(ServiceControl):
                 return
             self._closed = True
         self.stopping.set()
+        self.notify_state('stopping', 'stopping')
         self._stop_observers()
         if self._started:
             self.tcp.shutdown()
@@ -3786,6 +4525,7 @@ class Node(ServiceControl):
         self.udp.close()
         self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+        self.notify_state('stopped', 'stopped')
 
     def evict(self, comp, reason, kill_jobs=True):
         """Drop ``comp`` as the original node leaves a computation: its
@@ -4047,6 +4787,8 @@ class Node(ServiceControl):
 
     def _tick(self, last_pulse):
         now = time.monotonic()
+        if self.draining:
+            self._drain_check()
         active, _ = self.state.snapshot()
         if active and now - last_pulse >= self.pulse_interval(active):
             last_pulse = now
@@ -4090,9 +4832,13 @@ class Node(ServiceControl):
             return b'NAK (file too big)'
         if c.code:
             try:
-                compile(c.code, '<dispy computation>', 'exec')
+                compile_legacy(c.code)
             except (SyntaxError, ValueError) as exc:
-                return b'NAK (Compilation failed: %s)' % str(exc).encode()
+                # Code valid on the client's Python 3.6 only is taken: each
+                # job then ends Terminated saying why (a refused COMPUTE
+                # leaves the client's jobs Created for ever, silently).
+                if not (isinstance(exc, SyntaxError) and only_valid_on_36(c.code)):
+                    return b'NAK (Compilation failed: %s)' % str(exc).encode()
         return None
 
     def add_computation(self, compute, raw):
@@ -4116,12 +4862,14 @@ class Node(ServiceControl):
 
     def _add_computation(self, compute, raw):
         try:
-            dest = self.workspace.make_computation_dir(compute)
+            made = self.workspace.make_computation_dir(compute)
         except OSError as exc:
             return None, b'NAK (could not create directory: %s)' % str(exc).encode()
-        if dest is None:
+        if made is None:
             return None, b'NAK (Invalid dest_path)'
+        dest = made[0]
         comp = Computation(compute, dest, self.sign)
+        comp.dir_id = made[1]
         comp.node_ip = self.addr_for(comp.scheduler_ip)
         if getattr(self.config, 'force_cleanup', False):
             comp.keep_files = False
@@ -4187,11 +4935,15 @@ class Node(ServiceControl):
     def run_setup(self, comp):
         answer = comp.worker.request(('setup',), SETUP_TIMEOUT)
         if answer is not None and answer[1]:
+            if answer[2]:       # code for Python 3.6 only: its jobs will say so
+                logger.warning('setup of computation %s not run:\n%s', comp.id, answer[2])
             return b'ACK'
         text = answer[2] if answer else 'worker process died during setup'
-        logger.warning('setup of computation %s failed:\n%s', comp.id, text)
+        logger.warning('setup of computation %s failed:\n%s', comp.id, LogLines(text))
         self.state.mark_zombie(comp)
-        self.spawn(self.retire, comp, False)
+        # As the original, a failed setup is followed by the cleanup (in the
+        # worker, with setup's globals); not when the worker is gone or stuck.
+        self.spawn(self.retire, comp, answer is not None)
         return text.encode('utf-8', 'replace')
 
     def close_computation(self, comp, terminate):
@@ -4217,7 +4969,8 @@ class Node(ServiceControl):
         if comp.worker is not None:
             answer = comp.worker.request(('close', run_cleanup), CLEANUP_TIMEOUT)
             if answer and answer[1]:
-                logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
+                logger.warning('cleanup of computation %s failed:\n%s', comp.id,
+                               LogLines(answer[1]))
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._drop_files(comp, started)     # before the record decision, as ever
@@ -4267,43 +5020,68 @@ class Node(ServiceControl):
             self.logs.log('file too big', logging.WARNING, 'refusing %s: %d bytes is over '
                           'the limit', name, xf.stat_buf.st_size)
             return None, None, b'NAK (file too big)'
+        why = self.disk_refusal(xf.stat_buf.st_size)
+        if why:
+            self.logs.log('file refused', logging.WARNING, 'refusing file %s of %d bytes: %s',
+                          name, xf.stat_buf.st_size, why)
+            return None, None, b'NAK (not enough free disk: --min_free_disk)'
         self.state.note_transfer(comp, name)
         return comp, os.path.join(comp.dest_path, name), None
 
-    @staticmethod
-    def have_file(target, stat_buf):
-        try:
-            st = os.lstat(target)
-        except OSError:
-            return False
+    def have_file(self, comp, target, stat_buf):
+        with self.workspace.opened(comp) as dfd:
+            if dfd is None:
+                return False
+            try:
+                st = os.stat(os.path.basename(target), dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                return False
         return (stat.S_ISREG(st.st_mode) and st.st_size == stat_buf.st_size
                 and abs(st.st_mtime - stat_buf.st_mtime) <= 1
                 and stat.S_IMODE(st.st_mode) == _safe_mode(stat_buf.st_mode))
 
     def receive_file(self, sock, comp, target, xf):
         """Stream ``st_size`` bytes into ``target`` through a temp file, so
-        a cut transfer never leaves a file that looks whole."""
+        a cut transfer never leaves a file that looks whole.  Everything
+        happens relative to the directory's descriptor (Workspace.opened):
+        with --job_user the directory is the job user's, and no path a job
+        can change is followed."""
+        with self.workspace.opened(comp) as dfd:
+            if dfd is None:
+                return b'NAK (computation directory is not usable)'
+            return self._receive_at(sock, comp, dfd, target, xf)
+
+    def _receive_at(self, sock, comp, dfd, target, xf):
         size = xf.stat_buf.st_size
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=comp.dest_path)
-        got = 0
+        name = os.path.basename(target)
+        got, tmp, fd = 0, None, None
         try:
+            for _ in range(100):
+                tmp = '.tmp-' + base64.b32encode(os.urandom(5)).decode().lower()
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS,
+                                 0o600, dir_fd=dfd)
+                    break
+                except FileExistsError:
+                    continue
             with os.fdopen(fd, 'wb') as fh:
                 got, err = recv_to_file(sock, fh.fileno(), size, self.config.msg_timeout)
                 if err is not None:
                     raise err
                 self.counters.add('bytes_in', got)
+                if got < size:
+                    raise ProtocolError('read only %d of %d bytes' % (got, size))
                 os.fchmod(fh.fileno(), _safe_mode(xf.stat_buf.st_mode, target == comp.program))
                 if self.config.job_user:
                     os.fchown(fh.fileno(), self.config.job_user.uid, self.config.job_user.gid)
-            if got < size:
-                raise ProtocolError('read only %d of %d bytes' % (got, size))
-            os.utime(tmp, (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
-            os.replace(tmp, target)
-        except (OSError, ProtocolError) as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+                os.utime(fh.fileno(), (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except (OSError, ProtocolError, TypeError) as exc:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
             logger.warning('transfer of %s failed: %s', target, exc)
             return b'NAK (read only %d bytes)' % got
         return b'ACK'
@@ -4336,6 +5114,9 @@ class Node(ServiceControl):
             # so the refusal is a little slow to come.
             time.sleep(GUARD_REFUSAL_DELAY)
             return None, None, b'NAK (all cpus busy)'
+        if self.draining:
+            time.sleep(GUARD_REFUSAL_DELAY)     # as above: the client reschedules it
+            return None, None, b'NAK (node is draining)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
         entry.answered = threading.Event()
         return comp, entry, self.state.start_job(comp, entry)
@@ -4365,15 +5146,26 @@ class Node(ServiceControl):
                                     status=DispyJob.Terminated, exception=why,
                                     start_time=time.time(), end_time=time.time()))
 
-    def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None):
+    def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None, reason=None):
         """A worker finished job ``uid`` with ``reply`` (pickled bytes);
-        ``status`` is the job's own status, ``limit`` the limit that ended it."""
-        entry, _, unused = self.state.finish_job(uid)
+        ``status`` is the job's own status, ``limit`` the limit that ended it,
+        ``reason`` why it ended without its own reply (None: it replied)."""
+        with self.finishing_lock:
+            self.finishing += 1     # a drain waits for this reply too
+        try:
+            self._job_done(comp, uid, reply, status, limit, reason)
+        finally:
+            with self.finishing_lock:
+                self.finishing -= 1
+
+    def _job_done(self, comp, uid, reply, status, limit, reason):
+        entry, _, unused = self.state.finish_job(uid, comp.id)
         if entry is None:
+            logger.debug('result for job %s, not running in computation %s', brief(uid), comp.id)
             return
         if entry.answered is not None:
             entry.answered.wait(self.config.msg_timeout)
-        self.note_job(comp, entry, status, limit)
+        self.note_job(comp, entry, status, limit, reason)
         self.workspace.remove_job_files(comp, unused)
         # A job killed by evict() sends nothing: the client reschedules or
         # abandons it on our TERMINATED, as with the original node.
@@ -4386,7 +5178,8 @@ class Node(ServiceControl):
         """The worker exited or died; its running jobs end as Terminated."""
         for entry in self.state.jobs_of(comp.id):
             self.job_done(comp, entry.uid, self._terminated_reply(
-                comp, entry.uid, entry.hash, 'worker process of the computation died'))
+                comp, entry.uid, entry.hash, 'worker process of the computation died'),
+                reason='worker_lost')
         if self.state.phase_of(comp) in (Phase.ACTIVE, Phase.ZOMBIE) \
                 and not self.stopping.is_set():
             logger.warning('worker of computation %s exited', comp.id)
@@ -4450,15 +5243,52 @@ class Node(ServiceControl):
                 logger.warning('could not remove the jobs\' cgroup %s',
                                self.config.proc_cgroup)
 
-    def note_job(self, comp, entry, status, limit):
-        """Count a finished job by its outcome (and the limit that ended it)."""
+    def note_job(self, comp, entry, status, limit, reason=None):
+        """Count a finished job by its outcome (and the limit that ended it);
+        log one line for a job that did not finish normally.  ``limit`` and
+        ``reason`` come from a worker, which runs client code: only known
+        names are counted (they become metric labels)."""
         outcome = outcome_name(status)
         self.counters.add('jobs_' + outcome)
+        if limit not in _LIMIT_NAMES.values():
+            limit = None
         if limit:
             self.counters.add('limit_' + limit)
+        if outcome != 'Finished':
+            if limit:
+                reason = limit
+            elif reason is None:
+                reason = 'exception'        # its own reply says Terminated
+            elif reason not in JOB_END_REASONS:
+                reason = 'other'
+            self.counters.add('terminated_' + reason)
         if comp is not None:
             self.state.note_outcome(comp, outcome)
+            if outcome != 'Finished':
+                self.log_job_end(comp, entry, outcome, reason)
         self.job_times.observe(max(0.0, time.time() - entry.start))
+
+    def log_job_end(self, comp, entry, outcome, reason):
+        """The one log line of a job that did not finish normally."""
+        detail = JOB_END_REASONS.get(reason, 'ended')
+        if reason == 'cancelled' and comp.evicted and entry.uid in comp.dropped:
+            detail = 'killed: %s' % comp.evicted
+        logger.log(logging.INFO if reason in ('exception', 'cancelled') else logging.WARNING,
+                   'job %s of computation %s (%s) from %s:%s: %s, %s (%s)', entry.uid,
+                   comp.id, log_text(comp.name), comp.scheduler_ip, comp.scheduler_port,
+                   outcome, reason, detail)
+
+    def disk_refusal(self, size):
+        """Why a file of ``size`` bytes may not be written now: the guards
+        refuse work, or it would take free disk below --min_free_disk."""
+        why = self.guard.refusal()
+        disk, minimum = self.guard.disk, self.guard.min_disk
+        if not why and minimum and disk is not None and disk - size < minimum:
+            why = 'a file of %s would leave %s free, below --min_free_disk %s' % (
+                format_size(size), format_size(max(0, disk - size)), format_size(minimum))
+        if why:
+            self.counters.add('guard_refusals')
+        return why
 
     def guard_refusal(self):
         """Why the resource guards refuse new work now, or None."""
@@ -4474,13 +5304,17 @@ class Node(ServiceControl):
         counts = self.counters.snapshot()
         status = self.state.observe()
         refusing = self.guard.refusal()
+        health = self.health()
         done = {k[5:]: v for k, v in counts.items() if k.startswith('jobs_')}
         status.update({
             'version': __version__, 'protocol': dc.PROTOCOL_VERSION, 'name': cfg.name,
             'pid': os.getpid(), 'ip_addr': cfg.ext_ip_addr, 'port': self.port,
             'uptime': round(time.monotonic() - self.started_mono, 3),
             'started': self.started_at,
-            'serving': not self.stopping.is_set() and not refusing, 'refusing': refusing,
+            'serving': health is None, 'refusing': refusing or health,
+            'draining': self.draining, 'paused': self.paused,
+            'jobs_terminated': {k[11:]: v for k, v in counts.items()
+                                if k.startswith('terminated_')},
             'free': status['client'] is None and status['cpus_busy'] == 0,
             'jobs_done': done,
             'computations_total': counts.get('computations', 0),
@@ -4507,13 +5341,101 @@ class Node(ServiceControl):
 
     def metrics_text(self):
         return prometheus_text(self.status(), self.counters.snapshot(),
-                               self.job_times.snapshot())
+                               self.job_times.snapshot(), process_stats())
 
 
-# ---------------------------------------------------------------- console
+# ---------------------------------------------------------------- console and control commands
+# One table serves the terminal console and the control socket (the
+# ``dispynode <command>`` CLI): each command is a function (node, args) ->
+# (ok, message or data).  The surfaces differ only in their spellings: the
+# console keeps the later nodes' 'stop'/'start' for pause/resume and
+# 'quit'/'exit' for a shutdown; on the control socket 'stop' shuts down.
+
+class NodeCommand:
+    __slots__ = ('name', 'func', 'usage', 'text')
+
+    def __init__(self, name, func, usage, text):
+        self.name, self.func, self.usage, self.text = name, func, usage, text
+
+
+NODE_COMMANDS = {}
+CONSOLE_NAMES = {'status': 'status', 'cpus': 'cpus', 'stop': 'pause', 'start': 'resume',
+                 'pause': 'pause', 'resume': 'resume', 'release': 'release', 'drain': 'drain',
+                 'quit': 'shutdown', 'exit': 'shutdown'}
+CONTROL_NAMES = {'status': 'status', 'cpus': 'cpus', 'pause': 'pause', 'resume': 'resume',
+                 'release': 'release', 'drain': 'drain', 'stop': 'shutdown'}
+# Commands after whose answer the control connection stays open until the
+# node process exits (the CLI waits for that end of file).
+CONTROL_WAITS = ('drain', 'shutdown')
+
+
+def node_command(name, usage, text):
+    def register(func):
+        NODE_COMMANDS[name] = NodeCommand(name, func, usage, text)
+        return func
+    return register
+
+
+@node_command('status', 'status', 'show the status')
+def _command_status(node, args, source):
+    return True, node.status()
+
+
+@node_command('cpus', 'cpus N', 'offer N cpus from now on (running jobs go on)')
+def _command_cpus(node, args, source):
+    try:
+        cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
+    except ValueError as exc:
+        return False, 'cpus: %s (usage: cpus N)' % exc
+    return True, 'offering %d cpus' % cpus
+
+
+@node_command('pause', 'pause', 'take no new computation (running work goes on)')
+def _command_pause(node, args, source):
+    node.pause()
+    return True, 'stopped: running work goes on, no new computation'
+
+
+@node_command('resume', 'resume', 'take computations again')
+def _command_resume(node, args, source):
+    if node.draining:
+        return False, 'draining: the node exits once its running jobs have ended'
+    node.resume()
+    return True, 'started'
+
+
+@node_command('release', 'release', 'drop the current client now')
+def _command_release(node, args, source):
+    return True, 'released %d computation(s)' % node.release(
+        'released from the console' if source[0] == 'console' else 'released by a control '
+        'command')
+
+
+@node_command('drain', 'drain', 'no new computation or job; exit once running jobs end')
+def _command_drain(node, args, source):
+    running = node.drain()
+    return True, 'draining: %d job(s) running; the node exits once they have ended and ' \
+                 'their replies are delivered or stored' % running
+
+
+@node_command('shutdown', 'stop', 'shut the node down now (as SIGTERM)')
+def _command_shutdown(node, args, source):
+    node.request_exit('%s %s' % (source[0], source[1]))
+    return True, 'shutting down'
+
+
+def run_node_command(node, names, words, source):
+    """Run the command ``words`` (spelled as in ``names``); returns
+    (command name or None if unknown, ok, message or data)."""
+    name = names.get(words[0].lower()) if words else None
+    if name is None:
+        return None, False, 'unknown command'
+    return (name,) + tuple(NODE_COMMANDS[name].func(node, words[1:], source))
+
 
 CONSOLE_HELP = ('commands: status | cpus N | stop (no new computation) | start | '
-                'release (drop the current client now) | quit | exit')
+                'release (drop the current client now) | drain (exit once running jobs '
+                'end) | quit | exit')
 
 
 class Console:
@@ -4567,30 +5489,14 @@ class Console:
     def command(self, words):
         if not words:
             return
-        cmd, args = words[0].lower(), words[1:]
-        node = self.node
-        if cmd == 'status':
-            self.say(format_status_table(node.status()))
-        elif cmd == 'cpus':
-            try:
-                cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
-            except ValueError as exc:
-                self.say('cpus: %s (usage: cpus N)' % exc)
-            else:
-                self.say('offering %d cpus' % cpus)
-        elif cmd == 'stop':
-            node.pause()
-            self.say('stopped: running work goes on, no new computation')
-        elif cmd == 'start':
-            node.resume()
-            self.say('started')
-        elif cmd == 'release':
-            self.say('released %d computation(s)' % node.release())
-        elif cmd in ('quit', 'exit'):
-            self.say('shutting down')
-            node.request_exit('console %s' % cmd)
-        else:
+        name, ok, answer = run_node_command(self.node, CONSOLE_NAMES, words,
+                                            ('console', words[0].lower()))
+        if name is None:
             self.say(CONSOLE_HELP)
+        elif name == 'status':
+            self.say(format_status_table(answer))
+        else:
+            self.say(answer)
 
 
 def _safe_mode(mode, executable=False):
@@ -4607,6 +5513,13 @@ def _safe_mode(mode, executable=False):
 CONTROL_SOCKET = '.dispynode-control'     # under --dest_path_prefix
 CONTROL_TIMEOUT = 2.0                     # per control or metrics connection
 CONTROL_REQUEST_MAX = 256
+CONTROL_WAITERS = 16                      # drain/stop commands waiting for the exit
+METRICS_THREADS = 2                       # answer complete /metrics and /healthz requests
+METRICS_QUEUE = 16
+METRICS_PENDING = 64                      # connections still sending their request
+METRICS_REQUEST_MAX = 8192
+METRICS_REASONS = {200: 'OK', 404: 'Not Found', 405: 'Method Not Allowed',
+                   503: 'Service Unavailable'}
 GUARD_CHECK_SECONDS = 1.0                 # free memory/disk readings are cached this long
 GUARD_REFUSAL_DELAY = 0.5                 # slows a client that retries a refused job at once
 JOB_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
@@ -4622,6 +5535,23 @@ FREE_MEMORY_ENV = 'DISPYNODE_FREE_MEMORY'
 FREE_DISK_ENV = 'DISPYNODE_FREE_DISK'
 _STATUS_NAMES = {v: k for k, v in vars(DispyJob).items() if isinstance(v, int)}
 _LIMIT_NAMES = {1: 'job_memory', 2: 'job_timeout'}
+# Why a job ended Terminated (the reason label of dispynode_jobs_terminated_total).
+JOB_END_REASONS = {
+    'exception': 'the job raised an exception',
+    'signal': 'its process was killed by a signal',
+    'exited': 'its process exited without a result',
+    'cancelled': 'cancelled (TERMINATE_JOB)',
+    'job_timeout': 'killed by --job_timeout',
+    'job_memory': 'ended by --job_memory',
+    'worker_lost': 'the worker process of its computation died',
+    'result_too_large': 'its result was over --max_request_size',
+    'other': 'unknown reason'}
+
+
+def log_text(text):
+    """A client-given name as it goes into a log line: escaped (printable;
+    the node's logger escapes every argument as well)."""
+    return printable(text) if isinstance(text, str) else text
 
 
 def outcome_name(status):
@@ -4940,14 +5870,19 @@ class ResourceGuard:
 
 
 class ControlServer:
-    """The node's local control socket: ``status`` answers the status as
-    JSON.  One named thread serves one connection at a time, each bounded
-    by CONTROL_TIMEOUT; only the node's own user (or root) is served."""
+    """The node's local control socket: one command line (CONTROL_NAMES:
+    status, cpus N, pause, resume, release, drain, stop) answered with one
+    JSON line: the status, or {"ok", "message", "pid"}.  One named thread
+    serves one connection at a time, each bounded by CONTROL_TIMEOUT; only
+    the node's own user (or root) is served.  After drain and stop the
+    connection stays open (at most CONTROL_WAITERS of them) until the node
+    process exits, so the command's end of file says it has."""
 
     def __init__(self, node):
         self.node = node
         self.path = os.path.join(node.config.dest_path_prefix, CONTROL_SOCKET)
         self.sock = None
+        self.waiters = []       # connections closed by the process's exit
 
     def start(self):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -5005,11 +5940,18 @@ class ControlServer:
                         break
                     time.sleep(0.1)
                     continue
-                with conn:
-                    try:
-                        self._answer(conn)
-                    except (OSError, ValueError) as exc:
-                        logger.debug('control request failed: %s', exc)
+                keep = False
+                try:
+                    keep = self._answer(conn)
+                except (OSError, ValueError) as exc:
+                    logger.debug('control request failed: %s', exc)
+                except Exception:  # a failed command must not end the control thread
+                    logger.exception('control request failed')
+                finally:
+                    if keep:
+                        self.waiters.append(conn)
+                    else:
+                        conn.close()
         finally:
             self.sock.close()
             self.stop()
@@ -5029,13 +5971,22 @@ class ControlServer:
             self.node.logs.log('control refused', logging.WARNING,
                                'control socket: refusing a request of user %d', uid)
             conn.sendall(b'{"error": "permission denied"}\n')
-            return
-        command = request.split(b'\n', 1)[0].strip()
-        if command == b'status':
-            import json
-            conn.sendall(json.dumps(self.node.status(), sort_keys=True).encode() + b'\n')
-        else:
+            return False
+        import json
+        words = request.split(b'\n', 1)[0].decode('ascii', 'replace').split()
+        name, ok, answer = run_node_command(self.node, CONTROL_NAMES, words,
+                                            ('control', words[0].lower() if words else ''))
+        if name is None:
             conn.sendall(b'{"error": "unknown command"}\n')
+            return False
+        if name == 'status':
+            conn.sendall(json.dumps(answer, sort_keys=True).encode() + b'\n')
+            return False
+        logger.info('control command %r: %s', ' '.join(words)[:80], answer)
+        wait = ok and name in CONTROL_WAITS and len(self.waiters) < CONTROL_WAITERS
+        conn.sendall(json.dumps({'ok': ok, 'message': answer, 'pid': os.getpid(),
+                                 'wait': wait}).encode() + b'\n')
+        return wait
 
 
 def peer_uid(conn):
@@ -5049,44 +6000,144 @@ def peer_uid(conn):
 
 
 class MetricsServer:
-    """Prometheus text format at /metrics: a plain (one request at a time)
-    HTTPServer in one named thread, each request bounded by CONTROL_TIMEOUT."""
+    """HTTP for Prometheus: GET /metrics (text format 0.0.4) and GET
+    /healthz (200 ok, or 503 and why the node takes no new work).
+
+    One named thread ('metrics') accepts connections and reads their
+    requests in a selector loop, so an idle or slow peer costs no thread;
+    each connection has one deadline (CONTROL_TIMEOUT) for its whole
+    request, however it trickles in, and at most METRICS_PENDING wait (the
+    oldest is dropped first).  Complete requests are answered on the
+    bounded 'metrics' TaskPool, each within its deadline."""
 
     def __init__(self, node, addr):
-        import http.server
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = CONTROL_TIMEOUT
-
-            def do_GET(self):
-                if self.path.split('?', 1)[0] != '/metrics':
-                    self.send_error(404)
-                    return
-                body = outer.node.metrics_text().encode()
-                self.send_response(200)
-                self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                logger.debug('metrics: %s - %s', self.address_string(), fmt % args)
-
         self.node = node
-        self.server = http.server.HTTPServer(addr, Handler)
-        self.server.timeout = 0.5
-        self.address = self.server.server_address
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(addr)
+            self.sock.listen(64)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.address = self.sock.getsockname()
+        self.pool = TaskPool('metrics', METRICS_THREADS, METRICS_QUEUE, idle_seconds=5.0)
 
     def start(self):
         threading.Thread(target=self._serve, name='metrics', daemon=True).start()
 
     def _serve(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        pending = collections.OrderedDict()     # conn -> [deadline, bytearray]
         try:
             while not self.node.stopping.is_set():
-                self.server.handle_request()
+                now = time.monotonic()
+                wait = 0.5
+                if pending:
+                    wait = min(wait, max(0.0, next(iter(pending.values()))[0] - now))
+                for key, _ in sel.select(wait):
+                    if key.data is None:
+                        self._accept(sel, pending)
+                    else:
+                        self._read(sel, pending, key.fileobj)
+                now = time.monotonic()
+                while pending:
+                    conn, (deadline, _) = next(iter(pending.items()))
+                    if deadline > now:
+                        break
+                    self._drop(sel, pending, conn)
+        except Exception:  # the endpoint must not die silently
+            logger.exception('metrics endpoint failed')
         finally:
-            self.server.server_close()
+            for conn in list(pending):
+                self._drop(sel, pending, conn)
+            sel.close()
+            self.sock.close()
+            self.pool.close(1.0)
+
+    def _accept(self, sel, pending):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # out of descriptors, say: later
+                logger.debug('metrics: accept failed: %s', exc)
+                return
+            if len(pending) >= METRICS_PENDING:
+                self._drop(sel, pending, next(iter(pending)))
+            conn.setblocking(False)
+            pending[conn] = [time.monotonic() + CONTROL_TIMEOUT, bytearray()]
+            sel.register(conn, selectors.EVENT_READ, True)
+
+    def _read(self, sel, pending, conn):
+        entry = pending.get(conn)
+        if entry is None:
+            return
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._drop(sel, pending, conn)
+            return
+        entry[1] += data
+        head = entry[1]
+        if b'\r\n\r\n' not in head and b'\n\n' not in head:
+            if len(head) > METRICS_REQUEST_MAX:
+                self._drop(sel, pending, conn)
+            return
+        sel.unregister(conn)
+        del pending[conn]
+        if not self.pool.submit(self._respond, conn, bytes(head), entry[0]):
+            conn.close()        # the pool is full or closing
+
+    @staticmethod
+    def _drop(sel, pending, conn):
+        pending.pop(conn, None)
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _respond(self, conn, head, deadline):
+        try:
+            line = head.split(b'\n', 1)[0].decode('latin-1').split()
+            method, path = (line[0], line[1]) if len(line) >= 2 else ('', '')
+            code, body, ctype = self.route(method, path.split('?', 1)[0])
+            text = '%d %s' % (code, METRICS_REASONS.get(code, ''))
+            data = ('HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n'
+                    'Connection: close\r\n\r\n' % (text, ctype, len(body))).encode()
+            if method != 'HEAD':
+                data += body
+            conn.setblocking(True)
+            conn.settimeout(max(0.05, deadline - time.monotonic()))
+            conn.sendall(data)      # the timeout bounds the whole send
+            logger.debug('metrics: %s %s -> %d', method, path[:80], code)
+        except OSError as exc:
+            logger.debug('metrics: answering failed: %s', exc)
+        finally:
+            conn.close()
+
+    def route(self, method, path):
+        """(HTTP status, body bytes, content type) for a request."""
+        plain = 'text/plain; charset=utf-8'
+        if method not in ('GET', 'HEAD'):
+            return 405, b'only GET and HEAD\n', plain
+        if path == '/metrics':
+            return 200, self.node.metrics_text().encode(), \
+                'text/plain; version=0.0.4; charset=utf-8'
+        if path == '/healthz':
+            why = self.node.health()
+            if why is None:
+                return 200, b'ok\n', plain
+            return 503, ('%s\n' % why).encode('utf-8', 'replace'), plain
+        return 404, b'not found\n', plain
 
 
 def parse_hostport(text, default_host='127.0.0.1'):
@@ -5100,16 +6151,55 @@ def parse_hostport(text, default_host='127.0.0.1'):
     return host, int(port)
 
 
-def prometheus_text(st, counts, job_times):
+def prometheus_label(value):
+    """A label value as the text format wants it: backslash, double quote
+    and line feed escaped."""
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def process_stats():
+    """The node process's own figures for the process_* metrics (None
+    where the platform does not say): cpu seconds, resident bytes, open
+    descriptors, start time (seconds since the epoch)."""
+    times = os.times()
+    stats = {'cpu': times.user + times.system, 'rss': None, 'fds': None,
+             'start': _PROCESS_START}
+    try:
+        with open('/proc/self/statm') as fh:
+            stats['rss'] = int(fh.read().split()[1]) * resource.getpagesize()
+        with open('/proc/self/stat') as fh:
+            ticks = int(fh.read().rpartition(')')[2].split()[19])
+        with open('/proc/stat') as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith('btime '))
+        stats['start'] = boot + ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    if stats['rss'] is None:
+        try:
+            import psutil
+            stats['rss'] = psutil.Process().memory_info().rss
+        except Exception:  # optional: no psutil, or it cannot tell
+            pass
+    for fd_dir in ('/proc/self/fd', '/dev/fd'):
+        try:
+            stats['fds'] = len(os.listdir(fd_dir))
+            break
+        except OSError:
+            pass
+    return stats
+
+
+def prometheus_text(st, counts, job_times, process=None):
     """The Prometheus text exposition (version 0.0.4) of a status (see
-    Node.status), counter snapshot and JobTimes snapshot."""
+    Node.status), counter snapshot, JobTimes snapshot and process_stats."""
     out = []
 
     def family(name, kind, text, samples):
         out.append('# HELP %s %s' % (name, text))
         out.append('# TYPE %s %s' % (name, kind))
         for suffix, labels, value in samples:
-            label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
+            label = '{%s}' % ','.join('%s="%s"' % (k, prometheus_label(v))
+                                      for k, v in labels) if labels else ''
             out.append('%s%s%s %s' % (name, suffix, label, float(value)))
 
     outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
@@ -5121,6 +6211,12 @@ def prometheus_text(st, counts, job_times):
     family('dispynode_job_limit_kills_total', 'counter',
            'Jobs ended by a per-job limit, by limit.',
            [('', [('limit', k)], v) for k, v in sorted(limits.items())])
+    reasons = dict.fromkeys(('exception', 'signal', 'cancelled', 'job_timeout',
+                             'job_memory'), 0)
+    reasons.update(st.get('jobs_terminated') or {})
+    family('dispynode_jobs_terminated_total', 'counter',
+           'Jobs ended Terminated, by reason.',
+           [('', [('reason', k)], v) for k, v in sorted(reasons.items())])
     for name, key, text in (
             ('computations', 'computations', 'Computations accepted.'),
             ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
@@ -5138,6 +6234,7 @@ def prometheus_text(st, counts, job_times):
             ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
             ('stored_results', st['stored_results'], 'Undelivered results stored.'),
             ('serving', int(bool(st['serving'])), '1 while taking new work.'),
+            ('draining', int(bool(st.get('draining'))), '1 while draining.'),
             ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
         family('dispynode_' + name, 'gauge', text, [('', [], value)])
     buckets, total, seconds = job_times
@@ -5145,6 +6242,20 @@ def prometheus_text(st, counts, job_times):
     samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
                 ('_count', [], total)]
     family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
+    family('dispynode_build_info', 'gauge', 'The node\'s version (the value is 1).',
+           [('', [('version', st.get('version', __version__)),
+                  ('protocol', st.get('protocol', dc.PROTOCOL_VERSION)),
+                  ('python', '%d.%d.%d' % sys.version_info[:3])], 1)])
+    process = process or {}
+    for name, kind, key, text in (
+            ('process_cpu_seconds_total', 'counter', 'cpu',
+             'User and system CPU time of the node process, in seconds.'),
+            ('process_resident_memory_bytes', 'gauge', 'rss', 'Resident memory in bytes.'),
+            ('process_open_fds', 'gauge', 'fds', 'Open file descriptors.'),
+            ('process_start_time_seconds', 'gauge', 'start',
+             'Start time of the process since the epoch, in seconds.')):
+        if process.get(key) is not None:
+            family(name, kind, text, [('', [], process[key])])
     return '\n'.join(out) + '\n'
 
 
@@ -5191,7 +6302,8 @@ def format_status_table(status):
             format_size(guards.get('min_free_memory')),
             format_size(guards.get('min_free_disk')))))
     width = max(len(str(k)) for k, _ in rows)
-    lines = ['%-*s  %s' % (width, k, v) for k, v in rows]
+    # client-given names reach a terminal here: escaped (printable)
+    lines = ['%-*s  %s' % (width, k, printable(str(v))) for k, v in rows]
     comps = status.get('computations') or []
     lines.append('')
     lines.append('computations: %d' % len(comps))
@@ -5215,15 +6327,16 @@ def format_status_table(status):
 
 
 def _columns(table):
+    table = [[printable(cell) for cell in row] for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ['  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
             for row in table]
 
 
-def query_control(prefix, command='status', timeout=5.0):
-    """Ask the node serving ``prefix`` (its control socket); returns the
-    decoded JSON answer.  Raises OSError or ValueError with a clear text."""
-    import json
+def _control_connect(prefix, timeout):
+    """A connection to the control socket of the node serving ``prefix``,
+    after checking that the socket is the node's of our own user (or
+    root's).  Raises OSError with a clear text."""
     path = os.path.join(prefix, CONTROL_SOCKET)
     try:
         st = os.lstat(path)
@@ -5235,48 +6348,151 @@ def query_control(prefix, command='status', timeout=5.0):
     if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid not in (os.geteuid(), 0):
         raise OSError('refusing %s: mode %o, owner %d (expected 600 and your user)'
                       % (path, stat.S_IMODE(st.st_mode), st.st_uid))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
         uid = peer_uid(sock)
         if uid is not None and uid not in (os.geteuid(), 0):
             raise OSError('refusing %s: served by user %d' % (path, uid))
-        sock.sendall(command.encode() + b'\n')
-        data = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > 64 * 1024 * 1024:
-                raise ValueError('answer too long')
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _control_answer(sock):
+    """The node's one JSON line (the node closes after it, or keeps the
+    connection open for a waiting command)."""
+    import json
+    data = b''
+    while not data.endswith(b'\n'):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 64 * 1024 * 1024:
+            raise ValueError('answer too long')
     answer = json.loads(data.decode())
     if isinstance(answer, dict) and answer.get('error'):
         raise OSError('node refused: %s' % answer['error'])
     return answer
 
 
-def status_main(argv):
-    """``dispynode status [--dest_path_prefix P] [--json]``."""
+def query_control(prefix, command='status', timeout=5.0):
+    """Ask the node serving ``prefix`` (its control socket); returns the
+    decoded JSON answer.  Raises OSError or ValueError with a clear text."""
+    with _control_connect(prefix, timeout) as sock:
+        sock.sendall(command.encode() + b'\n')
+        return _control_answer(sock)
+
+
+def wait_for_exit(sock, timeout):
+    """Wait (``timeout`` seconds; None: no limit) for the end of file that
+    the node's exit gives a held control connection.  True if it came."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        sock.settimeout(left if left is None else max(0.05, left))
+        try:
+            if not sock.recv(4096):
+                return True
+        except socket.timeout:
+            return False
+        except ConnectionError:
+            return True
+
+
+CONTROL_CLI = ('status', 'drain', 'pause', 'resume', 'cpus', 'release', 'stop')
+
+
+def control_main(command, argv):
+    """``dispynode <command> [--dest_path_prefix P | --config FILE] ...``:
+    one command to the running node over its control socket.  Prints one
+    line (status: a table or JSON); exits 0 on success, 1 if refused or
+    the node cannot be reached (or, for drain and stop, is still running
+    after --timeout), 2 on a usage error."""
     import json
-    p = argparse.ArgumentParser(prog='dispynode status',
-                                description='Show the status of the node running with '
-                                            'this --dest_path_prefix.')
+    helps = {'status': 'Show the status of the node running with this --dest_path_prefix.',
+             'drain': 'Let the node take no new computation or job, and exit once its '
+                      'running jobs have ended and their replies are delivered or '
+                      'stored; returns when the node has exited.',
+             'pause': 'Take no new computation (running work goes on).',
+             'resume': 'Take computations again after a pause.',
+             'cpus': 'Offer N cpus from now on (negative: all but that many).',
+             'release': "Drop the current client's computations now.",
+             'stop': 'Shut the node down now (as SIGTERM); returns when it has exited.'}
+    p = argparse.ArgumentParser(prog='dispynode %s' % command, description=helps[command])
     p.add_argument('--dest_path_prefix', default=None,
-                   help='the running node\'s prefix (default: <tmp>/dispy/node)')
-    p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+                   help="the running node's prefix (default: its --config file's, else "
+                        "<tmp>/dispy/node)")
+    p.add_argument('--config', default='', metavar='FILE',
+                   help="the node's config file (to find its --dest_path_prefix)")
+    if command == 'status':
+        p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    if command == 'cpus':
+        p.add_argument('n', type=int, metavar='N', help='cpus to offer')
+    if command in ('drain', 'stop'):
+        p.add_argument('--timeout', type=float, default=0 if command == 'drain' else 60,
+                       metavar='S', help='give up waiting after S seconds (exit 1; %s)'
+                       % ('default: wait until the node exits' if command == 'drain'
+                          else 'default 60'))
     args = p.parse_args(argv)
-    prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
+    prefix = args.dest_path_prefix
+    if prefix is None and args.config:
+        node_parser = build_parser()
+        try:
+            apply_config_file(node_parser, args.config)
+        except ValueError as exc:
+            p.exit(2, 'dispynode: error: %s\n' % exc)
+        prefix = node_parser.get_default('dest_path_prefix')
+    prefix = prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    if command == 'status':
+        try:
+            status = query_control(prefix)
+        except (OSError, ValueError) as exc:
+            p.exit(1, 'dispynode: error: %s\n' % exc)
+        if args.json:
+            sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + '\n')
+        else:
+            sys.stdout.write(format_status_table(status))
+        return 0
+    line = command if command != 'cpus' else 'cpus %d' % args.n
+    timeout = getattr(args, 'timeout', None)
+    if timeout is not None and timeout < 0:
+        p.error('--timeout must be 0 (no limit) or positive')
     try:
-        status = query_control(prefix)
+        with _control_connect(prefix, 10.0) as sock:
+            sock.sendall(line.encode() + b'\n')
+            answer = _control_answer(sock)
+            if not isinstance(answer, dict) or 'ok' not in answer:
+                raise ValueError('unexpected answer %r' % (answer,))
+            if not answer['ok']:
+                p.exit(1, 'dispynode: error: %s\n' % answer.get('message'))
+            if command not in ('drain', 'stop'):
+                sys.stdout.write('%s\n' % answer.get('message'))
+                return 0
+            if not answer.get('wait'):
+                p.exit(1, 'dispynode: error: %s; cannot wait for the node (pid %s) to exit '
+                          '(too many commands wait)\n' % (answer.get('message'),
+                                                          answer.get('pid')))
+            if not wait_for_exit(sock, timeout or None):
+                p.exit(1, 'dispynode: error: the node (pid %s) is still %s after %gs\n'
+                       % (answer.get('pid'), 'draining' if command == 'drain'
+                          else 'stopping', timeout))
     except (OSError, ValueError) as exc:
         p.exit(1, 'dispynode: error: %s\n' % exc)
-    if args.json:
-        sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + '\n')
-    else:
-        sys.stdout.write(format_status_table(status))
+    sys.stdout.write('%s: the node (pid %s) has exited\n' % (
+        'drained' if command == 'drain' else 'stopped', answer.get('pid')))
     return 0
+
+
+def status_main(argv):
+    """``dispynode status [--dest_path_prefix P] [--json]``."""
+    return control_main('status', argv)
 
 
 def resolve_obs_options(args):
@@ -5305,7 +6521,9 @@ def resolve_obs_options(args):
 
 def add_obs_options(p):
     p.epilog = ('"%(prog)s status [--dest_path_prefix P] [--json]" shows the status of the '
-                'node running with that prefix.')
+                'node running with that prefix; "%(prog)s drain|pause|resume|cpus N|release|'
+                'stop [--dest_path_prefix P | --config FILE]" controls it (see '
+                '"%(prog)s drain --help").')
     p.add_argument('--metrics', default=None, metavar='HOST:PORT',
                    help='serve Prometheus metrics at http://HOST:PORT/metrics '
                         '(a bare PORT binds 127.0.0.1; default: off)')
@@ -5430,6 +6648,9 @@ def add_service_options(p):
                         "the node once that computation ends")
     g.add_argument('--force_cleanup', action='store_true',
                    help="remove a computation's files even if the client asked cleanup=False")
+    g.add_argument('--log_file', default='', metavar='PATH',
+                   help='write the log to this file (appending) instead of stderr; '
+                        'SIGHUP reopens it (for logrotate)')
     g.add_argument('--config', default='', metavar='FILE',
                    help='read options from this INI file (command-line options override it)')
     g.add_argument('--save_config', default='', metavar='FILE',
@@ -5851,8 +7072,8 @@ def prepare_prefix(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['status']:
-        return status_main(argv[1:])
+    if argv[:1] and argv[0] in CONTROL_CLI:
+        return control_main(argv[0], argv[1:])
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default='')
@@ -5874,30 +7095,95 @@ def main(argv=None):
             parser.exit(2, 'dispynode: error: %s\n' % exc)
         return 0
     _raise_fd_limit()
+    log_handler = None
+    if args.log_file:
+        try:
+            log_handler = ReopenableFileHandler(os.path.abspath(args.log_file))
+        except OSError as exc:
+            parser.exit(2, 'dispynode: error: --log_file %s: %s\n' % (
+                args.log_file, exc.strerror or exc))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format='%(asctime)s dispynode %(levelname)s %(message)s')
+                        format=LOG_FORMAT,
+                        handlers=[log_handler] if log_handler is not None else None)
     try:
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
-    stop = threading.Event()
+    # Signal handlers only queue the signal and wake the main loop through
+    # a pipe, which acts on it (no logging or locks inside a handler: an
+    # Event's lock could be the one the main thread holds).  The one
+    # exception is a second SIGINT/SIGTERM while the first one's shutdown
+    # runs: it exits at once, as it always has.
+    signals = collections.deque(maxlen=64)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    stopping = []
 
     def on_signal(signum, frame):
-        if stop.is_set():
-            logger.warning('second signal: exiting now')
-            os._exit(1)
-        logger.info('signal %d: shutting down', signum)
-        stop.set()
+        if signum != signal.SIGHUP:
+            if stopping:
+                os.write(2, b'dispynode: second signal: exiting now\n')
+                os._exit(1)
+            stopping.append(signum)
+        signals.append(signum)
+        try:
+            os.write(wake_w, b'.')
+        except OSError:
+            pass        # full: the main loop is awake anyway
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     node.start()
     if Console.wanted(node.config):
         Console(node).start()
-    while not stop.wait(0.25) and not node.quit.is_set():
-        pass
+    stop = False
+    while not stop and not node.quit.is_set():
+        try:
+            if _select.select([wake_r], [], [], 0.25)[0]:
+                os.read(wake_r, 4096)
+        except InterruptedError:
+            pass
+        while signals:
+            signum = signals.popleft()
+            if signum == signal.SIGHUP:
+                if log_handler is None:
+                    logger.info('SIGHUP: no --log_file to reopen; serving on')
+                else:
+                    try:
+                        log_handler.reopen()
+                    except OSError as exc:
+                        logger.error('SIGHUP: could not reopen --log_file %s: %s; logging '
+                                     'to the old file', log_handler.baseFilename, exc)
+                    else:
+                        logger.info('SIGHUP: log file %s reopened', log_handler.baseFilename)
+            else:
+                logger.info('signal %d: shutting down', signum)
+                stop = True
     node.close()
     return 0
+
+
+LOG_FORMAT = '%(asctime)s dispynode %(levelname)s %(message)s'
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that ``reopen`` (on SIGHUP) opens again by its name, so
+    that logrotate can move the old one away.  The new file is opened
+    before the old one is closed: a failure keeps the old one."""
+
+    def __init__(self, path):
+        super().__init__(path, mode='a', encoding='utf-8', delay=False)
+
+    def reopen(self):
+        stream = open(self.baseFilename, 'a', encoding='utf-8')
+        self.acquire()
+        try:
+            old, self.stream = self.stream, stream
+        finally:
+            self.release()
+        if old is not None:
+            old.close()
 
 
 if __name__ == '__main__':
