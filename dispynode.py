@@ -5700,6 +5700,7 @@ def cgroup_v2_jobs(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/moun
     if not own or not mounts:
         return None, 'no cgroup v2 hierarchy'
     base = os.path.join(mounts[0], own[0].lstrip('/'))
+    _remove_stale_groups(base)
     for n in range(100):
         group = os.path.join(base, 'dispynode-jobs-%d%s' % (pid, '-%d' % n if n else ''))
         try:
@@ -5713,6 +5714,31 @@ def cgroup_v2_jobs(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/moun
             return None, '%s is not a cgroup v2 hierarchy' % base
         return group, None
     return None, 'no free cgroup name under %s' % base
+
+
+_STALE_GROUP = re.compile(r'^dispynode-jobs-(\d+)(-\d+)?$')
+
+
+def _remove_stale_groups(base):
+    """Remove the jobs' groups of nodes that died without removing them
+    (killed with SIGKILL), with whatever is left in them."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        match = _STALE_GROUP.match(name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue            # its node lives (or another process has the pid)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        if remove_cgroup(os.path.join(base, name), 0.5):
+            logger.info('removed the cgroup %s of a node that is gone', name)
 
 
 def make_worker_cgroup(group, worker_pid, slots, memory=0, owner=None):

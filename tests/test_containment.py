@@ -255,6 +255,11 @@ def test_a_job_gets_nothing_of_the_nodes_terminal(legacy_python, tmp_path):
         assert 'FORGED-BY-JOB' not in term.text, term.text
         assert len([fd for fd in found['fds'] if fd > 2]) <= 2, found  # its pipe (+ listdir)
     finally:
+        proc.send_signal(signal.SIGINT)     # a clean stop: the node removes its cgroup
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
         tc._stop(proc)
         term.close()
 
@@ -550,3 +555,24 @@ def test_unit_job_ends_when_its_process_does(tmp_path, tag, env, end):
     finally:
         d.close_server()
         node.stop()
+
+
+def test_unit_groups_of_dead_nodes_are_removed(tmp_path):
+    """A node killed with SIGKILL cannot remove its jobs' group; the next
+    node to start removes it (with whatever is left in it), and leaves the
+    groups of live nodes alone."""
+    group = _real_cgroup(tmp_path)
+    base = os.path.dirname(group)
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stale = os.path.join(base, 'dispynode-jobs-%d' % dead.pid)
+    try:
+        os.mkdir(stale)
+        os.mkdir(os.path.join(stale, 'w-1'))
+        other, _ = dispynode.cgroup_v2_jobs()
+        assert not os.path.exists(stale)
+        assert os.path.isdir(group)             # this process is alive
+        dispynode.remove_cgroup(other)
+    finally:
+        dispynode.remove_cgroup(stale)
+        dispynode.remove_cgroup(group)
