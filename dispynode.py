@@ -97,11 +97,20 @@ between a decision and its write.  Lock order: Workspace, then NodeState.
 No socket, fork or worker request happens under either lock.  Processes::
 
     node (threads) --socketpair--> worker process (one per computation,
-        single-threaded, started ahead of need, then moved into the
+        single-threaded, started ahead of need with stdio on /dev/null and
+        no other descriptor of the node's, not dumpable, then moved into the
         computation directory): runs the code and setup once, then forks
         one child per job, each in its own process group
     job child --pipe: length + pickled _JobReply--> worker --socketpair-->
         node --TCP JOB_REPLY (same bytes)--> client
+
+Containment: the node (as root, in the thread that starts a worker) makes
+the worker's cgroup v2 group with one job group per CPU
+(make_worker_cgroup) and removes it, killing what is left, when the worker
+stops; a job child joins a free job group before user code, and the worker
+ends that group (cgroup.kill) once it has reaped the job's own process.
+The job ends then, whoever still holds its pipe.  Without cgroups the
+worker and each job child are child subreapers (see Worker._end_job).
 
 The node never forks itself and never unpickles user objects: a job pickles
 its own ``_JobReply`` (protocol 4; numpy 2 types under their numpy 1.x
@@ -532,17 +541,89 @@ def session_groups(sid):
 
 def kill_tree(pid, sig):
     """Signal ``pid``'s process group and every descendant (some may have
-    left the group with setsid)."""
-    targets = descendants(pid)
+    left the group with setsid).  For SIGKILL the tree is first stopped
+    (SIGSTOP, again until no new process appears), so that no process of it
+    forks a child that the kill misses.  Returns the pids signalled (the
+    caller may have to reap the ones that come back to it)."""
+    targets = [pid] + descendants(pid)
+    if sig == signal.SIGKILL:
+        stopped = set()
+        for _ in range(20):     # bounded: a fork bomb outruns no SIGSTOP for long
+            fresh = [p for p in targets if p not in stopped]
+            if not fresh:
+                break
+            for target in fresh:
+                try:
+                    os.kill(target, signal.SIGSTOP)
+                except OSError:
+                    pass
+                stopped.add(target)
+            targets = list(stopped | {pid} | set(descendants(pid)))
     try:
         os.killpg(pid, sig)
     except OSError:
         pass
-    for target in [pid] + targets:
+    for target in targets:
         try:
             os.kill(target, sig)
         except OSError:
             pass
+    return targets
+
+
+def direct_children(pid):
+    """PIDs whose parent is ``pid`` (/proc, else ps; [] if neither works)."""
+    if os.environ.get('DISPYNODE_NO_PROC') != '1':
+        try:
+            import psutil
+            return [p.pid for p in psutil.Process(pid).children()]
+        except ImportError:
+            pass
+        except Exception:  # psutil.NoSuchProcess and friends
+            return []
+    pairs = None if os.environ.get('DISPYNODE_NO_PROC') == '1' else _proc_parents()
+    if pairs is None:
+        pairs = _ps_parents()
+    return [child for child, parent in pairs or () if parent == pid]
+
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+_PRCTL = []
+
+
+def prctl(option, value):
+    """prctl(2) through ctypes (Linux); False where it is not available or
+    fails."""
+    if not _PRCTL:
+        try:
+            import ctypes
+            func = ctypes.CDLL(None, use_errno=True).prctl
+            func.restype = ctypes.c_int
+            func.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                             ctypes.c_ulong)
+        except (ImportError, OSError, AttributeError):
+            func = None
+        _PRCTL.append(func)
+    func = _PRCTL[0]
+    return func is not None and func(option, value, 0, 0, 0) == 0
+
+
+def end_own_children(timeout=2.0):
+    """In a job process that is a child subreaper (no cgroup): kill and reap
+    every process below it (everything the job started that outlived its
+    parent came back to it).  A single waitpid when there is none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except OSError:     # ChildProcessError: none is left
+            return
+        if pid:
+            continue        # reaped one; look again
+        for child in direct_children(os.getpid()):
+            kill_tree(child, signal.SIGKILL)
+        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------- thread pools, counters, logs
@@ -2327,9 +2408,20 @@ class _WorkerJob:
         self.limit = None        # why a limit ended the job
         self.status = DispyJob.Terminated
         self.limit_code = 0
-        self.cgroup = None
+        self.cgroup = None       # its _JobSlot, or None (then it is a subreaper)
         self.eof = False         # its pipe is closed
         self.exit_status = None  # from waitpid, once reaped
+
+
+class _JobSlot:
+    """One of a worker's per-job cgroups, made by the node (see
+    make_worker_cgroup): reused job after job, emptied by cgroup.kill."""
+    __slots__ = ('path', 'procs', 'oom')
+
+    def __init__(self, path):
+        self.path = path
+        self.procs = os.fsencode(os.path.join(path, 'cgroup.procs'))   # made before the fork
+        self.oom = 0        # its memory.events oom_kill count when a job took it
 
 
 class Worker:
@@ -2360,6 +2452,10 @@ class Worker:
         self.running = True
         self.orphaned = False   # the node's end of the channel is gone
         self.forker = _Forker()
+        self.cgroup = None      # this worker's cgroup (node-made), or None
+        self.free_slots = []    # _JobSlot not held by a running job
+        self.own = set()        # no cgroup: children the worker itself started (setup)
+        self.strays = {}        # no cgroup: killed leftovers to reap -> give-up time
         # Why the computation's code could not be loaded (a traceback), once
         # it failed: every job reports the same, not a half-run namespace.
         self.load_error = None
@@ -2378,8 +2474,23 @@ class Worker:
         """The node died: end every job, then exit."""
         self.orphaned = True
         self.running = False
+        self._kill_everything()
+
+    def _kill_everything(self):
+        """End every process of every job (the worker stops): the whole
+        cgroup of this worker (itself last, as it exits anyway), or each
+        job's tree and every leftover below this subreaper."""
+        if self.cgroup:
+            for job in self.jobs.values():
+                if job.cgroup is not None:
+                    _cgroup_kill(job.cgroup.path)
+                else:
+                    kill_tree(job.pid, signal.SIGKILL)
+            return
         for job in self.jobs.values():
             kill_tree(job.pid, signal.SIGKILL)
+        for child in direct_children(os.getpid()):
+            kill_tree(child, signal.SIGKILL)
 
     def serve(self):
         try:
@@ -2391,6 +2502,14 @@ class Worker:
         _JOB.compute_id = self.cfg['compute_id']
         _JOB.msg_timeout = self.cfg['msg_timeout']
         _JOB.max_file_size = self.cfg['max_file_size']
+        self.cgroup = self.cfg.get('cgroup')
+        if self.cgroup:
+            self.free_slots = [_JobSlot(os.path.join(self.cgroup, 'job-%d' % n))
+                               for n in range(self.cfg.get('cgroup_slots', 0))]
+        else:
+            # No cgroup: what a job leaves behind comes back here (and to the
+            # job process itself while it lives, see _job_child).
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
         # A single-threaded process: changing directory is safe here.
         os.chdir(self.cfg['cwd'])
         sys.path.insert(0, self.cfg['cwd'])
@@ -2419,6 +2538,12 @@ class Worker:
                 else:
                     self._read_result(what)
             self._enforce_kills()
+        # The computation ends: nothing it started outlives this worker (with
+        # a cgroup, the node kills this worker's group as well).
+        if not self.cgroup:
+            self._kill_everything()
+        elif self.orphaned:
+            _cgroup_kill(self.cgroup)   # no node to do it: this worker ends with it
 
     def _watch(self, fd, what):
         self.poller.register(fd, _select.POLLIN)
@@ -2445,13 +2570,24 @@ class Worker:
             except ChildProcessError:
                 pid, status = job.pid, 0
             if pid:
+                # The job ends when its own process has: whatever a process
+                # it started does with the reply pipe.
                 job.exit_status = status
-                if job.eof:
-                    self._end_job(job)
+                self._end_job(job)
+        now = time.monotonic()
+        for pid, give_up in list(self.strays.items()):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] or now >= give_up
+            except ChildProcessError:   # not (yet) reparented here, or gone
+                done = now >= give_up or not os.path.exists('/proc/%d' % pid)
+            if done:
+                del self.strays[pid]
 
     def _next_deadline(self):
         deadlines = [j.kill_at for j in self.jobs.values() if j.kill_at]
         deadlines += [j.deadline for j in self.jobs.values() if j.deadline]
+        if self.strays:
+            deadlines.append(time.monotonic() + 0.1)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _recv_command(self):
@@ -2513,6 +2649,8 @@ class Worker:
                 self.legacy_code = True
                 self.load_error += LEGACY_CODE_NOTE
             return self.load_error
+        finally:
+            self._note_own_children()
         self.ns = ns
         return None
 
@@ -2535,6 +2673,13 @@ class Worker:
             self.send(('setup', rid, False, traceback.format_exc()))
         else:
             self.send(('setup', rid, True, ''))
+        self._note_own_children()
+
+    def _note_own_children(self):
+        """No cgroup: the processes setup (or the computation's code) left
+        running are this worker's own, not a job's leftovers."""
+        if not self.cgroup:
+            self.own = set(direct_children(os.getpid())) - set(self.jobs)
 
     def _cmd_job(self, uid, job_hash, args, kwargs, code):
         failed = self._load_namespace()
@@ -2542,18 +2687,20 @@ class Worker:
             self._finish(uid, job_hash, time.time(), None, failed)
             return
         rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
         start = time.time()
         # Everything but the pid is prepared before the fork: each page this
         # process writes while a job shares its memory costs a copy.
         job = _WorkerJob(uid, job_hash, None, rfd, start)
-        job.cgroup = self._job_cgroup(uid)
+        job.cgroup = self._take_slot()
         if self.cfg.get('job_timeout'):
             job.deadline = time.monotonic() + self.cfg['job_timeout']
         self._watch(rfd, job)
         pid = self.forker.fork()
         if pid == 0:
             os.close(rfd)
-            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, job.cgroup)
+            self._job_child(uid, job_hash, args, kwargs, code, wfd, start,
+                            job.cgroup and job.cgroup.procs)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
@@ -2610,7 +2757,12 @@ class Worker:
             # uses their objects again and ends in os._exit
             for fd in (self.wakeup_r, self.wakeup_w, self.chan.detach()):
                 os.close(fd)
-            self._apply_job_limits(cgroup)
+            contained = self._apply_job_limits(cgroup)
+            if not contained:
+                # No cgroup: processes the job starts come back to this one
+                # when their parent dies (setsid, double fork), and it ends
+                # them all before it replies.
+                prctl(PR_SET_CHILD_SUBREAPER, 1)
             # Every job starts in the computation's directory, wherever
             # setup (or the code) left this process, as on the original.
             try:
@@ -2618,6 +2770,8 @@ class Worker:
             except OSError:
                 pass        # gone: the job says so when it touches its files
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
+            if not contained:
+                end_own_children()
             # Length first, so the worker can forward the reply without
             # waiting for this process to finish exiting.
             status = _JOB.reply.status      # user code could have set anything
@@ -2694,9 +2848,22 @@ class Worker:
             raise FileNotFoundError('program %r was not found on the node' % program)
         return proc.returncode, proc.stdout, proc.stderr
 
-    def _read_result(self, job):
-        block = os.read(job.fd, CHUNK)
-        if block:
+    def _read_result(self, job, drain=False):
+        """Read what the job process sent on its pipe: the length-prefixed
+        reply, forwarded as soon as it is complete.  EOF is never waited
+        for (a process the job started may hold the pipe open for ever):
+        the job ends when its own process is reaped (_end_job), which then
+        takes what was sent (``drain``)."""
+        for _ in range(64 if drain else 1):     # bounded: others may write too
+            want = CHUNK if job.size is None else min(CHUNK, job.size - job.got)
+            try:
+                block = os.read(job.fd, want) if want > 0 else b''
+            except BlockingIOError:
+                return
+            except OSError:
+                block = b''
+            if not block:
+                break
             job.chunks.append(block)
             job.got += len(block)
             if job.size is None and job.got >= _REPLY_LEN.size:
@@ -2713,31 +2880,46 @@ class Worker:
                                  "the job's result of %d bytes is over the node's limit of "
                                  "%d bytes (--max_request_size)" % (size, limit),
                                  reason='result_too_large')
-            if block and job.size is not None and job.got == job.size and not job.replied:
+            if block is None:
+                break       # refused: close the pipe
+            if job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
                 # Nothing more to read (whatever a process the job started
                 # might still write): close now rather than wake for EOF.
-            elif block:
-                return
-        self._unwatch(job.fd)
-        os.close(job.fd)
-        job.eof = True
-        if job.exit_status is None:
-            self._reap()            # it may have exited before its pipe closed
-        if job.exit_status is not None and job.pid in self.jobs:
-            self._end_job(job)
+                break
+        else:
+            return
+        self._close_pipe(job)
+
+    def _close_pipe(self, job):
+        if not job.eof:
+            job.eof = True
+            self._unwatch(job.fd)
+            os.close(job.fd)
 
     def _end_job(self, job):
-        """A job process whose pipe is closed has been reaped: forget it,
-        and reply for it if it did not."""
+        """The job's own process has been reaped: take what it sent, end
+        every process it left (its cgroup, or the leftovers that came back
+        to this subreaper), forget it, and reply for it if it did not."""
         status = job.exit_status
+        if not job.eof:
+            self._read_result(job, drain=True)
+            self._close_pipe(job)
         del self.jobs[job.pid]
-        if job.terminated:
-            kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
-        oom_killed = self._drop_job_cgroup(job)
+        oom_killed = self._release_slot(job)
+        if job.cgroup is None:
+            if job.terminated:
+                try:    # its group, if any of it survived SIGTERM (not its pid: reaped)
+                    os.killpg(job.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if not (job.replied and status == 0):
+                # It died before it could end its children (killed, or
+                # os._exit): they came back here.
+                self._sweep_strays()
         if job.replied:
             return
         limit = None
@@ -2761,6 +2943,17 @@ class Worker:
             reason = 'exited'
         self._finish(job.uid, job.hash, job.start, None, why, limit, reason)
 
+    def _sweep_strays(self):
+        """No cgroup: kill every child of this worker that is neither a
+        running job's process nor one that setup started (they are what
+        ended jobs left behind), and reap them as they come back."""
+        keep = set(self.jobs) | self.own
+        give_up = time.monotonic() + 10.0
+        for child in direct_children(os.getpid()):
+            if child not in keep:
+                for pid in kill_tree(child, signal.SIGKILL):
+                    self.strays[pid] = give_up
+
     def _finish(self, uid, job_hash, start, result, exception, limit=None, reason='exception'):
         reply = dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.cfg['ip_addr'],
                             status=DispyJob.Terminated, result=result,
@@ -2772,7 +2965,7 @@ class Worker:
         now = time.monotonic()
         for job in self.jobs.values():
             if job.kill_at and now >= job.kill_at:
-                kill_tree(job.pid, signal.SIGKILL)
+                self._kill_job(job)
                 job.kill_at = None
             if job.deadline and now >= job.deadline:
                 # --job_timeout: end the job's whole tree like a TERMINATE_JOB.
@@ -2784,6 +2977,20 @@ class Worker:
                     job.terminated = True
                     job.kill_at = now + KILL_GRACE
                     kill_tree(job.pid, signal.SIGTERM)
+        if self.strays:
+            self._reap()
+
+    def _kill_job(self, job):
+        """SIGKILL for every process of a job: its cgroup, else its tree."""
+        if job.cgroup is None:
+            kill_tree(job.pid, signal.SIGKILL)
+            return
+        _cgroup_kill(job.cgroup.path)
+        for kill in (os.killpg, os.kill):   # in case it could not join its cgroup
+            try:
+                kill(job.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     # -- per-job limits (see the observing section)
     def _memory_note(self, what):
@@ -2791,59 +2998,113 @@ class Worker:
             what, self.cfg.get('job_memory_text') or self.cfg['job_memory'],
             self.cfg['job_memory'])
 
-    def _job_cgroup(self, uid):
-        """A cgroup v2 group with the memory limit for one job, or None."""
-        base = self.cfg.get('cgroup')
-        if not base or not self.cfg.get('job_memory'):
+    def _take_slot(self):
+        """A free job cgroup of this worker (None without, or if all are in
+        use: then the job is contained as a subreaper)."""
+        if not self.free_slots:
             return None
-        path = os.path.join(base, 'job-%d-%d' % (os.getpid(), uid))
+        # First in, first out: every group is taken in turn, and emptied
+        # first (a job user may move its processes into an idle group).
+        slot = self.free_slots.pop(0)
+        _cgroup_kill(slot.path)
+        if self.cfg.get('cgroup_memory'):
+            slot.oom = self._oom_kills(slot)
+        return slot
+
+    @staticmethod
+    def _oom_kills(slot):
         try:
-            os.mkdir(path)
-            for name, value in (('memory.max', self.cfg['job_memory']), ('memory.swap.max', 0)):
-                try:
-                    with open(os.path.join(path, name), 'w') as fh:
-                        fh.write(str(value))
-                except FileNotFoundError:
-                    pass        # no swap accounting
-        except OSError:
-            return None
-        return path
+            with open(os.path.join(slot.path, 'memory.events')) as fh:
+                for line in fh:
+                    if line.startswith('oom_kill '):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     def _apply_job_limits(self, cgroup):
-        """In the job child, before user code: join the job's cgroup, cap
-        its address space (inherited by everything it starts)."""
-        if cgroup:
+        """In the job child, before user code: join the job's cgroup (True
+        if it did), cap its address space (inherited by everything it
+        starts)."""
+        joined = False
+        if cgroup:      # the group's cgroup.procs; plain system calls: few pages touched
             try:
-                with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as fh:
-                    fh.write(str(os.getpid()))
+                fd = os.open(cgroup, os.O_WRONLY)
+                try:
+                    joined = os.write(fd, b'0') == 1        # 0: this process
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
         limit = self.cfg.get('job_memory')
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        return joined
 
-    def _drop_job_cgroup(self, job):
-        """Remove a finished job's cgroup; True if its OOM killer fired."""
-        if not job.cgroup:
+    def _release_slot(self, job):
+        """Kill what is left in an ended job's cgroup and free it for the
+        next job; True if its OOM killer fired during the job."""
+        slot = job.cgroup
+        if slot is None:
             return False
-        oom = False
-        try:
-            with open(os.path.join(job.cgroup, 'memory.events')) as fh:
-                for line in fh:
-                    if line.startswith('oom_kill ') and int(line.split()[1]) > 0:
-                        oom = True
-        except (OSError, ValueError, IndexError):
-            pass
-        try:
-            os.rmdir(job.cgroup)
-        except OSError:
-            pass
+        _cgroup_kill(slot.path)
+        oom = bool(self.cfg.get('cgroup_memory')) and self._oom_kills(slot) > slot.oom
+        self.free_slots.append(slot)
+        if not self.cfg.get('cgroup_memory'):
+            # Nothing but this worker's own leaf holds processes in its group
+            # itself; a job that moved one there left it behind.  (With the
+            # memory controller the group can hold none.)
+            try:
+                fd = os.open(os.path.join(self.cgroup, 'cgroup.procs'), os.O_RDONLY)
+                try:
+                    left = os.read(fd, 65536).split()
+                finally:
+                    os.close(fd)
+            except OSError:
+                left = ()
+            for pid in left:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
         return oom
+
+
+def _cgroup_kill(path):
+    """SIGKILL every process in the cgroup ``path`` and below (cgroup.kill,
+    Linux 5.14+), else each pid listed in its cgroup.procs."""
+    try:
+        fd = os.open(os.path.join(path, 'cgroup.kill'), os.O_WRONLY)   # never made here
+        try:
+            os.write(fd, b'1')
+        finally:
+            os.close(fd)
+        return
+    except OSError:
+        pass
+    for _ in range(10):
+        try:
+            with open(os.path.join(path, 'cgroup.procs')) as fh:
+                pids = [int(p) for p in fh.read().split()]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def worker_main(fd):
     """Entry point of a worker process (see WorkerHandle for how it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
+    # Not dumpable: another process of the job user (a job of another
+    # computation) can neither ptrace this worker nor open its
+    # /proc/<pid>/mem, so a spare worker stays untouched until it is used.
+    # Job processes inherit it (a program they exec becomes dumpable again).
+    prctl(PR_SET_DUMPABLE, 0)
     chan = socket.socket(fileno=fd)
     import_implicit_modules()
     try:
@@ -2922,14 +3183,26 @@ class WorkerHandle:
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
-                                         pass_fds=(theirs.fileno(),),
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         pass_fds=(theirs.fileno(),), close_fds=True,
+                                         # nothing of the node's: not its terminal,
+                                         # not its log
+                                         stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True,
                                          **job_user_args(node.config.job_user))
         except OSError:
             ours.close()
             raise
         finally:
             theirs.close()
+        cfg = node.config
+        self.cgroup = None
+        self.cgroup_memory = getattr(cfg, 'job_memory', 0) if getattr(cfg, 'job_cgroup', None) \
+            else 0
+        if getattr(cfg, 'proc_cgroup', None):
+            self.cgroup = make_worker_cgroup(
+                cfg.proc_cgroup, self.proc.pid, max(cfg.cpus, os.cpu_count() or 1),
+                self.cgroup_memory, cfg.job_user.uid if cfg.job_user else None)
 
     def usable(self):
         return self.proc.poll() is None
@@ -2945,7 +3218,9 @@ class WorkerHandle:
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size, 'max_reply': max(1, worker_frame_limit(cfg) - 1024),
-            **job_limits(cfg)}))
+            **job_limits(cfg),
+            'cgroup': self.cgroup, 'cgroup_memory': bool(self.cgroup and self.cgroup_memory),
+            'cgroup_slots': max(cfg.cpus, os.cpu_count() or 1) if self.cgroup else 0}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)
         self.reader.start()
@@ -3010,6 +3285,8 @@ class WorkerHandle:
             # the channel's rules is faulty, and is ended, never trusted.
             logger.warning('worker of computation %s (pid %d) sent %s: stopping it as faulty',
                            self.comp.id, self.proc.pid, fault)
+            if self.cgroup:
+                _cgroup_kill(self.cgroup)       # its jobs, wherever they went
             kill_tree(self.proc.pid, signal.SIGKILL)
             try:
                 self.chan.shutdown(socket.SHUT_RDWR)
@@ -3120,9 +3397,16 @@ class WorkerHandle:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            if self.cgroup:
+                _cgroup_kill(self.cgroup)
+            # no cgroup: everything its jobs left came back to it (it is
+            # their subreaper), so its tree is all of it
             kill_tree(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.chan.close()
+        # whatever the computation still runs (setup's processes, a job's)
+        if self.cgroup and not remove_cgroup(self.cgroup):
+            logger.warning('processes of a worker outlive SIGKILL in %s', self.cgroup)
 
 
 # ---------------------------------------------------------------- courier
@@ -4323,6 +4607,7 @@ class Node(ServiceControl):
         # start_up made it (not a caller's that it was handed).
         self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
+        self.owns_proc_cgroup = False
         try:
             self._init(config)
         except BaseException:
@@ -4332,6 +4617,24 @@ class Node(ServiceControl):
                 self.udp.close()
             self._release_cgroup()      # no node will use it
             raise
+
+    def _contain_jobs(self, config):
+        """Every job gets a cgroup of its own where the node can make one:
+        it holds whatever the job starts (setsid or not), and cgroup.kill
+        ends it.  The jobs' group is the memory limit's when there is one,
+        else a plain one that this Node makes when it starts serving and
+        removes when it closes."""
+        group, note = getattr(config, 'proc_cgroup', None), None
+        if group is None and getattr(config, 'proc_cgroup_note', None) is None:
+            group, note = cgroup_v2_jobs()
+            self.owns_proc_cgroup = group is not None
+            config = config.replace(proc_cgroup=group, proc_cgroup_note=note)
+        if group:
+            logger.debug('each job runs in a cgroup of its own under %s', group)
+        else:
+            logger.info('jobs are contained without a cgroup (the worker is their '
+                        'subreaper): %s', config.proc_cgroup_note)
+        return config
 
     def _init(self, config):
         self.state = NodeState(config.cpus)
@@ -4380,6 +4683,7 @@ class Node(ServiceControl):
     # -- start and stop
     def start(self):
         self._started = True
+        self.config = self._contain_jobs(self.config)     # before the first worker
         self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare, key='spare')
@@ -5282,6 +5586,11 @@ class Node(ServiceControl):
         """Remove the jobs' cgroup (once no worker is left to use it)."""
         if self.owns_cgroup and not release_job_cgroup(self.config):
             logger.warning('could not remove the jobs\' cgroup %s', self.config.job_cgroup)
+        if getattr(self, 'owns_proc_cgroup', False):
+            self.owns_proc_cgroup = False
+            if not remove_cgroup(self.config.proc_cgroup):
+                logger.warning('could not remove the jobs\' cgroup %s',
+                               self.config.proc_cgroup)
 
     def note_job(self, comp, entry, status, limit, reason=None):
         """Count a finished job by its outcome (and the limit that ended it);
@@ -5368,7 +5677,11 @@ class Node(ServiceControl):
                        'job_memory': getattr(cfg, 'job_memory_text', '') or None,
                        'job_threads': getattr(cfg, 'job_threads', 0) or None,
                        'job_memory_cgroup': getattr(cfg, 'job_cgroup', None),
-                       'job_memory_cgroup_unavailable': getattr(cfg, 'cgroup_note', None)},
+                       'job_memory_cgroup_unavailable': getattr(cfg, 'cgroup_note', None),
+                       'job_containment': ('cgroup %s' % cfg.proc_cgroup
+                                           if getattr(cfg, 'proc_cgroup', None) else
+                                           'subreaper (no cgroup: %s)'
+                                           % getattr(cfg, 'proc_cgroup_note', None))},
             'guards': {'min_free_memory': getattr(cfg, 'min_free_memory', 0),
                        'min_free_disk': getattr(cfg, 'min_free_disk', 0),
                        'free_memory': self.guard.memory, 'free_disk': self.guard.disk},
@@ -5618,7 +5931,7 @@ def job_limits(cfg):
     return {'job_timeout': getattr(cfg, 'job_timeout', 0) or 0,
             'job_memory': getattr(cfg, 'job_memory', 0) or 0,
             'job_memory_text': getattr(cfg, 'job_memory_text', ''),
-            'cgroup': getattr(cfg, 'job_cgroup', None)}
+            'cgroup': None, 'cgroup_slots': 0}
 
 
 def _override_reading(env_name):
@@ -5720,31 +6033,140 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
     return group, None
 
 
-def release_job_cgroup(cfg, timeout=3.0):
-    """Remove the jobs' cgroup that start_up made (if it did) and the job
-    leaves left in it; call it once no worker is left.  Returns False if
-    it is still there after ``timeout`` seconds (a job process that
-    outlived its kill still in it)."""
-    group = getattr(cfg, 'job_cgroup', None)
-    if not group:
+def cgroup_v2_jobs(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mounts',
+                   pid=None):
+    """A cgroup v2 group for the jobs' groups (containment only, no
+    controller needed), if this process may make one: (path, None) or
+    (None, why not)."""
+    pid = pid or os.getpid()
+    try:
+        with open(cgroup_file) as fh:
+            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
+        with open(mounts_file) as fh:
+            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
+    except OSError as exc:
+        return None, 'cannot read cgroup information: %s' % exc
+    if not own or not mounts:
+        return None, 'no cgroup v2 hierarchy'
+    base = os.path.join(mounts[0], own[0].lstrip('/'))
+    _remove_stale_groups(base)
+    for n in range(100):
+        group = os.path.join(base, 'dispynode-jobs-%d%s' % (pid, '-%d' % n if n else ''))
+        try:
+            os.mkdir(group)
+        except FileExistsError:
+            continue        # another node of this process (tests)
+        except OSError as exc:
+            return None, 'cannot make a cgroup under %s: %s' % (base, exc.strerror or exc)
+        if not os.path.exists(os.path.join(group, 'cgroup.procs')):
+            os.rmdir(group)
+            return None, '%s is not a cgroup v2 hierarchy' % base
+        return group, None
+    return None, 'no free cgroup name under %s' % base
+
+
+_STALE_GROUP = re.compile(r'^dispynode-jobs-(\d+)(-\d+)?$')
+
+
+def _remove_stale_groups(base):
+    """Remove the jobs' groups of nodes that died without removing them
+    (killed with SIGKILL), with whatever is left in them."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        match = _STALE_GROUP.match(name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue            # its node lives (or another process has the pid)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        if remove_cgroup(os.path.join(base, name), 0.5):
+            logger.info('removed the cgroup %s of a node that is gone', name)
+
+
+def make_worker_cgroup(group, worker_pid, slots, memory=0, owner=None):
+    """The node's side of a worker's containment: ``group/w-<pid>`` with
+    the worker in its leaf ``worker`` and ``slots`` job groups ``job-N``
+    (memory.max = ``memory`` and no swap, when the memory controller is
+    on).  The node makes them as root; a --job_user worker (``owner``, a
+    uid) may only move its job processes among them (cgroup.procs of the
+    group and of each job group) and kill a job group (cgroup.kill): it
+    cannot make groups or change a limit.  Returns the path, or None (the
+    worker then contains its jobs as a subreaper)."""
+    path = os.path.join(group, 'w-%d' % worker_pid)
+
+    def write(name, text):
+        with open(os.path.join(path, name), 'w') as fh:
+            fh.write(text)
+    try:
+        os.mkdir(path)
+        if memory:
+            write('cgroup.subtree_control', '+memory')
+        os.mkdir(os.path.join(path, 'worker'))
+        delegated = ['cgroup.procs', 'cgroup.kill']
+        for n in range(slots):
+            job = 'job-%d' % n
+            os.mkdir(os.path.join(path, job))
+            if memory:
+                write(os.path.join(job, 'memory.max'), str(memory))
+                try:
+                    write(os.path.join(job, 'memory.swap.max'), '0')
+                except FileNotFoundError:
+                    pass        # no swap accounting
+            delegated += [os.path.join(job, 'cgroup.procs'), os.path.join(job, 'cgroup.kill')]
+        if owner is not None:
+            for name in delegated:
+                try:
+                    os.chown(os.path.join(path, name), owner, -1)
+                except FileNotFoundError:
+                    pass        # no cgroup.kill before Linux 5.14
+        write(os.path.join('worker', 'cgroup.procs'), str(worker_pid))
+    except OSError as exc:
+        logger.debug('no cgroup for worker %d: %s', worker_pid, exc)
+        remove_cgroup(path, 0)
+        return None
+    return path
+
+
+def remove_cgroup(path, timeout=3.0):
+    """Kill every process in the cgroup ``path`` (and below), then remove
+    it and its groups.  False if it is still there after ``timeout``
+    seconds (a process in uninterruptible sleep)."""
+    if not path or not os.path.isdir(path):
         return True
+    _cgroup_kill(path)
     deadline = time.monotonic() + timeout
     while True:
+        for top, dirs, _ in os.walk(path, topdown=False):
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(top, name))
+                except OSError:
+                    pass
         try:
-            for name in os.listdir(group):
-                if name.startswith('job-'):
-                    try:
-                        os.rmdir(os.path.join(group, name))
-                    except OSError:
-                        pass
-            os.rmdir(group)
+            os.rmdir(path)
             return True
         except FileNotFoundError:
             return True
         except OSError:
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.1)
+            _cgroup_kill(path)
+            time.sleep(0.02)
+
+
+def release_job_cgroup(cfg, timeout=3.0):
+    """Remove the jobs' cgroup that start_up made (if it did), killing
+    whatever is left in it; call it once no worker is left.  Returns False
+    if it is still there after ``timeout`` seconds (a job process that
+    outlived its kill still in it)."""
+    return remove_cgroup(getattr(cfg, 'job_cgroup', None), timeout)
 
 
 class JobTimes:
@@ -6469,6 +6891,7 @@ def resolve_obs_options(args):
         except ValueError as exc:
             raise ValueError('--metrics: %s (use HOST:PORT or PORT)' % exc)
     args.job_cgroup = args.cgroup_note = None     # see start_up
+    args.proc_cgroup = args.proc_cgroup_note = None
 
 
 def add_obs_options(p):
@@ -6819,15 +7242,20 @@ def start_up(cfg, environ=os.environ):
         logger.log(level, note)
     prepare_prefix(cfg)
     check_job_user(cfg)
-    job_cgroup = cgroup_note = None
+    job_cgroup = cgroup_note = proc_note = None
     if cfg.job_memory:
         job_cgroup, cgroup_note = cgroup_v2_memory()
         if job_cgroup:
             logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
         else:
             logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)', cgroup_note)
+    if environ.get('DISPYNODE_NO_CGROUP') == '1':
+        proc_note = 'DISPYNODE_NO_CGROUP=1'
+    # The memory group is the jobs' group too; without it the Node makes a
+    # plain one (see Node.__init__: it removes what it made).
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
-                       cgroup_note=cgroup_note)
+                       cgroup_note=cgroup_note, proc_cgroup=job_cgroup,
+                       proc_cgroup_note=proc_note)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
