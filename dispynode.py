@@ -3319,12 +3319,15 @@ class WorkerHandle:
     def kill_orphans(self):
         """Kill what the dead worker left: its job processes (each leads a
         process group in the worker's session) would run on unseen, their
-        results lost with the worker."""
+        results lost with the worker.  Its cgroup holds all of them, those
+        that left its session too; it goes with them (a replaced worker's
+        handle is never stopped)."""
+        if self.cgroup and not remove_cgroup(self.cgroup):
+            logger.warning('processes of a dead worker outlive SIGKILL in %s', self.cgroup)
         for pgid in session_groups(self.proc.pid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except OSError:
-                pass
+            # the job process (its group's leader) is a subreaper: what left
+            # its session by setsid is below it, and kill_tree finds it
+            kill_tree(pgid, signal.SIGKILL)
 
     def _recv_frame(self):
         """One frame from the worker, or None at its end.  The length comes

@@ -146,6 +146,36 @@ def test_node_stop_ends_every_process_of_a_job(node_factory, legacy_python, tmp_
     assert gone(tag), named(tag)
 
 
+
+def _parent(pid):
+    with open('/proc/%d/stat' % pid) as fh:
+        return int(fh.read().rsplit(')', 1)[1].split()[1])
+
+
+@pytest.mark.parametrize('env', [None, NO_CGROUP], ids=['cgroup', 'subreaper'])
+def test_killed_worker_ends_every_process_of_its_jobs(node_factory, legacy_python, tmp_path,
+                                                      tag, env):
+    """The computation's worker is killed (kill -9, as by the OOM killer)
+    while the escaping job runs: the job ends Terminated at the client, and
+    no process of it survives, the setsid grandchild (outside the worker's
+    session) included."""
+    node = node_factory(env=env)
+    client = LegacyClient(CLIENTS / 'escape_jobs.py', node.port, free_port(), 'tag=' + tag,
+                          'how=stop', cwd=tmp_path, watchdog=80)
+    with client:
+        assert client.wait_line('PROVISIONAL:', 40) is not None, client.err
+        jobs = named(tag)
+        assert len(jobs) == 2
+        workers = {_parent(pid) for pid in jobs} - set(jobs) - {1}   # 1: a reparented grandchild
+        assert len(workers) == 1, (jobs, workers)
+        os.kill(workers.pop(), signal.SIGKILL)
+        data = client.finish(60)
+    assert data and data['final'] is True, (data, node.log()[-3000:])
+    assert data['job']['status'] == TERMINATED, data['job']
+    assert 'killed by signal 9' in data['job']['exception'], data['job']
+    assert gone(tag), (named(tag), node.log()[-3000:])
+
+
 ESCAPE_CODE = textwrap.dedent('''
     def escape(tag):
         import ctypes, os, time
