@@ -3119,17 +3119,20 @@ def worker_main(fd):
 _HERE = os.path.abspath(__file__)
 
 
-def worker_command(statement):
+def worker_command(statement, job_user=None):
     """A Python command line that loads this very file (whatever it is
     named: a renamed copy works) as module ``node`` and runs ``statement``.
     It loads the file's cached bytecode, rather than running it as a
-    script, which would compile it anew in every worker."""
+    script, which would compile it anew in every worker.  With a
+    ``job_user``, without the user site (``-s``): a job may write the job
+    user's ~/.local, and a .pth file there would run in every later
+    worker, the next client's included."""
     directory, filename = os.path.split(_HERE)
     loader = ('import sys, importlib.util as u; sys.path.insert(0, %r); '
               's = u.spec_from_file_location("dispynode_worker", %r); '
               'node = u.module_from_spec(s); s.loader.exec_module(node); '
               % (directory, _HERE))
-    return [sys.executable, '-c', loader + statement]
+    return [sys.executable] + (['-s'] if job_user else []) + ['-c', loader + statement]
 
 
 class WorkerFault(Exception):
@@ -3179,7 +3182,8 @@ class WorkerHandle:
         self.alive = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
-        cmd = worker_command('node.worker_main(%d)' % theirs.fileno())
+        cmd = worker_command('node.worker_main(%d)' % theirs.fileno(),
+                             node.config.job_user)
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
@@ -5923,6 +5927,9 @@ def format_size(n):
 def job_environment(cfg):
     """The environment of worker processes (and so of jobs)."""
     env = dict(os.environ)
+    if getattr(cfg, 'job_user', None):
+        # the job user's site is every client's: not for the Pythons jobs start
+        env['PYTHONNOUSERSITE'] = '1'
     if getattr(cfg, 'job_threads', 0):
         for name in JOB_THREAD_VARS:
             env[name] = str(cfg.job_threads)
@@ -7288,7 +7295,7 @@ def check_job_user(cfg):
     first job."""
     if not cfg.job_user:
         return
-    cmd = worker_command('pass')
+    cmd = worker_command('pass', cfg.job_user)
     try:
         proc = subprocess.run(cmd, cwd=cfg.dest_path_prefix, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,

@@ -606,3 +606,79 @@ def test_unit_groups_of_dead_nodes_are_removed(tmp_path):
     finally:
         dispynode.remove_cgroup(stale)
         dispynode.remove_cgroup(group)
+
+
+PLANT_CODE = textwrap.dedent('''
+    def plant(marker_dir):
+        # a .pth in the job user's site-packages runs in every interpreter
+        # that loads the user site: the next client's worker included
+        import os, site
+        where = site.getusersitepackages()
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, 'zz_planted.pth'), 'w') as fh:
+            fh.write("import os; open(os.path.join(%%r, 'ran-' + str(os.getpid())), 'w').close()\\n"
+                     %% marker_dir)
+        return where
+
+    if __name__ == '__main__':
+        import _common as c
+        def main():
+            node_port, client_port, extra = c.ports()
+            cluster = c.cluster(plant, node_port, client_port)
+            jobs = c.submit(cluster, [(%r,)])
+            c.finish(c.collect(cluster, jobs, wait=60), cluster)
+        c.run(main, timeout=90)
+''')
+
+NOOP_CODE = textwrap.dedent('''
+    def noop():
+        import os
+        return os.environ.get('PYTHONNOUSERSITE')
+
+    if __name__ == '__main__':
+        import _common as c
+        def main():
+            node_port, client_port, extra = c.ports()
+            cluster = c.cluster(noop, node_port, client_port)
+            jobs = c.submit(cluster, [()])
+            c.finish(c.collect(cluster, jobs, wait=60), cluster)
+        c.run(main, timeout=90)
+''')
+
+
+def test_a_job_cannot_plant_code_in_the_job_users_site_packages(legacy_python, tmp_path):
+    """--job_user nobody with a home the job user may write (HOME names
+    it): a job writes a .pth file into its user site-packages.  Workers
+    start without the user site (python -s) and jobs get PYTHONNOUSERSITE,
+    so the worker that serves the next client does not run it, nor does a
+    Python the next client's job starts.  (Before, every later worker ran
+    it.)"""
+    python = _python_for('nobody')
+    nobody = __import__('pwd').getpwnam('nobody')
+    workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
+    workdir.chmod(0o755)
+    home, markers = workdir / 'home', workdir / 'markers'
+    for folder in (home, markers):
+        folder.mkdir()
+        os.chown(str(folder), nobody.pw_uid, nobody.pw_gid)
+    node = NodeProc.start(workdir, ['--job_user', 'nobody'], copy_as='dispynode.py',
+                          python=python, timeout=20, env={'HOME': str(home)})
+    try:
+        res = run_client(_client_code(PLANT_CODE % str(markers)), node.port, free_port(),
+                         timeout=90, cwd=tmp_path)
+        [job] = check_client(res, node)['jobs']
+        assert job['status'] == FINISHED, job
+        assert job['result'].startswith(str(home)), job    # the plant took
+        for _ in range(2):      # the spare started before the plant, then a fresh one
+            res = run_client(_client_code(NOOP_CODE), node.port, free_port(), timeout=90,
+                             cwd=tmp_path)
+            [job] = check_client(res, node)['jobs']
+            assert job['status'] == FINISHED, job
+            assert job['result'] == '1', job     # nor the Pythons a job starts
+        # every worker the node has now has booted (and so read its site)
+        assert wait_for(lambda: _workers(node.pid) and all(
+            _booted(pid) for pid in _workers(node.pid)), 20), 'workers did not boot'
+        assert not list(markers.iterdir()), 'a worker ran the planted .pth'
+    finally:
+        node.stop()
+        subprocess.run(['rm', '-rf', str(workdir)])
