@@ -3119,19 +3119,26 @@ def worker_main(fd):
 _HERE = os.path.abspath(__file__)
 
 
-def worker_command(statement, job_user=None):
+def worker_command(statement, job_user=None, drop=False):
     """A Python command line that loads this very file (whatever it is
     named: a renamed copy works) as module ``node`` and runs ``statement``.
     It loads the file's cached bytecode, rather than running it as a
     script, which would compile it anew in every worker.  With a
     ``job_user``, without the user site (``-s``): a job may write the job
     user's ~/.local, and a .pth file there would run in every later
-    worker, the next client's included."""
+    worker, the next client's included.  With ``drop`` (a worker: the
+    node starts it as root) it becomes the job user before it reads
+    anything: a process that drops from root is not dumpable, whereas one
+    started as the job user is dumpable (its /proc/<pid>/mem open to every
+    job) until worker_main clears that."""
     directory, filename = os.path.split(_HERE)
     loader = ('import sys, importlib.util as u; sys.path.insert(0, %r); '
               's = u.spec_from_file_location("dispynode_worker", %r); '
               'node = u.module_from_spec(s); s.loader.exec_module(node); '
               % (directory, _HERE))
+    if job_user and drop:
+        loader = ('import os; os.setgroups([]); os.setgid(%d); os.setuid(%d); '
+                  % (job_user.gid, job_user.uid)) + loader
     return [sys.executable] + (['-s'] if job_user else []) + ['-c', loader + statement]
 
 
@@ -3183,7 +3190,7 @@ class WorkerHandle:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
         cmd = worker_command('node.worker_main(%d)' % theirs.fileno(),
-                             node.config.job_user)
+                             node.config.job_user, drop=True)
         try:
             self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
@@ -3192,8 +3199,7 @@ class WorkerHandle:
                                          # not its log
                                          stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True,
-                                         **job_user_args(node.config.job_user))
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError:
             ours.close()
             raise

@@ -682,3 +682,64 @@ def test_a_job_cannot_plant_code_in_the_job_users_site_packages(legacy_python, t
     finally:
         node.stop()
         subprocess.run(['rm', '-rf', str(workdir)])
+
+
+BOOT_WATCH = textwrap.dedent('''
+    import os, sys, time
+    mark, deadline = sys.argv[1].encode(), time.time() + float(sys.argv[2])
+    while time.time() < deadline:
+        for entry in os.listdir('/proc'):
+            if not entry.isdigit():
+                continue
+            try:
+                with open('/proc/%s/cmdline' % entry, 'rb') as fh:
+                    cmd = fh.read()
+            except OSError:
+                continue
+            if mark in cmd and b'worker_main' in cmd:
+                try:
+                    open('/proc/%s/mem' % entry, 'r+b').close()
+                except OSError as exc:
+                    print(type(exc).__name__)
+                else:
+                    print('opened')
+                sys.exit(0)
+    print('unseen')
+''')
+
+
+def test_a_booting_spare_worker_is_never_open_to_the_job_user(tmp_path):
+    """--job_user nobody: a process of the job user watches /proc for the
+    spare worker as it boots and opens its /proc/<pid>/mem for writing at
+    once.  Refused: the worker starts as root and becomes the job user by
+    setuid, which leaves it not dumpable.  (Started as the job user, it was
+    dumpable until worker_main cleared that, and the open succeeded: a
+    descriptor that stays good when it serves the next client.)"""
+    python = _python_for('nobody')
+    nobody = __import__('pwd').getpwnam('nobody')
+    workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
+    workdir.chmod(0o755)
+    (workdir / 'watch.py').write_text(BOOT_WATCH)
+    mark = str(workdir / 'deploy')
+    watcher = subprocess.Popen([python, str(workdir / 'watch.py'), mark, '60'],
+                               user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                               stdout=subprocess.PIPE)
+    node = None
+    try:
+        node = NodeProc.start(workdir, ['--job_user', 'nobody'], copy_as='dispynode.py',
+                              python=python, timeout=20)
+        out = watcher.communicate(timeout=70)[0].decode().strip()
+        assert out == 'PermissionError', out
+        # and the worker does run as the job user
+        [spare] = wait_for(lambda: _workers(node.pid), 20)
+        assert wait_for(lambda: _booted(spare), 20), 'the spare worker did not boot'
+        with open('/proc/%d/status' % spare) as fh:
+            ids = [line.split()[1:] for line in fh if line.startswith(('Uid:', 'Gid:', 'Groups:'))]
+        assert ids == [[str(nobody.pw_uid)] * 4, [str(nobody.pw_gid)] * 4, []], ids
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        if node is not None:
+            node.stop()
+        subprocess.run(['rm', '-rf', str(workdir)])
