@@ -5479,6 +5479,12 @@ class Node(ServiceControl):
                     why += '; no new worker: %s' % exc
                 else:
                     comp.worker = worker
+                    if self.state.phase_of(comp) is not Phase.ACTIVE:
+                        # closed meanwhile (its setup failed as the worker
+                        # died): a retire that took the dead worker would
+                        # never stop this one
+                        worker.stop(0)
+                        return
                     comp.worker_restarts += 1
                     logger.warning('%s (computation %s): %d running job(s) end Terminated; '
                                    'its jobs go on in a new worker (%d of at most %d)', why,

@@ -501,6 +501,51 @@ def test_unit_worker_dying_in_setup_frees_the_node_without_invitation(unit_node)
     assert node.node.state.find(507) is None
 
 
+def _live_children(pid):
+    live = []
+    for kid in _children(pid):
+        try:
+            with open('/proc/%d/stat' % kid) as fh:
+                if fh.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X'):
+                    live.append(kid)
+        except OSError:
+            pass
+    return live
+
+
+def test_unit_worker_dying_in_setup_is_not_replaced_behind_the_close(tmp_path):
+    """Module code that kills its first worker (a flag in the computation
+    directory lets the next one live): SETUP fails and closes the
+    computation while the node handles the worker's death.  Nothing of it
+    stays: the node keeps its spare alone, no reader thread and no
+    cgroup.  (Before, the death was handled as a running computation's: a
+    new worker was attached to the closed computation and lived on, one
+    process, thread and cgroup per failed setup.)"""
+    from recovery_util import wait_node_free
+    node = driver.NodeProcess.start(tmp_path / 'n', args=('--zombie_interval', '0'))
+    try:
+        drv = Driver('127.0.0.1', node.port, timeout=20)
+        drv.ping_tcp()
+        code = ('import os\nif not os.path.exists("died"):\n'
+                '    open("died", "w").close()\n    os._exit(3)\n'
+                'def f(n):\n    return n\n')
+        threads = len(os.listdir('/proc/%d/task' % node.pid))
+        for _ in range(4):
+            answer, comp = drv.compute(code, 'f')
+            assert answer == b'ACK', node.log()[-3000:]
+            assert drv.setup(comp.id) != b'ACK'
+            assert wait_node_free(node.port, 10), node.log()[-3000:]
+        assert wait_for(lambda: len(_live_children(node.pid)) == 1, 10), (
+            _live_children(node.pid), node.log()[-4000:])
+        assert wait_for(lambda: len(os.listdir('/proc/%d/task' % node.pid)) <= threads, 10)
+        if 'cgroup of its own under ' in node.log():
+            group = node.log().split('cgroup of its own under ', 1)[1].split()[0]
+            assert wait_for(lambda: len([n for n in os.listdir(group)
+                                         if n.startswith('w-')]) == 1, 10), os.listdir(group)
+    finally:
+        node.stop()
+
+
 # ---------------------------------------------------------------- many nodes (namespaces)
 
 @pytest.mark.slow
