@@ -5148,7 +5148,10 @@ class Node(ServiceControl):
         the computation waiting for it."""
         with self.spare_lock:
             worker, self.spare = self.spare, None
-        if worker is None or not worker.usable():
+        if worker is not None and not worker.usable():
+            worker.stop(0)      # killed (by a job of the job user?): its channel and cgroup
+            worker = None
+        if worker is None:
             worker = WorkerHandle(self)
         return worker
 

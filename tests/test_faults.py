@@ -546,6 +546,26 @@ def test_unit_worker_dying_in_setup_is_not_replaced_behind_the_close(tmp_path):
         node.stop()
 
 
+def test_unit_a_dead_spare_worker_leaves_no_cgroup(unit_node):
+    """The spare worker is killed (a job of another computation of the job
+    user may): the next computation gets a fresh worker, and the dead
+    spare's cgroup is removed (before, it stayed, one per killed spare)."""
+    node = unit_node()
+    spare = wait_for(lambda: node.node.spare, 20)
+    assert spare is not None
+    group = spare.cgroup
+    os.kill(spare.proc.pid, signal.SIGKILL)
+    assert wait_for(lambda: spare.proc.poll() is not None, 10)
+    drv = Driver('127.0.0.1', node.port)
+    drv.ping_tcp()
+    answer, comp = drv.compute('def f(n):\n    return n + 1\n', 'f')
+    assert answer == b'ACK'
+    assert drv.job(comp.id, 1, (1,)) == b'ACK'
+    assert drv.server.wait_reply(1, timeout=20).result == 2
+    if group is not None:
+        assert not os.path.exists(group), group
+
+
 # ---------------------------------------------------------------- many nodes (namespaces)
 
 @pytest.mark.slow
