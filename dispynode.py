@@ -91,6 +91,16 @@ only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
 """
 
+import sys
+
+# First of all, in syntax that Python 3.6 and 3.7 still parse (the rest of
+# this file and dispy_common too; tests/test_deploy.py checks): a node copied
+# onto an old Python would otherwise seem to serve while every worker dies.
+if sys.version_info < (3, 8):
+    sys.stderr.write('dispynode: error: Python 3.8 or later is required (this is Python '
+                     '%d.%d.%d: %s)\n' % (sys.version_info[:3] + (sys.executable,)))
+    sys.exit(2)
+
 import _random
 import _signal
 import _thread
@@ -115,7 +125,6 @@ import socketserver
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -3374,8 +3383,8 @@ class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
-        # The jobs' cgroup is this node's to remove only if its own
-        # start_up made it (not a caller's that it was handed).
+        # The jobs' cgroup and the prefix lock are this node's to release
+        # only if its own start_up took them (not a caller's that it was handed).
         self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
         try:
@@ -3386,6 +3395,7 @@ class Node(ServiceControl):
             if getattr(self, 'udp', None) is not None:
                 self.udp.close()
             self._release_cgroup()      # no node will use it
+            self._release_prefix()
             raise
 
     def _init(self, config):
@@ -3487,6 +3497,7 @@ class Node(ServiceControl):
         self.udp.close()
         self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+        self._release_prefix()
 
     def evict(self, comp, reason, kill_jobs=True):
         """Drop ``comp`` as the original node leaves a computation: its
@@ -4145,6 +4156,12 @@ class Node(ServiceControl):
         """Remove the jobs' cgroup (once no worker is left to use it)."""
         if self.owns_cgroup and not release_job_cgroup(self.config):
             logger.warning('could not remove the jobs\' cgroup %s', self.config.job_cgroup)
+
+    def _release_prefix(self):
+        """Unlock the prefix (start_up locked it) for the next node."""
+        lock = getattr(self.config, 'prefix_lock', None)
+        if self.owns_cgroup and lock is not None:
+            lock.close()
 
     def note_job(self, comp, entry, status, limit):
         """Count a finished job by its outcome (and the limit that ended it)."""
@@ -5223,8 +5240,9 @@ def start_up(cfg, environ=os.environ):
     """The node's start-up side effects on a validated Config, in order:
     take the secret (and remove it from the environment, which workers and
     jobs inherit), look up --job_user, resolve addresses, check the TLS
-    files, create the prefix, try the job user and (with --job_memory)
-    prepare the cgroup v2 groups for jobs.  Returns the completed
+    files, create and lock the prefix, try the job user and (with
+    --job_memory) prepare the cgroup v2 groups for jobs; take
+    $NOTIFY_SOCKET (systemd) from the environment too.  Returns the completed
     Config (a second call returns it unchanged); raises ValueError with a
     one-line message."""
     if cfg.started_up:
@@ -5252,17 +5270,35 @@ def start_up(cfg, environ=os.environ):
             raise ValueError('TLS certificate/key not usable: %s' % exc)
     for level, note in notes:
         logger.log(level, note)
-    prepare_prefix(cfg)
-    check_job_user(cfg)
-    job_cgroup = cgroup_note = None
-    if cfg.job_memory:
-        job_cgroup, cgroup_note = cgroup_v2_memory()
-        if job_cgroup:
-            logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
-        else:
-            logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)', cgroup_note)
+    prefix_lock = prepare_prefix(cfg)
+    try:
+        check_job_user(cfg)
+        job_cgroup = cgroup_note = None
+        if cfg.job_memory:
+            job_cgroup, cgroup_note = cgroup_v2_memory()
+            if job_cgroup:
+                logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
+            else:
+                logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)',
+                            cgroup_note)
+    except BaseException:
+        prefix_lock.close()
+        raise
+    if not secret:
+        logger.warning('no secret is set: anyone who reaches port %d can run code here as '
+                       'user %s (set DISPYNODE_SECRET, --secret_file or -s)', cfg.node_port,
+                       job_user.name if job_user else _user_name(os.geteuid()))
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
-                       cgroup_note=cgroup_note)
+                       cgroup_note=cgroup_note, prefix_lock=prefix_lock,
+                       notify_socket=environ.pop('NOTIFY_SOCKET', None) or None)
+
+
+def _user_name(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
@@ -5353,14 +5389,28 @@ def resolve_addresses(cfg, notes):
 
 
 def _read_secret(cfg, environ):
+    """The secret from its one source: -s, --secret_file or
+    $DISPYNODE_SECRET (two sources, or an empty file, are an error: which
+    one the clients share would be a guess)."""
     # Workers and jobs inherit the environment; they have no use for the secret.
     env_secret = environ.pop('DISPYNODE_SECRET', '')
+    given = [name for name, value in (('-s/--secret', cfg.secret is not None),
+                                      ('--secret_file', cfg.secret_file),
+                                      ('DISPYNODE_SECRET', env_secret)) if value]
+    if len(given) > 1:
+        raise ValueError('the secret is given by both %s: give it one way only'
+                         % ' and '.join(given))
     if cfg.secret_file:
         try:
             with open(cfg.secret_file) as fh:
-                return fh.read().strip()
+                secret = fh.read().strip()
         except OSError as exc:
             raise ValueError('--secret_file: %s' % exc.strerror)
+        except UnicodeDecodeError:
+            raise ValueError('--secret_file %s: not text' % cfg.secret_file)
+        if not secret:
+            raise ValueError('--secret_file %s is empty' % cfg.secret_file)
+        return secret
     if cfg.secret is not None:
         return cfg.secret
     return env_secret
@@ -5423,10 +5473,41 @@ def check_prefix_path(prefix):
             raise ValueError('--dest_path_prefix: %s is not a directory' % current)
 
 
+PREFIX_LOCK = '.dispynode-lock'
+
+
+def lock_prefix(prefix):
+    """Take the prefix for this node: an exclusive flock on
+    <prefix>/.dispynode-lock, held (the returned file open) for the node's
+    life and released by the kernel however the node ends.  The file holds
+    the pid of the node that has it.  Raises ValueError naming that pid if
+    another node holds it."""
+    path = os.path.join(prefix, PREFIX_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ValueError('--dest_path_prefix %s: cannot open its lock file: %s'
+                         % (prefix, exc.strerror))
+    lock = os.fdopen(fd, 'r+')
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock.read(32).strip()
+        lock.close()
+        raise ValueError('--dest_path_prefix %s is in use by another node (pid %s)'
+                         % (prefix, holder if holder.isdigit() else 'unknown'))
+    lock.seek(0)
+    lock.truncate()
+    lock.write('%d\n' % os.getpid())
+    lock.flush()
+    return lock
+
+
 def prepare_prefix(cfg):
     """Check, create (mode 0700; 0711 with --job_user so that the job
-    user can reach its own directories) and, with --clean, empty the
-    prefix.  Nothing under it is followed through a symlink."""
+    user can reach its own directories), lock (lock_prefix) and, with
+    --clean, empty the prefix; returns the lock.  Nothing under it is
+    followed through a symlink."""
     prefix = cfg.dest_path_prefix
     mode = 0o711 if cfg.job_user else 0o700
     check_prefix_path(prefix)
@@ -5443,13 +5524,17 @@ def prepare_prefix(cfg):
     check_prefix_path(prefix)     # nobody swapped a level in meanwhile
     if os.stat(prefix).st_uid == os.geteuid():
         os.chmod(prefix, mode)
+    lock = lock_prefix(prefix)      # before --clean: never empty another node's prefix
     if cfg.clean:
         for name in os.listdir(prefix):
+            if name == PREFIX_LOCK:
+                continue
             full = os.path.join(prefix, name)
             if stat.S_ISDIR(os.lstat(full).st_mode):
                 shutil.rmtree(full, ignore_errors=True)   # never follows symlinks
             else:
                 os.unlink(full)
+    return lock
 
 
 def main(argv=None):
