@@ -129,6 +129,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 
 import dispy_common as dc
 from dispy_common import DispyJob, ProtocolError
@@ -459,6 +460,98 @@ def kill_tree(pid, sig):
             os.kill(target, sig)
         except OSError:
             pass
+
+
+class Children:
+    """The node process's own children, so that a node that is PID 1 (a
+    container without an init) can reap the orphans that reparent to it
+    without taking the exit status of a worker, which its Popen waits for.
+    Every child the node process starts goes through ``start``; ``reap``
+    (the timer, PID 1 only) waits only for zombies that ``start`` did not
+    make.  A start in progress (forked, pid not yet known) makes ``reap``
+    skip its round, so a brand-new worker is never taken for an orphan."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs = weakref.WeakSet()      # Popen objects of our own children
+        self.starting = 0                   # starts in progress
+        self.started = 0                    # starts finished
+
+    def start(self, *args, **kwargs):
+        """subprocess.Popen(*args, **kwargs), as a known child."""
+        with self.lock:
+            self.starting += 1
+        proc = None
+        try:
+            proc = subprocess.Popen(*args, **kwargs)    # (no lock held: it forks)
+            return proc
+        finally:
+            with self.lock:
+                self.starting -= 1
+                self.started += 1
+                if proc is not None:
+                    self.procs.add(proc)
+
+    def _known(self):
+        """(pids of our children not yet waited for, start count), or None
+        while a start is in progress."""
+        with self.lock:
+            if self.starting:
+                return None
+            return {p.pid for p in self.procs if p.returncode is None}, self.started
+
+    def _unchanged(self, started):
+        with self.lock:
+            return not self.starting and self.started == started
+
+    @staticmethod
+    def _zombie_children(proc='/proc'):
+        me = os.getpid()
+        found = []
+        for name in _listdir(proc):
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(proc, name, 'stat'), 'rb') as fh:
+                    fields = fh.read().rsplit(b')', 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == b'Z' and int(fields[1]) == me:
+                found.append(int(name))
+        return found
+
+    def reap(self, limit=1024):
+        """Wait for (at most ``limit``) orphans that have exited; returns
+        how many.  os.waitid with WNOWAIT peeks at a zombie without taking
+        it; a zombie of our own (a worker its Popen has not waited for yet)
+        hides the others from the peek, so then /proc names them."""
+        reaped = 0
+        while reaped < limit:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            known = self._known() if info is not None else None
+            if known is None:
+                break
+            pids, started = known
+            orphans = [info.si_pid] if info.si_pid not in pids else [
+                pid for pid in self._zombie_children() if pid not in pids][:limit - reaped]
+            if not orphans or not self._unchanged(started):
+                break
+            for pid in orphans:
+                try:
+                    _, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                reaped += 1
+                logger.debug('reaped orphan process %d (wait status %d)', pid, status)
+            if info.si_pid in pids:
+                break       # the scan found them all
+        return reaped
+
+
+CHILDREN = Children()
 
 
 # ---------------------------------------------------------------- thread pools, counters, logs
@@ -2304,7 +2397,7 @@ class WorkerHandle:
         self.chan = ours
         cmd = worker_command('node.worker_main(%d)' % theirs.fileno())
         try:
-            self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
+            self.proc = CHILDREN.start(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
                                          pass_fds=(theirs.fileno(),),
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -3379,6 +3472,51 @@ class ServiceControl:
         return len(active)
 
 
+class SystemdNotifier:
+    """sd_notify(3) in a few lines, without libsystemd: READY=1, STOPPING=1
+    and STATUS= datagrams to $NOTIFY_SOCKET (a path, or '@name' for the
+    abstract namespace), for a ``Type=notify`` unit.  Does nothing without
+    it; a send that fails is logged once and never stops the node."""
+
+    def __init__(self, address):
+        self.address = self.sock = self.last_status = None
+        self.failed = False
+        if not address:
+            return
+        if address[0] == '@':
+            address = '\0' + address[1:]
+        elif address[0] != '/':
+            logger.warning('NOTIFY_SOCKET=%s: not a UNIX socket address; not notifying',
+                           address)
+            return
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.settimeout(1.0)       # systemd reads at once; never hang on it
+
+    def notify(self, *fields):
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto('\n'.join(fields).encode('utf-8', 'replace'), self.address)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                logger.warning('NOTIFY_SOCKET: cannot notify systemd: %s', exc)
+            return False
+        return True
+
+    def status(self, text, *fields):
+        """STATUS= (with ``fields``), sent only when the text changed."""
+        if text != self.last_status or fields:
+            self.last_status = text
+            self.notify(*(fields + ('STATUS=' + text,)))
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
@@ -3434,6 +3572,9 @@ class Node(ServiceControl):
         self._restore()
         self._init_service()
         self._init_observers()
+        self.systemd = SystemdNotifier(getattr(config, 'notify_socket', None))
+        # PID 1 (a container without --init) inherits every orphan: the timer reaps them.
+        self.pid_one = os.getpid() == 1
 
     # -- start and stop
     def start(self):
@@ -3446,9 +3587,42 @@ class Node(ServiceControl):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self.service_threads.append(thread)
             thread.start()
+        logger.info('%s', self.start_up_line())
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
         self.announce()
+        self.systemd.status(self.status_line(), 'READY=1', 'MAINPID=%d' % os.getpid())
+
+    def start_up_line(self):
+        """What an operator checks first: version, pid, Python, prefix,
+        addresses, TLS, secret and service window, in one log line."""
+        cfg = self.config
+        window = ', '.join('%s %s' % (opt[8:], getattr(cfg, opt)) for opt in (
+            'service_start', 'service_stop', 'service_end') if getattr(cfg, opt, None))
+        return ('dispynode %s (dispy protocol %s) pid %d, Python %s (%s), prefix %s, '
+                'addresses %s port %d, TLS %s, secret %s, service window %s' % (
+                    __version__, dc.PROTOCOL_VERSION, os.getpid(),
+                    '.'.join(map(str, sys.version_info[:3])), sys.executable,
+                    cfg.dest_path_prefix, self.describe_addresses(), self.port,
+                    'on' if cfg.certfile else 'off', 'on' if cfg.secret else 'off',
+                    '%s (%s now)' % (window, {'on': 'open', 'stopped': 'stopped'}.get(
+                        self.phase, 'closed')) if window else 'always'))
+
+    def status_line(self):
+        """One line on the node's state, for systemd's STATUS=."""
+        if self.stopping.is_set():
+            return 'stopping'
+        st = self.state.observe()
+        head = 'serving %d cpus at %s:%d' % (st['cpus'], self.config.ext_ip_addr, self.port)
+        why = (None if self.phase == 'on' else 'outside the service window') or \
+            ('paused' if self.paused else None) or self.guard.refusal()
+        if why:
+            head += ' (refusing new work: %s)' % why
+        if not st['computations']:
+            return head + '; idle'
+        return '%s; client %s, %d computations, %d of %d cpus busy, %d results stored' % (
+            head, st['client'] or '-', len(st['computations']), st['cpus_busy'], st['cpus'],
+            st['stored_results'])
 
     def close(self):
         """Stop serving: end running jobs, deliver or store their replies,
@@ -3458,6 +3632,7 @@ class Node(ServiceControl):
                 return
             self._closed = True
         self.stopping.set()
+        self.systemd.status('stopping', 'STOPPING=1')
         self._stop_observers()
         if self._started:
             self.tcp.shutdown()
@@ -3497,6 +3672,7 @@ class Node(ServiceControl):
         self.udp.close()
         self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+        self.systemd.close()
         self._release_prefix()
 
     def evict(self, comp, reason, kill_jobs=True):
@@ -3738,6 +3914,10 @@ class Node(ServiceControl):
                 self._service_tick()
                 self.logs.flush()
                 self.guard.refusal()    # logs changes, announces when work may resume
+                if self.systemd.sock is not None:
+                    self.systemd.status(self.status_line())
+                if self.pid_one:
+                    CHILDREN.reap()
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
@@ -5537,6 +5717,49 @@ def prepare_prefix(cfg):
     return lock
 
 
+class JournalFormatter(logging.Formatter):
+    """Log lines for journald reading our stderr: each line (a traceback's
+    too) starts with its syslog priority, ``<3>`` error ... ``<7>`` debug
+    (sd-daemon(3)), so that ``journalctl -p warning`` finds warnings; no
+    time stamp (the journal has it)."""
+    PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                  (logging.INFO, 6))
+
+    def format(self, record):
+        prio = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        return '\n'.join('<%d>%s' % (prio, line)
+                         for line in super().format(record).split('\n'))
+
+
+def stderr_is_journal(environ=os.environ, fd=2):
+    """Whether stderr is the journal stream systemd gave us: $JOURNAL_STREAM
+    ("device:inode") names the file that fd 2 still is (systemd.exec(5);
+    a redirected stderr does not match)."""
+    dev, _, ino = environ.get('JOURNAL_STREAM', '').partition(':')
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(debug, environ=os.environ):
+    """The node's log on stderr: with time stamps, or with syslog
+    priorities when stderr is the journal."""
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal(environ):
+        handler.setFormatter(JournalFormatter('dispynode %(levelname)s %(message)s'))
+    else:
+        handler.setFormatter(logging.Formatter('%(asctime)s dispynode %(levelname)s '
+                                               '%(message)s'))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['status']:
@@ -5562,8 +5785,7 @@ def main(argv=None):
             parser.exit(2, 'dispynode: error: %s\n' % exc)
         return 0
     _raise_fd_limit()
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format='%(asctime)s dispynode %(levelname)s %(message)s')
+    setup_logging(args.debug)
     try:
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:
