@@ -29,8 +29,8 @@ control, metrics)::
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
-                         environment, lookups, TLS files, prefix, the jobs'
-                         cgroup with --job_memory); waits for
+                         environment, lookups, TLS files, prefix and its
+                         lock, the jobs' cgroup with --job_memory); waits for
                          SIGINT/SIGTERM (or Node.quit: --serve, console
                          quit, dispynode_shutdown), then Node.close():
                          evicts all, settles each (ZOMBIE -> DETACHED or GONE)
@@ -51,7 +51,8 @@ control, metrics)::
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
     timer .............. pulses, zombie detection (ACTIVE -> ZOMBIE), retries
                          of stored results, log summaries, service window,
-                         --ping_interval
+                         --ping_interval, systemd STATUS=; as PID 1, reaps
+                         the orphans it inherits (Children)
     task-N ............. at most TASK_THREADS: evictions and retirements
                          (ZOMBIE -> RETIRING -> DETACHED or GONE: the
                          worker's close, then Workspace files and record),
