@@ -363,3 +363,52 @@ print(reaped, worker.wait(), len(dn.Children._zombie_children()))
                        stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['3', '7', '0'], r
+
+
+# ---------------------------------------------------------------- bash tests/run
+
+PEP668_PYTHON = """#!/bin/sh
+# python3 as on Debian: its pip refuses to install (PEP 668)
+case " $* " in
+    *" -m pip install "*)
+        echo "error: externally-managed-environment" >&2
+        exit 1 ;;
+esac
+exec %s "$@"
+"""
+
+
+def test_tests_run_uses_its_own_venv_under_an_externally_managed_python(tmp_path):
+    """``bash tests/run`` with a python3 whose pip refuses to install (PEP
+    668; the old script failed at once there) installs nothing into it: the
+    suite runs with the virtualenv's Python (here one made beforehand: the
+    suite has no network; tests/run made .test-venv from Debian's
+    /usr/bin/python3 when measured)."""
+    shims = tmp_path / 'bin'
+    shims.mkdir()
+    python3 = shims / 'python3'
+    python3.write_text(PEP668_PYTHON % sys.executable)
+    python3.chmod(0o755)
+    env = dict(os.environ, PATH='%s:%s' % (shims, os.environ['PATH']),
+               DISPY_TEST_VENV=str(tmp_path / 'venv'))
+    env.pop('PYTHON', None)
+    assert subprocess.run([str(python3), '-m', 'pip', 'install', 'x'], env=env,
+                          stderr=subprocess.PIPE).returncode == 1
+    # the venv tests/run would make (its packages: this Python's), marked as made
+    subprocess.run([str(python3), '-m', 'venv', '--without-pip', env['DISPY_TEST_VENV']],
+                   check=True, env=env, timeout=120)
+    import site
+    site_dir = next((tmp_path / 'venv' / 'lib').glob('python3*/site-packages'))
+    (site_dir / 'outer.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
+    made_for = subprocess.run(
+        ['bash', '-c', "echo \"$(python3 -c 'import sys; print(sys.executable, "
+         "sys.version.split()[0])') $(cksum < tests/requirements.txt)\""],
+        cwd=str(REPO), env=env, stdout=subprocess.PIPE, universal_newlines=True, check=True)
+    (tmp_path / 'venv' / '.made-for').write_text(made_for.stdout)
+    r = subprocess.run(['bash', 'tests/run', '-q', '-p', 'no:cacheprovider', '-k',
+                        'test_readme_is_valid_restructuredtext'], cwd=str(REPO), env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=600)
+    assert r.returncode == 0 and re.search(r'^1 passed', r.stdout, re.M), r.stdout[-5000:]
+    assert 'in %s)' % env['DISPY_TEST_VENV'] in r.stdout, r.stdout[-3000:]
+    assert 'externally-managed' not in r.stdout, r.stdout[-3000:]
