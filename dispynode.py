@@ -3589,6 +3589,11 @@ class Node(ServiceControl):
             self.service_threads.append(thread)
             thread.start()
         logger.info('%s', self.start_up_line())
+        if not self.config.secret:
+            job_user = self.config.job_user
+            logger.warning('no secret is set: anyone who reaches port %d can run code here as '
+                           'user %s (set DISPYNODE_SECRET, --secret_file or -s)', self.port,
+                           job_user.name if job_user else _user_name(os.geteuid()))
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
         self.announce()
@@ -5465,10 +5470,6 @@ def start_up(cfg, environ=os.environ):
     except BaseException:
         prefix_lock.close()
         raise
-    if not secret:
-        logger.warning('no secret is set: anyone who reaches port %d can run code here as '
-                       'user %s (set DISPYNODE_SECRET, --secret_file or -s)', cfg.node_port,
-                       job_user.name if job_user else _user_name(os.geteuid()))
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
                        cgroup_note=cgroup_note, prefix_lock=prefix_lock,
                        notify_socket=environ.pop('NOTIFY_SOCKET', None) or None)
