@@ -412,3 +412,41 @@ def test_tests_run_uses_its_own_venv_under_an_externally_managed_python(tmp_path
     assert r.returncode == 0 and re.search(r'^1 passed', r.stdout, re.M), r.stdout[-5000:]
     assert 'in %s)' % env['DISPY_TEST_VENV'] in r.stdout, r.stdout[-3000:]
     assert 'externally-managed' not in r.stdout, r.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- packaging
+
+def test_pyproject_builds_the_wheel(tmp_path):
+    """pyproject.toml names setuptools' PEP 517 backend, so ``pip install .``
+    builds a wheel (no deprecated ``setup.py install``), and setup.py still
+    works on its own."""
+    try:
+        import setuptools  # noqa: F401
+    except ImportError:
+        _need('setuptools', 'not installed (tests/requirements.txt)')
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name in ('setup.py', 'pyproject.toml', 'dispynode.py', 'dispy_common.py', 'README.rst',
+                 'LICENSE'):
+        shutil.copy(str(REPO / name), str(src / name))
+    assert re.search(r'^build-backend = "setuptools\.build_meta"$',
+                     (src / 'pyproject.toml').read_text(), re.M)
+    r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                        '--disable-pip-version-check', '-w', str(tmp_path / 'dist'), str(src)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=300)
+    assert r.returncode == 0 and 'DEPRECATION' not in r.stdout, r.stdout
+    import zipfile
+    wheel, = (tmp_path / 'dist').glob('dispynode-%s-py3-none-any.whl' % dn.__version__)
+    with zipfile.ZipFile(str(wheel)) as zf:
+        names = zf.namelist()
+        info = '%s.dist-info/' % wheel.name.split('-py3')[0]
+        entry_points = zf.read(info + 'entry_points.txt').decode()
+        metadata = zf.read(info + 'METADATA').decode()
+    assert 'dispynode.py' in names and 'dispy_common.py' in names
+    assert 'dispynode = dispynode:main' in entry_points
+    assert 'Requires-Python: >=3.8' in metadata
+    version = subprocess.run([sys.executable, 'setup.py', '--version'], cwd=str(src),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=120)
+    assert version.stdout.strip().splitlines()[-1] == dn.__version__, version
