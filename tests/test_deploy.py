@@ -420,10 +420,9 @@ def test_pyproject_builds_the_wheel(tmp_path):
     """pyproject.toml names setuptools' PEP 517 backend, so ``pip install .``
     builds a wheel (no deprecated ``setup.py install``), and setup.py still
     works on its own."""
-    try:
-        import setuptools  # noqa: F401
-    except ImportError:
-        _need('setuptools', 'not installed (tests/requirements.txt)')
+    import importlib.util
+    if not (importlib.util.find_spec('setuptools') and importlib.util.find_spec('wheel')):
+        _need('setuptools and wheel', 'not installed here (tests/requirements.txt)')
     src = tmp_path / 'src'
     src.mkdir()
     for name in ('setup.py', 'pyproject.toml', 'dispynode.py', 'dispy_common.py', 'README.rst',
