@@ -1,6 +1,7 @@
 """Issue 22, running the node as a service: start-up checks (Python
 version, one node per prefix, secrets, the start-up line), systemd
-(NOTIFY_SOCKET, journald priorities) and a node that is PID 1."""
+(NOTIFY_SOCKET, journald priorities), a node that is PID 1, ``bash
+tests/run`` under a PEP 668 Python, and the wheel that pyproject.toml builds."""
 
 import ast
 import os
