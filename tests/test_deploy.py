@@ -303,8 +303,10 @@ def _namespace(pid):
 @pytest.mark.slow
 def test_pid_1_reaps_orphans(tmp_path, legacy_python, client_port):
     """As PID 1 of a PID namespace (a container without --init), the node
-    inherits the jobs' orphans; it reaps them (the old node left one zombie
-    per job), and its workers still run every job."""
+    is where orphans end up (those of jobs, unless a worker that is a
+    subreaper takes them first); none stays a zombie (the old node left one
+    per job: 12 here), and the workers still run every job.
+    test_unit_children_reap_only_orphans checks the node's reaper itself."""
     if shutil.which('unshare') is None:
         _need('unshare', 'util-linux is not installed')
     wrap = ['unshare', '--pid', '--fork', '--mount-proc']
@@ -327,7 +329,6 @@ def test_pid_1_reaps_orphans(tmp_path, legacy_python, client_port):
             return {pid: state for pid, state in procs.items() if pid in orphans}
         assert wait_for(lambda: not left(), timeout=15), (left(), node.log()[-3000:])
         assert not [s for s in _namespace(inner[0]).values() if s == 'Z'], _namespace(inner[0])
-        assert 'reaped orphan process' in node.log(), node.log()[-3000:]
         os.kill(inner[0], signal.SIGINT)        # (unshare ignores it while it waits)
         assert node.proc.wait(15) == 0, node.log()[-3000:]
     finally:
