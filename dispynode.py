@@ -22,19 +22,22 @@ see dispy_common for framing and records)::
 
 Threads and processes (every thread is named and comes from a capped pool,
 so the node never runs more than 8 + TASK_THREADS + PONG_THREADS +
---max_connections + MAX_LANES + MAX_COMPUTATIONS threads: 114 by default;
-8 fixed: main, console, tcp-server, reception, udp-listener, timer,
-control, metrics)::
+METRICS_THREADS + --max_connections + MAX_LANES + MAX_COMPUTATIONS
+threads: 116 by default; 8 fixed: main, console, tcp-server, reception,
+udp-listener, timer, control, metrics)::
 
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
                          environment, lookups, TLS files, prefix and its
-                         lock, the jobs' cgroup with --job_memory); waits for
-                         SIGINT/SIGTERM (or Node.quit: --serve, console
-                         quit, dispynode_shutdown), then Node.close():
-                         evicts all, settles each (ZOMBIE -> DETACHED or GONE)
-    console ............ terminal commands (stdin a tty, no --daemon)
+                         lock, the jobs' cgroup with --job_memory); then
+                         acts on the signals its handlers only queue: SIGHUP
+                         reopens --log_file, SIGINT/SIGTERM (or Node.quit:
+                         --serve, console quit, control stop, a finished
+                         drain, dispynode_shutdown) end in Node.close(): evicts
+                         all, settles each (ZOMBIE -> DETACHED or GONE)
+    console ............ terminal commands (stdin a tty, no --daemon); the
+                         same table of commands as the control socket
     tcp-server ......... socketserver accept loop; hands sockets to reception
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
@@ -64,10 +67,15 @@ control, metrics)::
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
                          results from its worker; frees the job's CPU
                          (NodeState) and hands the reply to the courier
-    control ............ the local status socket <prefix>/.dispynode-control
-                         (one connection at a time)
-    metrics ............ --metrics only: Prometheus text at /metrics
-                         (one request at a time)
+    control ............ the local control socket <prefix>/.dispynode-control
+                         (one connection at a time): status, and for root
+                         or the node's user drain, pause, resume, cpus,
+                         release, stop; holds the drain/stop connections
+                         open until the process exits
+    metrics ............ --metrics only: accepts and reads HTTP requests in
+                         one selector loop (one deadline per request)
+    metrics-N .......... at most METRICS_THREADS: answer complete requests
+                         (/metrics, /healthz)
 
 State and locks: NodeState (one lock) holds the computations, their
 phases and jobs; every phase change is one of its methods, checked
@@ -138,6 +146,7 @@ from dispy_common import DispyJob, ProtocolError
 __version__ = '1.0.0'
 
 logger = logging.getLogger('dispynode')
+_PROCESS_START = time.time()     # process_start_time_seconds where /proc cannot tell
 
 # ---------------------------------------------------------------- constants
 
@@ -906,6 +915,7 @@ class NodeState:
         self.active = {}             # compute id -> Computation
         self.detached = {}           # closed or restored, with stored results
         self.jobs = {}               # uid -> JobEntry
+        self.draining = False        # set by Node.drain: start_job refuses from then on
 
     def _move(self, comp, phase, *sources):
         """Move ``comp`` to ``phase`` if TRANSITIONS allows it and it is in
@@ -1103,6 +1113,8 @@ class NodeState:
     # -- jobs and files
     def start_job(self, comp, entry):
         with self.lock:
+            if self.draining:
+                return b'NAK (node is draining)'
             if self.avail_cpus <= 0:
                 return b'NAK (all cpus busy)'
             if self.active.get(comp.id) is not comp or comp.phase is not Phase.ACTIVE:
@@ -2257,24 +2269,30 @@ class Worker:
         limit = None
         if job.limit:
             why, limit = job.limit, 'job_timeout'
+            reason = limit
         elif job.terminated:
             why = None      # as the original: Terminated, no exception text
+            reason = 'cancelled'
         elif oom_killed:
             why, limit = self._memory_note('the job was killed by the cgroup memory limit'), \
                 'job_memory'
+            reason = limit
         elif os.WIFSIGNALED(status):
             why = 'job process was killed by signal %d' % os.WTERMSIG(status)
             if self.cfg.get('job_memory'):
                 why += ' (%s)' % self._memory_note('it may have run out of memory')
+            reason = 'signal'
         else:
             why = 'job process exited with status %d without a result' % (status >> 8)
-        self._finish(job.uid, job.hash, job.start, None, why, limit)
+            reason = 'exited'
+        self._finish(job.uid, job.hash, job.start, None, why, limit, reason)
 
-    def _finish(self, uid, job_hash, start, result, exception, limit=None):
+    def _finish(self, uid, job_hash, start, result, exception, limit=None, reason='exception'):
         reply = dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.cfg['ip_addr'],
                             status=DispyJob.Terminated, result=result,
                             exception=exception, start_time=start, end_time=time.time())
-        self.send(('done', uid, dc.dumps(reply), DispyJob.Terminated, limit))
+        # reason: why the job ended without its own reply (JOB_END_REASONS)
+        self.send(('done', uid, dc.dumps(reply), DispyJob.Terminated, limit, reason))
 
     def _enforce_kills(self):
         now = time.monotonic()
@@ -2467,7 +2485,7 @@ class WorkerHandle:
                 break
             try:
                 if msg[0] == 'done':
-                    self.node.job_done(self.comp, msg[1], msg[2], *msg[3:5])
+                    self.node.job_done(self.comp, msg[1], msg[2], *msg[3:6])
                 elif msg[0] in ('setup', 'closed'):
                     self._answer(msg)
             except Exception:  # keep reading whatever one result did
@@ -2543,6 +2561,11 @@ class Courier:
     def revive(self, addr):
         with self.lock:
             self.down.pop(addr, None)
+
+    def idle(self):
+        """True if no reply is queued or being delivered (or stored)."""
+        with self.lock:
+            return not self.in_flight
 
     def _lane(self, addr):
         lane = self.lanes[addr][0]
@@ -3281,7 +3304,9 @@ class ServiceControl:
         cfg = self.config
         self.quit = threading.Event()        # main() exits when set
         self.started_at = time.monotonic()
-        self.paused = False                  # console 'stop'
+        self.paused = False                  # console 'stop', control 'pause'
+        self.draining = False                # control 'drain' (also NodeState.draining)
+        self.state_listeners = []            # callables (event, text): see notify_state
         self.served = 0                      # computations ended
         self.clock = getattr(cfg, 'service_clock', None) or ServiceClock()
         self.window = (getattr(cfg, 'service_start_minute', None),
@@ -3302,6 +3327,8 @@ class ServiceControl:
 
     def service_refusal(self):
         """Why a new computation is refused (None: it is welcome)."""
+        if self.draining:
+            return b'NAK (node is draining)'
         if self.phase != 'on':
             return b'NAK (node is outside its service hours)'
         if self.paused:
@@ -3458,18 +3485,81 @@ class ServiceControl:
     def pause(self):
         self.paused = True
         logger.info('stopped: running work goes on, no new computation')
+        self.notify_state('paused', 'paused: no new computation')
 
     def resume(self):
         self.paused = False
         logger.info('started: taking computations')
+        self.notify_state('serving', 'serving')
         self.announce()
 
-    def release(self):
+    def drain(self):
+        """Take no new computation or job and stop announcing; once the
+        running jobs have ended and their replies are delivered or stored,
+        the node exits (the timer checks ``drained``).  Returns how many
+        jobs run."""
+        with self.state.lock:
+            first = not self.draining
+            self.draining = self.state.draining = True
+            running = len(self.state.jobs)
+        if first:
+            logger.info('draining: no new computation or job; the node exits once its %d '
+                        'running job(s) have ended and their replies are delivered or '
+                        'stored', running)
+            self.notify_state('draining', 'draining: %d job(s) running' % running)
+        self._drain_check()
+        return running
+
+    def drained(self):
+        """True once a drain has nothing left to wait for: no job runs,
+        none is being finished, and no reply is on its way to a client."""
+        if not self.draining or self.state.busy_cpus():
+            return False
+        with self.finishing_lock:
+            if self.finishing:
+                return False
+        return self.courier.idle()
+
+    def _drain_check(self):
+        if self.drained():
+            self.request_exit('drained')
+
+    def notify_state(self, event, text):
+        """Tell the state listeners (for instance a service manager's
+        status line) about ``event``: 'serving', 'paused', 'draining',
+        'stopping' or 'stopped', with a one-line ``text``.  A listener must
+        not block; its errors are logged."""
+        for listener in list(self.state_listeners):
+            try:
+                listener(event, text)
+            except Exception:  # a listener must not break the node
+                logger.exception('state listener %r failed', listener)
+
+    def health(self):
+        """None while the node takes new work, else why not (/healthz)."""
+        if self.stopping.is_set() or self.quit.is_set():
+            return 'stopping'
+        if self.draining:
+            return 'draining'
+        if self.paused:
+            return 'paused'
+        why = self.guard.refusal()
+        if why:
+            return 'guard: %s' % why
+        if self.phase != 'on':
+            return 'outside the service window'
+        why = self.service_refusal()
+        if why:
+            text = why.decode()
+            return text[5:-1] if text.startswith('NAK (') else text
+        return None
+
+    def release(self, why='released from the console'):
         """Drop the current client's computations now (its view: as a
         zombie drop).  Returns how many."""
         active, _ = self.state.snapshot()
         for comp in active:
-            self.spawn(self.evict, comp, 'released from the console')
+            self.spawn(self.evict, comp, why)
         return len(active)
 
 
@@ -3481,7 +3571,7 @@ class SystemdNotifier:
 
     def __init__(self, address):
         self.address = self.sock = self.last_status = None
-        self.failed = False
+        self.failed = self.ready = False
         if not address:
             return
         if address[0] == '@':
@@ -3559,6 +3649,8 @@ class Node(ServiceControl):
         self.counters = Counters()
         self.logs = LogLimiter()
         self.stopping = threading.Event()
+        self.finishing = 0          # job_done calls under way (a drain waits for them)
+        self.finishing_lock = threading.Lock()
         self._closed = self._started = False
         self.spare = None                   # a started worker awaiting a computation
         self.spare_lock = threading.Lock()
@@ -3574,6 +3666,8 @@ class Node(ServiceControl):
         self._init_service()
         self._init_observers()
         self.systemd = SystemdNotifier(getattr(config, 'notify_socket', None))
+        if self.systemd.sock is not None:
+            self.state_listeners.append(self._tell_systemd)
         # PID 1 (a container without --init) inherits every orphan: the timer reaps them.
         self.pid_one = os.getpid() == 1
 
@@ -3596,8 +3690,8 @@ class Node(ServiceControl):
                            job_user.name if job_user else _user_name(os.geteuid()))
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
+        self.notify_state('serving', 'serving %d cpus' % self.config.cpus)
         self.announce()
-        self.systemd.status(self.status_line(), 'READY=1', 'MAINPID=%d' % os.getpid())
 
     def start_up_line(self):
         """What an operator checks first: version, pid, Python, prefix,
@@ -3614,15 +3708,29 @@ class Node(ServiceControl):
                     '%s (%s now)' % (window, {'on': 'open', 'stopped': 'stopped'}.get(
                         self.phase, 'closed')) if window else 'always'))
 
+    def _tell_systemd(self, event, text):
+        """A state listener (notify_state): READY=1 once the node serves,
+        STOPPING=1 when it drains or stops, STATUS= with each change."""
+        fields = ()
+        if event == 'serving' and not self.systemd.ready:
+            self.systemd.ready = True
+            fields = ('READY=1', 'MAINPID=%d' % os.getpid())
+        elif event in ('draining', 'stopping'):
+            fields = ('STOPPING=1',)
+        elif event == 'stopped':
+            return
+        self.systemd.status(self.status_line(), *fields)
+
     def status_line(self):
         """One line on the node's state, for systemd's STATUS=."""
-        if self.stopping.is_set():
+        why = self.health()
+        if why == 'stopping':
             return 'stopping'
         st = self.state.observe()
         head = 'serving %d cpus at %s:%d' % (st['cpus'], self.config.ext_ip_addr, self.port)
-        why = (None if self.phase == 'on' else 'outside the service window') or \
-            ('paused' if self.paused else None) or self.guard.refusal()
-        if why:
+        if why == 'draining':
+            head += ' (draining: it exits once its running jobs have ended)'
+        elif why:
             head += ' (refusing new work: %s)' % why
         if not st['computations']:
             return head + '; idle'
@@ -3638,7 +3746,7 @@ class Node(ServiceControl):
                 return
             self._closed = True
         self.stopping.set()
-        self.systemd.status('stopping', 'STOPPING=1')
+        self.notify_state('stopping', 'stopping')     # (systemd: STOPPING=1)
         self._stop_observers()
         if self._started:
             self.tcp.shutdown()
@@ -3678,6 +3786,7 @@ class Node(ServiceControl):
         self.udp.close()
         self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
+        self.notify_state('stopped', 'stopped')
         self.systemd.close()
         self._release_prefix()
 
@@ -3945,6 +4054,8 @@ class Node(ServiceControl):
 
     def _tick(self, last_pulse):
         now = time.monotonic()
+        if self.draining:
+            self._drain_check()
         active, _ = self.state.snapshot()
         if active and now - last_pulse >= self.pulse_interval(active):
             last_pulse = now
@@ -4234,6 +4345,9 @@ class Node(ServiceControl):
             # so the refusal is a little slow to come.
             time.sleep(GUARD_REFUSAL_DELAY)
             return None, None, b'NAK (all cpus busy)'
+        if self.draining:
+            time.sleep(GUARD_REFUSAL_DELAY)     # as above: the client reschedules it
+            return None, None, b'NAK (node is draining)'
         entry = JobEntry(job.uid, job.hash, comp.id, files)
         entry.answered = threading.Event()
         return comp, entry, self.state.start_job(comp, entry)
@@ -4263,15 +4377,25 @@ class Node(ServiceControl):
                                     status=DispyJob.Terminated, exception=why,
                                     start_time=time.time(), end_time=time.time()))
 
-    def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None):
+    def job_done(self, comp, uid, reply, status=DispyJob.Terminated, limit=None, reason=None):
         """A worker finished job ``uid`` with ``reply`` (pickled bytes);
-        ``status`` is the job's own status, ``limit`` the limit that ended it."""
+        ``status`` is the job's own status, ``limit`` the limit that ended it,
+        ``reason`` why it ended without its own reply (None: it replied)."""
+        with self.finishing_lock:
+            self.finishing += 1     # a drain waits for this reply too
+        try:
+            self._job_done(comp, uid, reply, status, limit, reason)
+        finally:
+            with self.finishing_lock:
+                self.finishing -= 1
+
+    def _job_done(self, comp, uid, reply, status, limit, reason):
         entry, _, unused = self.state.finish_job(uid)
         if entry is None:
             return
         if entry.answered is not None:
             entry.answered.wait(self.config.msg_timeout)
-        self.note_job(comp, entry, status, limit)
+        self.note_job(comp, entry, status, limit, reason)
         self.workspace.remove_job_files(comp, unused)
         # A job killed by evict() sends nothing: the client reschedules or
         # abandons it on our TERMINATED, as with the original node.
@@ -4284,7 +4408,8 @@ class Node(ServiceControl):
         """The worker exited or died; its running jobs end as Terminated."""
         for entry in self.state.jobs_of(comp.id):
             self.job_done(comp, entry.uid, self._terminated_reply(
-                comp, entry.uid, entry.hash, 'worker process of the computation died'))
+                comp, entry.uid, entry.hash, 'worker process of the computation died'),
+                reason='worker_lost')
         if self.state.phase_of(comp) in (Phase.ACTIVE, Phase.ZOMBIE) \
                 and not self.stopping.is_set():
             logger.warning('worker of computation %s exited', comp.id)
@@ -4349,15 +4474,40 @@ class Node(ServiceControl):
         if self.owns_cgroup and lock is not None:
             lock.close()
 
-    def note_job(self, comp, entry, status, limit):
-        """Count a finished job by its outcome (and the limit that ended it)."""
+    def note_job(self, comp, entry, status, limit, reason=None):
+        """Count a finished job by its outcome (and the limit that ended it);
+        log one line for a job that did not finish normally.  ``limit`` and
+        ``reason`` come from a worker, which runs client code: only known
+        names are counted (they become metric labels)."""
         outcome = outcome_name(status)
         self.counters.add('jobs_' + outcome)
+        if limit not in _LIMIT_NAMES.values():
+            limit = None
         if limit:
             self.counters.add('limit_' + limit)
+        if outcome != 'Finished':
+            if limit:
+                reason = limit
+            elif reason is None:
+                reason = 'exception'        # its own reply says Terminated
+            elif reason not in JOB_END_REASONS:
+                reason = 'other'
+            self.counters.add('terminated_' + reason)
         if comp is not None:
             self.state.note_outcome(comp, outcome)
+            if outcome != 'Finished':
+                self.log_job_end(comp, entry, outcome, reason)
         self.job_times.observe(max(0.0, time.time() - entry.start))
+
+    def log_job_end(self, comp, entry, outcome, reason):
+        """The one log line of a job that did not finish normally."""
+        detail = JOB_END_REASONS.get(reason, 'ended')
+        if reason == 'cancelled' and comp.evicted and entry.uid in comp.dropped:
+            detail = 'killed: %s' % comp.evicted
+        logger.log(logging.INFO if reason in ('exception', 'cancelled') else logging.WARNING,
+                   'job %s of computation %s (%s) from %s:%s: %s, %s (%s)', entry.uid,
+                   comp.id, log_text(comp.name), comp.scheduler_ip, comp.scheduler_port,
+                   outcome, reason, detail)
 
     def guard_refusal(self):
         """Why the resource guards refuse new work now, or None."""
@@ -4373,13 +4523,17 @@ class Node(ServiceControl):
         counts = self.counters.snapshot()
         status = self.state.observe()
         refusing = self.guard.refusal()
+        health = self.health()
         done = {k[5:]: v for k, v in counts.items() if k.startswith('jobs_')}
         status.update({
             'version': __version__, 'protocol': dc.PROTOCOL_VERSION, 'name': cfg.name,
             'pid': os.getpid(), 'ip_addr': cfg.ext_ip_addr, 'port': self.port,
             'uptime': round(time.monotonic() - self.started_mono, 3),
             'started': self.started_at,
-            'serving': not self.stopping.is_set() and not refusing, 'refusing': refusing,
+            'serving': health is None, 'refusing': refusing or health,
+            'draining': self.draining, 'paused': self.paused,
+            'jobs_terminated': {k[11:]: v for k, v in counts.items()
+                                if k.startswith('terminated_')},
             'free': status['client'] is None and status['cpus_busy'] == 0,
             'jobs_done': done,
             'computations_total': counts.get('computations', 0),
@@ -4402,13 +4556,101 @@ class Node(ServiceControl):
 
     def metrics_text(self):
         return prometheus_text(self.status(), self.counters.snapshot(),
-                               self.job_times.snapshot())
+                               self.job_times.snapshot(), process_stats())
 
 
-# ---------------------------------------------------------------- console
+# ---------------------------------------------------------------- console and control commands
+# One table serves the terminal console and the control socket (the
+# ``dispynode <command>`` CLI): each command is a function (node, args) ->
+# (ok, message or data).  The surfaces differ only in their spellings: the
+# console keeps the later nodes' 'stop'/'start' for pause/resume and
+# 'quit'/'exit' for a shutdown; on the control socket 'stop' shuts down.
+
+class NodeCommand:
+    __slots__ = ('name', 'func', 'usage', 'text')
+
+    def __init__(self, name, func, usage, text):
+        self.name, self.func, self.usage, self.text = name, func, usage, text
+
+
+NODE_COMMANDS = {}
+CONSOLE_NAMES = {'status': 'status', 'cpus': 'cpus', 'stop': 'pause', 'start': 'resume',
+                 'pause': 'pause', 'resume': 'resume', 'release': 'release', 'drain': 'drain',
+                 'quit': 'shutdown', 'exit': 'shutdown'}
+CONTROL_NAMES = {'status': 'status', 'cpus': 'cpus', 'pause': 'pause', 'resume': 'resume',
+                 'release': 'release', 'drain': 'drain', 'stop': 'shutdown'}
+# Commands after whose answer the control connection stays open until the
+# node process exits (the CLI waits for that end of file).
+CONTROL_WAITS = ('drain', 'shutdown')
+
+
+def node_command(name, usage, text):
+    def register(func):
+        NODE_COMMANDS[name] = NodeCommand(name, func, usage, text)
+        return func
+    return register
+
+
+@node_command('status', 'status', 'show the status')
+def _command_status(node, args, source):
+    return True, node.status()
+
+
+@node_command('cpus', 'cpus N', 'offer N cpus from now on (running jobs go on)')
+def _command_cpus(node, args, source):
+    try:
+        cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
+    except ValueError as exc:
+        return False, 'cpus: %s (usage: cpus N)' % exc
+    return True, 'offering %d cpus' % cpus
+
+
+@node_command('pause', 'pause', 'take no new computation (running work goes on)')
+def _command_pause(node, args, source):
+    node.pause()
+    return True, 'stopped: running work goes on, no new computation'
+
+
+@node_command('resume', 'resume', 'take computations again')
+def _command_resume(node, args, source):
+    if node.draining:
+        return False, 'draining: the node exits once its running jobs have ended'
+    node.resume()
+    return True, 'started'
+
+
+@node_command('release', 'release', 'drop the current client now')
+def _command_release(node, args, source):
+    return True, 'released %d computation(s)' % node.release(
+        'released from the console' if source[0] == 'console' else 'released by a control '
+        'command')
+
+
+@node_command('drain', 'drain', 'no new computation or job; exit once running jobs end')
+def _command_drain(node, args, source):
+    running = node.drain()
+    return True, 'draining: %d job(s) running; the node exits once they have ended and ' \
+                 'their replies are delivered or stored' % running
+
+
+@node_command('shutdown', 'stop', 'shut the node down now (as SIGTERM)')
+def _command_shutdown(node, args, source):
+    node.request_exit('%s %s' % (source[0], source[1]))
+    return True, 'shutting down'
+
+
+def run_node_command(node, names, words, source):
+    """Run the command ``words`` (spelled as in ``names``); returns
+    (command name or None if unknown, ok, message or data)."""
+    name = names.get(words[0].lower()) if words else None
+    if name is None:
+        return None, False, 'unknown command'
+    return (name,) + tuple(NODE_COMMANDS[name].func(node, words[1:], source))
+
 
 CONSOLE_HELP = ('commands: status | cpus N | stop (no new computation) | start | '
-                'release (drop the current client now) | quit | exit')
+                'release (drop the current client now) | drain (exit once running jobs '
+                'end) | quit | exit')
 
 
 class Console:
@@ -4462,30 +4704,14 @@ class Console:
     def command(self, words):
         if not words:
             return
-        cmd, args = words[0].lower(), words[1:]
-        node = self.node
-        if cmd == 'status':
-            self.say(format_status_table(node.status()))
-        elif cmd == 'cpus':
-            try:
-                cpus = node.set_cpus(int(args[0]) if len(args) == 1 else None)
-            except ValueError as exc:
-                self.say('cpus: %s (usage: cpus N)' % exc)
-            else:
-                self.say('offering %d cpus' % cpus)
-        elif cmd == 'stop':
-            node.pause()
-            self.say('stopped: running work goes on, no new computation')
-        elif cmd == 'start':
-            node.resume()
-            self.say('started')
-        elif cmd == 'release':
-            self.say('released %d computation(s)' % node.release())
-        elif cmd in ('quit', 'exit'):
-            self.say('shutting down')
-            node.request_exit('console %s' % cmd)
-        else:
+        name, ok, answer = run_node_command(self.node, CONSOLE_NAMES, words,
+                                            ('console', words[0].lower()))
+        if name is None:
             self.say(CONSOLE_HELP)
+        elif name == 'status':
+            self.say(format_status_table(answer))
+        else:
+            self.say(answer)
 
 
 def _safe_mode(mode, executable=False):
@@ -4502,6 +4728,13 @@ def _safe_mode(mode, executable=False):
 CONTROL_SOCKET = '.dispynode-control'     # under --dest_path_prefix
 CONTROL_TIMEOUT = 2.0                     # per control or metrics connection
 CONTROL_REQUEST_MAX = 256
+CONTROL_WAITERS = 16                      # drain/stop commands waiting for the exit
+METRICS_THREADS = 2                       # answer complete /metrics and /healthz requests
+METRICS_QUEUE = 16
+METRICS_PENDING = 64                      # connections still sending their request
+METRICS_REQUEST_MAX = 8192
+METRICS_REASONS = {200: 'OK', 404: 'Not Found', 405: 'Method Not Allowed',
+                   503: 'Service Unavailable'}
 GUARD_CHECK_SECONDS = 1.0                 # free memory/disk readings are cached this long
 GUARD_REFUSAL_DELAY = 0.5                 # slows a client that retries a refused job at once
 JOB_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0)
@@ -4517,6 +4750,22 @@ FREE_MEMORY_ENV = 'DISPYNODE_FREE_MEMORY'
 FREE_DISK_ENV = 'DISPYNODE_FREE_DISK'
 _STATUS_NAMES = {v: k for k, v in vars(DispyJob).items() if isinstance(v, int)}
 _LIMIT_NAMES = {1: 'job_memory', 2: 'job_timeout'}
+# Why a job ended Terminated (the reason label of dispynode_jobs_terminated_total).
+JOB_END_REASONS = {
+    'exception': 'the job raised an exception',
+    'signal': 'its process was killed by a signal',
+    'exited': 'its process exited without a result',
+    'cancelled': 'cancelled (TERMINATE_JOB)',
+    'job_timeout': 'killed by --job_timeout',
+    'job_memory': 'ended by --job_memory',
+    'worker_lost': 'the worker process of its computation died',
+    'other': 'unknown reason'}
+
+
+def log_text(text):
+    """A client-given name as it goes into a log line (see the contain
+    work for escaping)."""
+    return text
 
 
 def outcome_name(status):
@@ -4752,14 +5001,19 @@ class ResourceGuard:
 
 
 class ControlServer:
-    """The node's local control socket: ``status`` answers the status as
-    JSON.  One named thread serves one connection at a time, each bounded
-    by CONTROL_TIMEOUT; only the node's own user (or root) is served."""
+    """The node's local control socket: one command line (CONTROL_NAMES:
+    status, cpus N, pause, resume, release, drain, stop) answered with one
+    JSON line: the status, or {"ok", "message", "pid"}.  One named thread
+    serves one connection at a time, each bounded by CONTROL_TIMEOUT; only
+    the node's own user (or root) is served.  After drain and stop the
+    connection stays open (at most CONTROL_WAITERS of them) until the node
+    process exits, so the command's end of file says it has."""
 
     def __init__(self, node):
         self.node = node
         self.path = os.path.join(node.config.dest_path_prefix, CONTROL_SOCKET)
         self.sock = None
+        self.waiters = []       # connections closed by the process's exit
 
     def start(self):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -4817,11 +5071,18 @@ class ControlServer:
                         break
                     time.sleep(0.1)
                     continue
-                with conn:
-                    try:
-                        self._answer(conn)
-                    except (OSError, ValueError) as exc:
-                        logger.debug('control request failed: %s', exc)
+                keep = False
+                try:
+                    keep = self._answer(conn)
+                except (OSError, ValueError) as exc:
+                    logger.debug('control request failed: %s', exc)
+                except Exception:  # a failed command must not end the control thread
+                    logger.exception('control request failed')
+                finally:
+                    if keep:
+                        self.waiters.append(conn)
+                    else:
+                        conn.close()
         finally:
             self.sock.close()
             self.stop()
@@ -4841,13 +5102,22 @@ class ControlServer:
             self.node.logs.log('control refused', logging.WARNING,
                                'control socket: refusing a request of user %d', uid)
             conn.sendall(b'{"error": "permission denied"}\n')
-            return
-        command = request.split(b'\n', 1)[0].strip()
-        if command == b'status':
-            import json
-            conn.sendall(json.dumps(self.node.status(), sort_keys=True).encode() + b'\n')
-        else:
+            return False
+        import json
+        words = request.split(b'\n', 1)[0].decode('ascii', 'replace').split()
+        name, ok, answer = run_node_command(self.node, CONTROL_NAMES, words,
+                                            ('control', words[0].lower() if words else ''))
+        if name is None:
             conn.sendall(b'{"error": "unknown command"}\n')
+            return False
+        if name == 'status':
+            conn.sendall(json.dumps(answer, sort_keys=True).encode() + b'\n')
+            return False
+        logger.info('control command %r: %s', ' '.join(words)[:80], answer)
+        wait = ok and name in CONTROL_WAITS and len(self.waiters) < CONTROL_WAITERS
+        conn.sendall(json.dumps({'ok': ok, 'message': answer, 'pid': os.getpid(),
+                                 'wait': wait}).encode() + b'\n')
+        return wait
 
 
 def peer_uid(conn):
@@ -4861,44 +5131,144 @@ def peer_uid(conn):
 
 
 class MetricsServer:
-    """Prometheus text format at /metrics: a plain (one request at a time)
-    HTTPServer in one named thread, each request bounded by CONTROL_TIMEOUT."""
+    """HTTP for Prometheus: GET /metrics (text format 0.0.4) and GET
+    /healthz (200 ok, or 503 and why the node takes no new work).
+
+    One named thread ('metrics') accepts connections and reads their
+    requests in a selector loop, so an idle or slow peer costs no thread;
+    each connection has one deadline (CONTROL_TIMEOUT) for its whole
+    request, however it trickles in, and at most METRICS_PENDING wait (the
+    oldest is dropped first).  Complete requests are answered on the
+    bounded 'metrics' TaskPool, each within its deadline."""
 
     def __init__(self, node, addr):
-        import http.server
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = CONTROL_TIMEOUT
-
-            def do_GET(self):
-                if self.path.split('?', 1)[0] != '/metrics':
-                    self.send_error(404)
-                    return
-                body = outer.node.metrics_text().encode()
-                self.send_response(200)
-                self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                logger.debug('metrics: %s - %s', self.address_string(), fmt % args)
-
         self.node = node
-        self.server = http.server.HTTPServer(addr, Handler)
-        self.server.timeout = 0.5
-        self.address = self.server.server_address
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(addr)
+            self.sock.listen(64)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.address = self.sock.getsockname()
+        self.pool = TaskPool('metrics', METRICS_THREADS, METRICS_QUEUE, idle_seconds=5.0)
 
     def start(self):
         threading.Thread(target=self._serve, name='metrics', daemon=True).start()
 
     def _serve(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        pending = collections.OrderedDict()     # conn -> [deadline, bytearray]
         try:
             while not self.node.stopping.is_set():
-                self.server.handle_request()
+                now = time.monotonic()
+                wait = 0.5
+                if pending:
+                    wait = min(wait, max(0.0, next(iter(pending.values()))[0] - now))
+                for key, _ in sel.select(wait):
+                    if key.data is None:
+                        self._accept(sel, pending)
+                    else:
+                        self._read(sel, pending, key.fileobj)
+                now = time.monotonic()
+                while pending:
+                    conn, (deadline, _) = next(iter(pending.items()))
+                    if deadline > now:
+                        break
+                    self._drop(sel, pending, conn)
+        except Exception:  # the endpoint must not die silently
+            logger.exception('metrics endpoint failed')
         finally:
-            self.server.server_close()
+            for conn in list(pending):
+                self._drop(sel, pending, conn)
+            sel.close()
+            self.sock.close()
+            self.pool.close(1.0)
+
+    def _accept(self, sel, pending):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # out of descriptors, say: later
+                logger.debug('metrics: accept failed: %s', exc)
+                return
+            if len(pending) >= METRICS_PENDING:
+                self._drop(sel, pending, next(iter(pending)))
+            conn.setblocking(False)
+            pending[conn] = [time.monotonic() + CONTROL_TIMEOUT, bytearray()]
+            sel.register(conn, selectors.EVENT_READ, True)
+
+    def _read(self, sel, pending, conn):
+        entry = pending.get(conn)
+        if entry is None:
+            return
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._drop(sel, pending, conn)
+            return
+        entry[1] += data
+        head = entry[1]
+        if b'\r\n\r\n' not in head and b'\n\n' not in head:
+            if len(head) > METRICS_REQUEST_MAX:
+                self._drop(sel, pending, conn)
+            return
+        sel.unregister(conn)
+        del pending[conn]
+        if not self.pool.submit(self._respond, conn, bytes(head), entry[0]):
+            conn.close()        # the pool is full or closing
+
+    @staticmethod
+    def _drop(sel, pending, conn):
+        pending.pop(conn, None)
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _respond(self, conn, head, deadline):
+        try:
+            line = head.split(b'\n', 1)[0].decode('latin-1').split()
+            method, path = (line[0], line[1]) if len(line) >= 2 else ('', '')
+            code, body, ctype = self.route(method, path.split('?', 1)[0])
+            text = '%d %s' % (code, METRICS_REASONS.get(code, ''))
+            data = ('HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n'
+                    'Connection: close\r\n\r\n' % (text, ctype, len(body))).encode()
+            if method != 'HEAD':
+                data += body
+            conn.setblocking(True)
+            conn.settimeout(max(0.05, deadline - time.monotonic()))
+            conn.sendall(data)      # the timeout bounds the whole send
+            logger.debug('metrics: %s %s -> %d', method, path[:80], code)
+        except OSError as exc:
+            logger.debug('metrics: answering failed: %s', exc)
+        finally:
+            conn.close()
+
+    def route(self, method, path):
+        """(HTTP status, body bytes, content type) for a request."""
+        plain = 'text/plain; charset=utf-8'
+        if method not in ('GET', 'HEAD'):
+            return 405, b'only GET and HEAD\n', plain
+        if path == '/metrics':
+            return 200, self.node.metrics_text().encode(), \
+                'text/plain; version=0.0.4; charset=utf-8'
+        if path == '/healthz':
+            why = self.node.health()
+            if why is None:
+                return 200, b'ok\n', plain
+            return 503, ('%s\n' % why).encode('utf-8', 'replace'), plain
+        return 404, b'not found\n', plain
 
 
 def parse_hostport(text, default_host='127.0.0.1'):
@@ -4912,16 +5282,55 @@ def parse_hostport(text, default_host='127.0.0.1'):
     return host, int(port)
 
 
-def prometheus_text(st, counts, job_times):
+def prometheus_label(value):
+    """A label value as the text format wants it: backslash, double quote
+    and line feed escaped."""
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def process_stats():
+    """The node process's own figures for the process_* metrics (None
+    where the platform does not say): cpu seconds, resident bytes, open
+    descriptors, start time (seconds since the epoch)."""
+    times = os.times()
+    stats = {'cpu': times.user + times.system, 'rss': None, 'fds': None,
+             'start': _PROCESS_START}
+    try:
+        with open('/proc/self/statm') as fh:
+            stats['rss'] = int(fh.read().split()[1]) * resource.getpagesize()
+        with open('/proc/self/stat') as fh:
+            ticks = int(fh.read().rpartition(')')[2].split()[19])
+        with open('/proc/stat') as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith('btime '))
+        stats['start'] = boot + ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    if stats['rss'] is None:
+        try:
+            import psutil
+            stats['rss'] = psutil.Process().memory_info().rss
+        except Exception:  # optional: no psutil, or it cannot tell
+            pass
+    for fd_dir in ('/proc/self/fd', '/dev/fd'):
+        try:
+            stats['fds'] = len(os.listdir(fd_dir))
+            break
+        except OSError:
+            pass
+    return stats
+
+
+def prometheus_text(st, counts, job_times, process=None):
     """The Prometheus text exposition (version 0.0.4) of a status (see
-    Node.status), counter snapshot and JobTimes snapshot."""
+    Node.status), counter snapshot, JobTimes snapshot and process_stats."""
     out = []
 
     def family(name, kind, text, samples):
         out.append('# HELP %s %s' % (name, text))
         out.append('# TYPE %s %s' % (name, kind))
         for suffix, labels, value in samples:
-            label = '{%s}' % ','.join('%s="%s"' % kv for kv in labels) if labels else ''
+            label = '{%s}' % ','.join('%s="%s"' % (k, prometheus_label(v))
+                                      for k, v in labels) if labels else ''
             out.append('%s%s%s %s' % (name, suffix, label, float(value)))
 
     outcomes = dict.fromkeys(('Finished', 'Terminated'), 0)
@@ -4933,6 +5342,12 @@ def prometheus_text(st, counts, job_times):
     family('dispynode_job_limit_kills_total', 'counter',
            'Jobs ended by a per-job limit, by limit.',
            [('', [('limit', k)], v) for k, v in sorted(limits.items())])
+    reasons = dict.fromkeys(('exception', 'signal', 'cancelled', 'job_timeout',
+                             'job_memory'), 0)
+    reasons.update(st.get('jobs_terminated') or {})
+    family('dispynode_jobs_terminated_total', 'counter',
+           'Jobs ended Terminated, by reason.',
+           [('', [('reason', k)], v) for k, v in sorted(reasons.items())])
     for name, key, text in (
             ('computations', 'computations', 'Computations accepted.'),
             ('bytes_received', 'bytes_in', 'Bytes received from clients.'),
@@ -4950,6 +5365,7 @@ def prometheus_text(st, counts, job_times):
             ('jobs_running', len(st['jobs_running']), 'Jobs running.'),
             ('stored_results', st['stored_results'], 'Undelivered results stored.'),
             ('serving', int(bool(st['serving'])), '1 while taking new work.'),
+            ('draining', int(bool(st.get('draining'))), '1 while draining.'),
             ('uptime_seconds', st['uptime'], 'Seconds since the node started.')):
         family('dispynode_' + name, 'gauge', text, [('', [], value)])
     buckets, total, seconds = job_times
@@ -4957,6 +5373,20 @@ def prometheus_text(st, counts, job_times):
     samples += [('_bucket', [('le', '+Inf')], total), ('_sum', [], seconds),
                 ('_count', [], total)]
     family('dispynode_job_seconds', 'histogram', 'Run time of ended jobs.', samples)
+    family('dispynode_build_info', 'gauge', 'The node\'s version (the value is 1).',
+           [('', [('version', st.get('version', __version__)),
+                  ('protocol', st.get('protocol', dc.PROTOCOL_VERSION)),
+                  ('python', '%d.%d.%d' % sys.version_info[:3])], 1)])
+    process = process or {}
+    for name, kind, key, text in (
+            ('process_cpu_seconds_total', 'counter', 'cpu',
+             'User and system CPU time of the node process, in seconds.'),
+            ('process_resident_memory_bytes', 'gauge', 'rss', 'Resident memory in bytes.'),
+            ('process_open_fds', 'gauge', 'fds', 'Open file descriptors.'),
+            ('process_start_time_seconds', 'gauge', 'start',
+             'Start time of the process since the epoch, in seconds.')):
+        if process.get(key) is not None:
+            family(name, kind, text, [('', [], process[key])])
     return '\n'.join(out) + '\n'
 
 
@@ -5032,10 +5462,10 @@ def _columns(table):
             for row in table]
 
 
-def query_control(prefix, command='status', timeout=5.0):
-    """Ask the node serving ``prefix`` (its control socket); returns the
-    decoded JSON answer.  Raises OSError or ValueError with a clear text."""
-    import json
+def _control_connect(prefix, timeout):
+    """A connection to the control socket of the node serving ``prefix``,
+    after checking that the socket is the node's of our own user (or
+    root's).  Raises OSError with a clear text."""
     path = os.path.join(prefix, CONTROL_SOCKET)
     try:
         st = os.lstat(path)
@@ -5047,48 +5477,151 @@ def query_control(prefix, command='status', timeout=5.0):
     if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid not in (os.geteuid(), 0):
         raise OSError('refusing %s: mode %o, owner %d (expected 600 and your user)'
                       % (path, stat.S_IMODE(st.st_mode), st.st_uid))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
         uid = peer_uid(sock)
         if uid is not None and uid not in (os.geteuid(), 0):
             raise OSError('refusing %s: served by user %d' % (path, uid))
-        sock.sendall(command.encode() + b'\n')
-        data = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > 64 * 1024 * 1024:
-                raise ValueError('answer too long')
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _control_answer(sock):
+    """The node's one JSON line (the node closes after it, or keeps the
+    connection open for a waiting command)."""
+    import json
+    data = b''
+    while not data.endswith(b'\n'):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 64 * 1024 * 1024:
+            raise ValueError('answer too long')
     answer = json.loads(data.decode())
     if isinstance(answer, dict) and answer.get('error'):
         raise OSError('node refused: %s' % answer['error'])
     return answer
 
 
-def status_main(argv):
-    """``dispynode status [--dest_path_prefix P] [--json]``."""
+def query_control(prefix, command='status', timeout=5.0):
+    """Ask the node serving ``prefix`` (its control socket); returns the
+    decoded JSON answer.  Raises OSError or ValueError with a clear text."""
+    with _control_connect(prefix, timeout) as sock:
+        sock.sendall(command.encode() + b'\n')
+        return _control_answer(sock)
+
+
+def wait_for_exit(sock, timeout):
+    """Wait (``timeout`` seconds; None: no limit) for the end of file that
+    the node's exit gives a held control connection.  True if it came."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        sock.settimeout(left if left is None else max(0.05, left))
+        try:
+            if not sock.recv(4096):
+                return True
+        except socket.timeout:
+            return False
+        except ConnectionError:
+            return True
+
+
+CONTROL_CLI = ('status', 'drain', 'pause', 'resume', 'cpus', 'release', 'stop')
+
+
+def control_main(command, argv):
+    """``dispynode <command> [--dest_path_prefix P | --config FILE] ...``:
+    one command to the running node over its control socket.  Prints one
+    line (status: a table or JSON); exits 0 on success, 1 if refused or
+    the node cannot be reached (or, for drain and stop, is still running
+    after --timeout), 2 on a usage error."""
     import json
-    p = argparse.ArgumentParser(prog='dispynode status',
-                                description='Show the status of the node running with '
-                                            'this --dest_path_prefix.')
+    helps = {'status': 'Show the status of the node running with this --dest_path_prefix.',
+             'drain': 'Let the node take no new computation or job, and exit once its '
+                      'running jobs have ended and their replies are delivered or '
+                      'stored; returns when the node has exited.',
+             'pause': 'Take no new computation (running work goes on).',
+             'resume': 'Take computations again after a pause.',
+             'cpus': 'Offer N cpus from now on (negative: all but that many).',
+             'release': "Drop the current client's computations now.",
+             'stop': 'Shut the node down now (as SIGTERM); returns when it has exited.'}
+    p = argparse.ArgumentParser(prog='dispynode %s' % command, description=helps[command])
     p.add_argument('--dest_path_prefix', default=None,
-                   help='the running node\'s prefix (default: <tmp>/dispy/node)')
-    p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+                   help="the running node's prefix (default: its --config file's, else "
+                        "<tmp>/dispy/node)")
+    p.add_argument('--config', default='', metavar='FILE',
+                   help="the node's config file (to find its --dest_path_prefix)")
+    if command == 'status':
+        p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    if command == 'cpus':
+        p.add_argument('n', type=int, metavar='N', help='cpus to offer')
+    if command in ('drain', 'stop'):
+        p.add_argument('--timeout', type=float, default=0 if command == 'drain' else 60,
+                       metavar='S', help='give up waiting after S seconds (exit 1; %s)'
+                       % ('default: wait until the node exits' if command == 'drain'
+                          else 'default 60'))
     args = p.parse_args(argv)
-    prefix = args.dest_path_prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
+    prefix = args.dest_path_prefix
+    if prefix is None and args.config:
+        node_parser = build_parser()
+        try:
+            apply_config_file(node_parser, args.config)
+        except ValueError as exc:
+            p.exit(2, 'dispynode: error: %s\n' % exc)
+        prefix = node_parser.get_default('dest_path_prefix')
+    prefix = prefix or os.path.join(tempfile.gettempdir(), 'dispy', 'node')
     prefix = os.path.abspath(prefix.strip()).rstrip(os.sep)
+    if command == 'status':
+        try:
+            status = query_control(prefix)
+        except (OSError, ValueError) as exc:
+            p.exit(1, 'dispynode: error: %s\n' % exc)
+        if args.json:
+            sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + '\n')
+        else:
+            sys.stdout.write(format_status_table(status))
+        return 0
+    line = command if command != 'cpus' else 'cpus %d' % args.n
+    timeout = getattr(args, 'timeout', None)
+    if timeout is not None and timeout < 0:
+        p.error('--timeout must be 0 (no limit) or positive')
     try:
-        status = query_control(prefix)
+        with _control_connect(prefix, 10.0) as sock:
+            sock.sendall(line.encode() + b'\n')
+            answer = _control_answer(sock)
+            if not isinstance(answer, dict) or 'ok' not in answer:
+                raise ValueError('unexpected answer %r' % (answer,))
+            if not answer['ok']:
+                p.exit(1, 'dispynode: error: %s\n' % answer.get('message'))
+            if command not in ('drain', 'stop'):
+                sys.stdout.write('%s\n' % answer.get('message'))
+                return 0
+            if not answer.get('wait'):
+                p.exit(1, 'dispynode: error: %s; cannot wait for the node (pid %s) to exit '
+                          '(too many commands wait)\n' % (answer.get('message'),
+                                                          answer.get('pid')))
+            if not wait_for_exit(sock, timeout or None):
+                p.exit(1, 'dispynode: error: the node (pid %s) is still %s after %gs\n'
+                       % (answer.get('pid'), 'draining' if command == 'drain'
+                          else 'stopping', timeout))
     except (OSError, ValueError) as exc:
         p.exit(1, 'dispynode: error: %s\n' % exc)
-    if args.json:
-        sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + '\n')
-    else:
-        sys.stdout.write(format_status_table(status))
+    sys.stdout.write('%s: the node (pid %s) has exited\n' % (
+        'drained' if command == 'drain' else 'stopped', answer.get('pid')))
     return 0
+
+
+def status_main(argv):
+    """``dispynode status [--dest_path_prefix P] [--json]``."""
+    return control_main('status', argv)
 
 
 def resolve_obs_options(args):
@@ -5116,7 +5649,9 @@ def resolve_obs_options(args):
 
 def add_obs_options(p):
     p.epilog = ('"%(prog)s status [--dest_path_prefix P] [--json]" shows the status of the '
-                'node running with that prefix.')
+                'node running with that prefix; "%(prog)s drain|pause|resume|cpus N|release|'
+                'stop [--dest_path_prefix P | --config FILE]" controls it (see '
+                '"%(prog)s drain --help").')
     p.add_argument('--metrics', default=None, metavar='HOST:PORT',
                    help='serve Prometheus metrics at http://HOST:PORT/metrics '
                         '(a bare PORT binds 127.0.0.1; default: off)')
@@ -5241,6 +5776,9 @@ def add_service_options(p):
                         "the node once that computation ends")
     g.add_argument('--force_cleanup', action='store_true',
                    help="remove a computation's files even if the client asked cleanup=False")
+    g.add_argument('--log_file', default='', metavar='PATH',
+                   help='write the log to this file (appending) instead of stderr; '
+                        'SIGHUP reopens it (for logrotate)')
     g.add_argument('--config', default='', metavar='FILE',
                    help='read options from this INI file (command-line options override it)')
     g.add_argument('--save_config', default='', metavar='FILE',
@@ -5747,15 +6285,15 @@ def stderr_is_journal(environ=os.environ, fd=2):
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-def setup_logging(debug, environ=os.environ):
-    """The node's log on stderr: with time stamps, or with syslog
-    priorities when stderr is the journal."""
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal(environ):
-        handler.setFormatter(JournalFormatter('dispynode %(levelname)s %(message)s'))
-    else:
-        handler.setFormatter(logging.Formatter('%(asctime)s dispynode %(levelname)s '
-                                               '%(message)s'))
+def setup_logging(debug, handler=None, environ=os.environ):
+    """The node's log: to ``handler`` (--log_file) or stderr, with time
+    stamps; on a stderr that is the journal, with syslog priorities."""
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        if stderr_is_journal(environ):
+            handler.setFormatter(JournalFormatter('dispynode %(levelname)s %(message)s'))
+    if handler.formatter is None:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -5764,8 +6302,8 @@ def setup_logging(debug, environ=os.environ):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['status']:
-        return status_main(argv[1:])
+    if argv[:1] and argv[0] in CONTROL_CLI:
+        return control_main(argv[0], argv[1:])
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config', default='')
@@ -5787,29 +6325,93 @@ def main(argv=None):
             parser.exit(2, 'dispynode: error: %s\n' % exc)
         return 0
     _raise_fd_limit()
-    setup_logging(args.debug)
+    log_handler = None
+    if args.log_file:
+        try:
+            log_handler = ReopenableFileHandler(os.path.abspath(args.log_file))
+        except OSError as exc:
+            parser.exit(2, 'dispynode: error: --log_file %s: %s\n' % (
+                args.log_file, exc.strerror or exc))
+    setup_logging(args.debug, log_handler)
     try:
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:
         parser.exit(2, 'dispynode: error: %s\n' % exc)
-    stop = threading.Event()
+    # Signal handlers only queue the signal and wake the main loop through
+    # a pipe, which acts on it (no logging or locks inside a handler: an
+    # Event's lock could be the one the main thread holds).  The one
+    # exception is a second SIGINT/SIGTERM while the first one's shutdown
+    # runs: it exits at once, as it always has.
+    signals = collections.deque(maxlen=64)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    stopping = []
 
     def on_signal(signum, frame):
-        if stop.is_set():
-            logger.warning('second signal: exiting now')
-            os._exit(1)
-        logger.info('signal %d: shutting down', signum)
-        stop.set()
+        if signum != signal.SIGHUP:
+            if stopping:
+                os.write(2, b'dispynode: second signal: exiting now\n')
+                os._exit(1)
+            stopping.append(signum)
+        signals.append(signum)
+        try:
+            os.write(wake_w, b'.')
+        except OSError:
+            pass        # full: the main loop is awake anyway
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     node.start()
     if Console.wanted(node.config):
         Console(node).start()
-    while not stop.wait(0.25) and not node.quit.is_set():
-        pass
+    stop = False
+    while not stop and not node.quit.is_set():
+        try:
+            if _select.select([wake_r], [], [], 0.25)[0]:
+                os.read(wake_r, 4096)
+        except InterruptedError:
+            pass
+        while signals:
+            signum = signals.popleft()
+            if signum == signal.SIGHUP:
+                if log_handler is None:
+                    logger.info('SIGHUP: no --log_file to reopen; serving on')
+                else:
+                    try:
+                        log_handler.reopen()
+                    except OSError as exc:
+                        logger.error('SIGHUP: could not reopen --log_file %s: %s; logging '
+                                     'to the old file', log_handler.baseFilename, exc)
+                    else:
+                        logger.info('SIGHUP: log file %s reopened', log_handler.baseFilename)
+            else:
+                logger.info('signal %d: shutting down', signum)
+                stop = True
     node.close()
     return 0
+
+
+LOG_FORMAT = '%(asctime)s dispynode %(levelname)s %(message)s'
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file that ``reopen`` (on SIGHUP) opens again by its name, so
+    that logrotate can move the old one away.  The new file is opened
+    before the old one is closed: a failure keeps the old one."""
+
+    def __init__(self, path):
+        super().__init__(path, mode='a', encoding='utf-8', delay=False)
+
+    def reopen(self):
+        stream = open(self.baseFilename, 'a', encoding='utf-8')
+        self.acquire()
+        try:
+            old, self.stream = self.stream, stream
+        finally:
+            self.release()
+        if old is not None:
+            old.close()
 
 
 if __name__ == '__main__':

@@ -202,6 +202,24 @@ def test_systemd_notify(tmp_path, notify_socket):
         node.stop()
 
 
+def test_systemd_notify_on_drain(tmp_path, notify_socket):
+    """``dispynode drain`` (control socket): STOPPING=1 at once, and the
+    node exits 0 when its (here no) jobs have ended."""
+    address, sock = notify_socket
+    node = NodeProc.start(tmp_path, env={'NOTIFY_SOCKET': address}, args=['-s', 'x'])
+    try:
+        assert 'READY' in notify_messages(sock, 'READY')[-1]
+        r = subprocess.run([sys.executable, str(REPO / 'dispynode.py'), 'drain',
+                            '--dest_path_prefix', str(node.prefix)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        assert r.returncode == 0, r
+        first = notify_messages(sock, 'STOPPING')[-1]
+        assert first['STOPPING'] == '1' and 'draining' in first['STATUS'], first
+        assert node.proc.wait(15) == 0, node.log()
+    finally:
+        node.stop()
+
+
 def test_unit_notify_socket_not_inherited_and_status_lines(tmp_path):
     """start_up takes NOTIFY_SOCKET out of the environment workers and jobs
     inherit; STATUS= is sent when the status text changes."""
