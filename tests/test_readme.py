@@ -38,6 +38,7 @@ import sys  # noqa: E402
 
 from legacy import describe, free_port, start_client  # noqa: E402
 from nodes import NodeProc  # noqa: E402
+from dispy_common import DispyJob  # noqa: E402
 
 UNIT_NAMES = ('dispynode.service', 'dispynode-jobuser.service')
 
@@ -276,3 +277,57 @@ def test_readme_dockerfile(tmp_path):
     gone = subprocess.run(probe, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=30)
     assert gone.returncode == 1 and 'no node' in gone.stderr, gone
+
+
+# What the hardened units take away from the node, as far as this machine can
+# do it without systemd as PID 1: no capabilities, no new privileges, every
+# file system read-only but the prefix, a private /tmp.
+HARDENED = r'''
+set -e
+prefix="$1"; shift
+mount --make-rprivate /
+mount --bind "$prefix" "$prefix"
+for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
+    case "$mp" in /proc*|/sys*|/dev*|"$prefix") continue ;; esac
+    mount -o remount,bind,ro "$mp" 2>/dev/null || true
+done
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+exec setpriv --no-new-privs --bounding-set -all --inh-caps -all "$@"
+'''
+
+
+@pytest.mark.interop
+def test_jobs_run_under_the_units_restrictions(tmp_path, legacy_python):
+    """Legacy jobs run (and fork) with the units' restrictions: no
+    capabilities, no new privileges, a read-only system, a private /tmp;
+    they write where the units let them (their directory, /tmp) and
+    nowhere else, and cannot change their user."""
+    if os.geteuid() != 0:
+        (pytest.fail if os.environ.get('CI') == 'true' else pytest.skip)(
+            'needs root (to build the restricted mount namespace)')
+    _tool('setpriv')
+    import tempfile
+    base = tempfile.mkdtemp(prefix='dispytest-hardened-', dir='/var/tmp')  # (not under /tmp)
+    try:
+        prefix = os.path.join(base, 'prefix')
+        os.mkdir(prefix, 0o700)
+        node = NodeProc.start(tmp_path, prefix=prefix, args=['-s', 'x'], wrap=[
+            'unshare', '--mount', 'sh', '-c', HARDENED, 'sh', prefix])
+        try:
+            with open('/proc/%d/status' % node.pid) as fh:     # (unshare execs it)
+                status = dict(line.split(':', 1) for line in fh.read().splitlines())
+            assert int(status['CapEff'], 16) == 0 and int(status['CapBnd'], 16) == 0, status
+            assert status['NoNewPrivs'].strip() == '1', status
+            client = start_client('hardened_probe.py', node.port, free_port(), 'secret=x',
+                                  timeout=90)
+            res = client.result(90)
+        finally:
+            node.stop()
+        assert res.data and res.data.get('all_final'), describe(res, node)
+        results = [j['result'] for j in res.data['jobs']]
+        assert [j['status'] for j in res.data['jobs']] == [DispyJob.Finished] * 3
+        assert results == [{'cwd': 'ok', 'tmp': 'ok', 'etc': 'EROFS', 'setuid': 'EPERM',
+                            'fork': 'ok'}] * 3, describe(res, node)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
