@@ -65,7 +65,10 @@ udp-listener, timer, control, metrics)::
                          (Workspace; GONE -> DETACHED) and removes what was
                          (DETACHED -> GONE when nothing is left)
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
-                         results from its worker; frees the job's CPU
+                         results from its worker, checked like a peer's
+                         (frames within --max_request_size, held in the
+                         request memory budget, whole by a deadline; a
+                         faulty worker is killed); frees the job's CPU
                          (NodeState) and hands the reply to the courier
     control ............ the local control socket <prefix>/.dispynode-control
                          (one connection at a time): status, and for root
@@ -114,7 +117,9 @@ import _random
 import _signal
 import _thread
 import argparse
+import base64
 import collections
+import contextlib
 import enum
 import fcntl
 import io
@@ -147,6 +152,65 @@ __version__ = '1.0.0'
 
 logger = logging.getLogger('dispynode')
 _PROCESS_START = time.time()     # process_start_time_seconds where /proc cannot tell
+
+# ---------------------------------------------------------------- printable logs
+# Names a client chooses (computation name, dest_path, file names, job
+# hashes) and texts its code makes (exceptions) reach log lines and the
+# status table: control characters in them are escaped, so they can
+# neither start a line that looks like the node's nor reach a terminal raw.
+
+_CONTROL_RE = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
+
+
+def _escape_char(match):
+    char = match.group()
+    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 256
+                                  else '\\u%04x' % ord(char))
+
+
+def printable(text):
+    """``text`` with its control characters (newline, ESC, DEL, C1,
+    Unicode line separators) escaped as ``\\n``, ``\\x1b``, ..."""
+    return _CONTROL_RE.sub(_escape_char, text)
+
+
+class LogLines(str):
+    """A multi-line text for a log record (a traceback of user code): its
+    lines stay lines, indented under the record, each escaped."""
+
+
+def _indented(text):
+    return '\n'.join('    ' + printable(line) for line in str(text).rstrip('\n').split('\n'))
+
+
+def _printable_arg(arg):
+    if isinstance(arg, LogLines):
+        return _indented(arg)
+    if isinstance(arg, str):
+        return printable(arg)
+    if arg is None or isinstance(arg, (int, float)):
+        return arg
+    try:
+        text = str(arg)         # an exception, a path: its text may hold a client's name
+    except Exception:  # an object whose str fails is logged as it is
+        return arg
+    return printable(text) if _CONTROL_RE.search(text) else arg
+
+
+class _PrintableRecords(logging.Filter):
+    """Escapes the arguments of every record of the node's logger, and
+    indents the lines of a logged traceback."""
+
+    def filter(self, record):
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_printable_arg(a) for a in record.args)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _indented(''.join(traceback.format_exception(*record.exc_info)))
+        return True
+
+
+logger.addFilter(_PrintableRecords())
 
 # ---------------------------------------------------------------- constants
 
@@ -262,27 +326,6 @@ def safe_basename(name, sep='/'):
     if base in ('', '.', '..') or '\0' in base or base.startswith(REPLY_PREFIX):
         return None
     return base
-
-
-def make_dirs_confined(base, parts, mode, owner=None):
-    """Create ``base/part1/part2...`` one level at a time; an existing
-    level must be a real directory (``lstat``: a symlink is refused, never
-    followed).  New levels get ``mode`` and, with ``owner`` (a JobUser),
-    that owner.  Returns the path, or None if a level is unusable."""
-    path = base
-    for part in parts:
-        path = os.path.join(path, part)
-        try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            pass
-        else:
-            if owner is not None:
-                os.chown(path, owner.uid, owner.gid)
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            logger.warning('refusing %s: not a directory (a symlink?)', path)
-            return None
-    return path
 
 
 def atomic_write(path, data):
@@ -825,6 +868,7 @@ class Computation:
         self.scheduler_port = compute.scheduler_port
         self.result_port = compute.job_result_port
         self.dest_path = dest_path
+        self.dir_id = None      # (st_dev, st_ino) of the directory the node made for it
         self.keep_files = compute.cleanup is False
         self.has_cleanup = isinstance(compute.cleanup, dc.Function)
         self.pulse_interval = compute.pulse_interval
@@ -1129,12 +1173,15 @@ class NodeState:
                 comp.file_uses[name] += 1
             return None
 
-    def finish_job(self, uid):
-        """Free the job's CPU.  Returns (entry, comp, files to delete)."""
+    def finish_job(self, uid, compute_id=None):
+        """Free the job's CPU (if it is a job of ``compute_id``, when given:
+        a worker ends only its own computation's jobs).  Returns (entry,
+        comp, files to delete)."""
         with self.lock:
-            entry = self.jobs.pop(uid, None)
-            if entry is None:
+            entry = self.jobs.get(uid)
+            if entry is None or compute_id is not None and entry.compute_id != compute_id:
                 return None, None, []
+            del self.jobs[uid]
             self.avail_cpus += 1
             comp = self.active.get(entry.compute_id) or self.detached.get(entry.compute_id)
             unused = []
@@ -1243,17 +1290,75 @@ class NodeState:
 
 # ---------------------------------------------------------------- workspace
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+STORE_DIR = '.replies'               # <prefix>/.replies/<id>_<auth>/_dispy_job_reply_<uid>
+STORE_KEY = '.dispynode-store-key'   # <prefix>/.dispynode-store-key: the stored replies' MAC key
+_MAC_TAG = b'dispynode stored reply v1'
+
+
+def _close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _names_at(dir_fd, prefix):
+    """The names in the directory ``dir_fd`` that start with ``prefix``
+    (a job may fill its directory: only the matches are kept)."""
+    with os.scandir(dir_fd) as entries:
+        return [e.name for e in entries if e.name.startswith(prefix)]
+
+
+def _unlink_at(name, dir_fd):
+    """Remove ``name`` (never a directory) from the directory ``dir_fd``:
+    a symlink is removed itself, not followed."""
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def reply_mac(key, compute_id, auth, uid, job_hash, reply):
+    """HMAC-SHA256 binding a stored reply to its computation (id and auth)
+    and its job (uid, hash): a reply file moved to another computation or
+    uid, or written by anyone without the node's key, does not verify."""
+    import hmac
+    parts = [_MAC_TAG, str(compute_id).encode(), str(auth).encode(), str(uid).encode(),
+             str(job_hash).encode('utf-8', 'surrogatepass'), bytes(reply)]
+    return hmac.new(key, b''.join(struct.pack('>Q', len(p)) + p for p in parts),
+                    'sha256').digest()
+
+
 class Workspace:
     """Everything the node keeps on disk under ``--dest_path_prefix``,
-    with one lock for it.  The layout (unchanged, so that an earlier run's
-    store loads)::
+    with one lock for it.  The layout::
 
-        <prefix>/<client ip>/<dest_path, or name_XXXXXX>/   a computation's
-            directory: transferred files, the jobs' own files, and
-        <that directory>/_dispy_job_reply_<uid>   an undelivered reply:
-            {'uid', 'hash', 'reply'}, ``reply`` the job's pickled _JobReply
+        <prefix>/<client ip>/<dest_path, or name_XXXXXXXX>/   a computation's
+            directory: transferred files and the jobs' own files.  Every
+            level above it is the node's (0711 with --job_user: the job
+            user may pass, not list, rename or replace); the directory is
+            the job user's (0700) while the computation runs, the node's
+            (0700: closed) once it ended, and the job user's again when a
+            computation of the same client address names it again
+        <prefix>/.replies/<compute_id>_<auth>/_dispy_job_reply_<uid>   an
+            undelivered reply (0700 / 0600, the node's: no job can reach
+            it): {'uid', 'hash', 'compute_id', 'reply', 'mac'}, ``reply``
+            the job's pickled _JobReply, ``mac`` reply_mac() with the key in
+        <prefix>/.dispynode-store-key   (0600, made at the first stored reply)
         <prefix>/<compute_id>_<auth>          a computation's record (plain data)
-        <any of these>.corrupt-<time>         an unreadable file, moved aside
+        <any of these>.corrupt-<time>         an unreadable or forged file, moved aside
+
+    (Replies of a node before this layout lie in the computation's
+    directory; ``restore`` moves those it can trust into the store.)
+    Root never follows a path that a job can change: inside the prefix
+    every directory is opened one level at a time relative to the one
+    above, with O_NOFOLLOW (``_walk``), and a computation's directory must
+    be the very one the node made (st_dev, st_ino in ``comp.dir_id``);
+    files in it are created, replaced and removed through that descriptor.
 
     Every write is atomic; unreadable files are moved aside, not fatal.
     ``lock`` serialises creating, pruning and storing into computation
@@ -1268,98 +1373,241 @@ class Workspace:
         self.prefix = prefix
         self.job_user = job_user
         self.lock = threading.Lock()
+        self.store = os.path.join(prefix, STORE_DIR)
+        self._key = None
+        # with --job_user: levels above computation directories are root's
+        self.level_owner = (os.geteuid(), os.getegid()) if job_user else None
+        self.level_mode = 0o711 if job_user else 0o700
+        self.job_owner = (job_user.uid, job_user.gid) if job_user else None
+        # whether another computation still works in comp's directory (Node
+        # sets it: a dest_path named by two running computations stays open)
+        self.shared = lambda comp: False
+
+    # -- descriptor-relative directories
+    def _parts(self, path):
+        """``path`` as the levels below the prefix, or None if it is not
+        strictly inside it."""
+        if not isinstance(path, str) or not os.path.isabs(path):
+            return None
+        rel = os.path.relpath(path, self.prefix)
+        parts = rel.split(os.sep)
+        if any(p in ('', '.', '..') for p in parts):
+            return None
+        return parts
+
+    def _walk(self, parts, create=False, exclusive=False, leaf_owner=None, leaf_mode=None):
+        """Descriptors of the prefix and of each level of ``parts`` below it
+        (the caller closes them: _close_fds), each opened relative to the
+        one above with O_NOFOLLOW: a symlink anywhere is an OSError (ELOOP
+        or ENOTDIR), never followed.  With ``create``, missing levels are
+        made (``exclusive``: the last must be new), every level above the
+        last becomes the node's with level_mode (one that a job user owned
+        under an earlier version is taken back), and the last gets
+        ``leaf_owner`` (uid, gid) and ``leaf_mode``."""
+        fds = [os.open(self.prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                if create:
+                    try:
+                        os.mkdir(part, 0o700, dir_fd=fds[-1])
+                    except FileExistsError:
+                        if exclusive and last:
+                            raise
+                fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                if create or last:
+                    owner, mode = (leaf_owner, leaf_mode) if last else \
+                        (self.level_owner, self.level_mode)
+                    self._own(fds[-1], owner, mode)
+        except BaseException:  # whatever failed: no descriptor leaks, then re-raise
+            _close_fds(fds)
+            raise
+        return fds
+
+    @staticmethod
+    def _own(fd, owner, mode):
+        st = os.fstat(fd)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+
+    def _open_comp(self, comp, quiet=False):
+        """Descriptors down to ``comp``'s directory (see _walk), or None if
+        it is gone or is not the directory the node made for it."""
+        parts = self._parts(comp.dest_path)
+        if parts is None:
+            return None
+        try:
+            fds = self._walk(parts)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if not quiet:
+                logger.warning('not using %s: %s (a symlink?)', comp.dest_path, exc)
+            return None
+        ident = getattr(comp, 'dir_id', None)
+        st = os.fstat(fds[-1])
+        if ident is not None and (st.st_dev, st.st_ino) != tuple(ident):
+            _close_fds(fds)
+            if not quiet:
+                logger.warning('not using %s: it is not the directory made for computation '
+                               '%s (it was replaced)', comp.dest_path, comp.id)
+            return None
+        return fds
+
+    @contextlib.contextmanager
+    def opened(self, comp):
+        """The descriptor of ``comp``'s directory (None if unusable)."""
+        fds = self._open_comp(comp)
+        try:
+            yield fds[-1] if fds else None
+        finally:
+            _close_fds(fds or ())
 
     # -- computation directories
     def make_computation_dir(self, compute):
         """``<prefix>/<client ip>/<dest_path or a new temp dir>``, created one
         level at a time without following a symlink anywhere (a job may have
-        planted one), so nothing is ever created outside the prefix."""
+        planted one), so nothing is ever created outside the prefix.
+        Returns (path, (st_dev, st_ino)), or None for an unusable dest_path."""
         with self.lock:
-            # The job user may traverse, not list, the client level.
-            base = make_dirs_confined(self.prefix, [compute.scheduler_ip_addr],
-                                      0o711 if self.job_user else 0o700)
-            if base is None:
-                return None
-            if compute.dest_path:
-                path = confined_join(base, compute.dest_path)
-                if path is None:
+            ip = compute.scheduler_ip_addr
+            try:
+                if compute.dest_path:
+                    path = confined_join(os.path.join(self.prefix, ip), compute.dest_path)
+                    parts = self._parts(path) if path else None
+                    if parts is None:
+                        return None
+                    fds = self._walk(parts, True, False, self.job_owner, 0o700)
+                else:
+                    stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
+                    for _ in range(100):
+                        name = '%s_%s' % (stem, base64.b32encode(os.urandom(5)).decode().lower())
+                        try:
+                            fds = self._walk([ip, name], True, True, self.job_owner, 0o700)
+                            break
+                        except FileExistsError:
+                            continue
+                    else:
+                        raise FileExistsError('no free directory name for %s' % stem)
+                    path = os.path.join(self.prefix, ip, name)
+            except OSError as exc:
+                if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
+                    logger.warning('refusing dest_path %s: %s (a symlink?)',
+                                   compute.dest_path, exc)
                     return None
-                parts = os.path.relpath(path, base).split(os.sep)
-                return make_dirs_confined(base, parts, 0o700, self.job_user)
-            stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
-            path = tempfile.mkdtemp(prefix=stem + '_', dir=base)
-            if self.job_user:
-                os.chown(path, self.job_user.uid, self.job_user.gid)
-            return path
+                raise
+            try:
+                st = os.fstat(fds[-1])
+            finally:
+                _close_fds(fds)
+            return path, (st.st_dev, st.st_ino)
+
+    def close_dir(self, comp):
+        """With --job_user, a computation that ended gives its directory
+        back to the node (0700), so no later job reads what it left; a
+        computation that names the same directory again reopens it."""
+        if not self.job_user or self.shared(comp):
+            return
+        fds = self._open_comp(comp, quiet=True)
+        if fds:
+            try:
+                self._own(fds[-1], self.level_owner, 0o700)
+            except OSError as exc:
+                logger.warning('could not close %s: %s', comp.dest_path, exc)
+            finally:
+                _close_fds(fds)
 
     def remove_files(self, comp, names):
         """Remove what was transferred for a computation (``names``:
         depends, the program, per-job files; their bytecode) and our temp
         files, unless the client asked to keep them with cleanup=False.
         Files its jobs wrote stay, as on the original, in a named or a
-        default directory alike; so do stored replies.  The directory goes
-        once empty, and so do its empty parents below the prefix."""
-        base = os.path.realpath(self.prefix) + os.sep
-        path = os.path.realpath(comp.dest_path)
-        if comp.keep_files or not path.startswith(base):
+        default directory alike.  The directory goes once empty, and so do
+        its empty parents below the prefix.  All through descriptors: a
+        planted ``__pycache__`` symlink is not followed."""
+        if comp.keep_files:
             return
         with self.lock:
-            if not os.path.isdir(path):
+            fds = self._open_comp(comp)
+            if not fds:
                 return
-            victims = [os.path.join(path, n) for n in names]
-            cache = os.path.join(path, '__pycache__')
-            for name in names:
-                stem, ext = os.path.splitext(name)
-                if ext == '.py':
-                    victims.append(os.path.join(path, name + 'c'))
-                    victims.extend(os.path.join(cache, n) for n in _listdir(cache)
-                                   if n.startswith(stem + '.') and n.endswith('.pyc'))
-            victims.extend(_stray_temp_files(path))
-            for full in victims:
-                try:
-                    if not stat.S_ISDIR(os.lstat(full).st_mode):
-                        os.unlink(full)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    logger.warning('could not remove %s: %s', full, exc)
-            for directory in (cache, path):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass    # not empty: the jobs' files or stored replies remain
-            if not os.path.isdir(path):
-                self._prune_empty_parents(path, base)
+            try:
+                self._remove_in(fds[-1], names)
+                parts = self._parts(comp.dest_path)
+                for level in range(len(parts) - 1, -1, -1):
+                    try:
+                        os.rmdir(parts[level], dir_fd=fds[level])
+                    except OSError:
+                        break   # not empty: the jobs' files remain
+            finally:
+                _close_fds(fds)
 
     @staticmethod
-    def remove_job_files(comp, names):
+    def _remove_in(dfd, names):
+        victims = list(names)
+        stems = []
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext == '.py':
+                victims.append(name + 'c')
+                stems.append(stem + '.')
+        victims.extend(_names_at(dfd, '.tmp-'))
+        for name in victims:
+            try:
+                _unlink_at(name, dfd)
+            except OSError as exc:
+                logger.warning('could not remove %s: %s', name, exc)
+        if not stems:
+            return
+        try:
+            cfd = os.open('__pycache__', _DIR_FLAGS, dir_fd=dfd)
+        except OSError:
+            return      # none, or not a real directory (a planted symlink): left alone
+        try:
+            for name in _names_at(cfd, ''):
+                if name.endswith('.pyc') and any(name.startswith(s) for s in stems):
+                    try:
+                        _unlink_at(name, cfd)
+                    except OSError as exc:
+                        logger.warning('could not remove __pycache__/%s: %s', name, exc)
+        finally:
+            os.close(cfd)
+        try:
+            os.rmdir('__pycache__', dir_fd=dfd)
+        except OSError:
+            pass
+
+    def remove_job_files(self, comp, names):
         """Remove per-job files no running job of ``comp`` uses any more
         (NodeState.finish_job names them).  Without the lock: each is one
         unlink of a name only this computation's jobs use, and the lock
         may be held by a store's fsync."""
-        for name in names:
-            try:
-                os.unlink(os.path.join(comp.dest_path, name))
-            except OSError:
-                pass
-
-    @staticmethod
-    def _prune_empty_parents(path, base):
-        parent = os.path.dirname(path)
-        while parent.startswith(base) and len(parent) > len(base):
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break
-            parent = os.path.dirname(parent)
+        if not names:
+            return
+        fds = self._open_comp(comp)
+        if not fds:
+            return
+        try:
+            for name in names:
+                try:
+                    _unlink_at(name, fds[-1])
+                except OSError:
+                    pass
+        finally:
+            _close_fds(fds)
 
     # -- records and replies, with the transitions that decide about them
     def settle(self, comp, transition):
         """Run the NodeState ``transition`` on ``comp`` and save or remove
-        its record as the returned Change says, under the lock."""
+        its record as the returned Change says, under the lock; a
+        computation that ended closes its directory (close_dir)."""
         with self.lock:
             change = transition(comp)
             self._write_record(comp, change)
+            if change and comp.phase in (Phase.DETACHED, Phase.GONE):
+                self.close_dir(comp)
         return change
 
     def store_reply(self, comp, uid, job_hash, reply, note):
@@ -1405,24 +1653,90 @@ class Workspace:
             fsync_dir(self.prefix)
         except OSError:
             pass
+        try:
+            os.rmdir(self.store_path(comp))     # its stored replies are all gone
+        except OSError:
+            pass
+
+    # The store is the node's alone (0700 directories under the prefix,
+    # which no job can write), so plain paths are safe there.
+    def store_path(self, comp):
+        return os.path.join(self.store, '%d_%s' % (comp.id, comp.auth))
 
     def reply_path(self, comp, uid):
-        return os.path.join(comp.dest_path, '%s%d' % (REPLY_PREFIX, uid))
+        return os.path.join(self.store_path(comp), '%s%d' % (REPLY_PREFIX, uid))
+
+    def store_key(self):
+        """The key of the stored replies' MACs: 32 random bytes in a 0600
+        file of the node's, made (atomically) when first needed."""
+        if self._key is not None:
+            return self._key
+        path = os.path.join(self.prefix, STORE_KEY)
+        try:
+            fd = os.open(path, os.O_RDONLY | _FILE_FLAGS)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                key = os.read(fd, 64)
+            finally:
+                os.close(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() \
+                    and not st.st_mode & 0o077 and len(key) == 32:
+                self._key = key
+                return key
+            self.quarantine(path, 'not a 32-byte 0600 file of the node\'s')
+        key = os.urandom(32)
+        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=self.prefix)
+        try:
+            with os.fdopen(fd, 'wb') as fh:
+                fh.write(key)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)      # never over a key another start made meanwhile
+            except FileExistsError:
+                self._key = None
+                return self.store_key()
+        finally:
+            os.unlink(tmp)
+        fsync_dir(self.prefix)
+        self._key = key
+        return key
 
     def save_reply(self, comp, uid, job_hash, reply):
-        os.makedirs(comp.dest_path, exist_ok=True)
-        atomic_write(self.reply_path(comp, uid),
-                     dc.dumps_plain({'uid': uid, 'hash': job_hash, 'reply': reply}))
+        directory = self.store_path(comp)
+        for level in (self.store, directory):
+            try:
+                os.mkdir(level, 0o700)
+            except FileExistsError:
+                continue
+            fsync_dir(os.path.dirname(level))   # the new directory survives a crash too
+        rec = {'uid': uid, 'hash': job_hash, 'compute_id': comp.id, 'reply': reply,
+               'mac': reply_mac(self.store_key(), comp.id, comp.auth, uid, job_hash, reply)}
+        atomic_write(self.reply_path(comp, uid), dc.dumps_plain(rec))
 
     def load_reply(self, comp, uid):
+        """The stored reply {'uid', 'hash', 'reply'} of job ``uid``, or
+        None; a file that does not load, or whose MAC does not bind it to
+        this computation and uid (moved or forged), is quarantined."""
+        import hmac
         path = self.reply_path(comp, uid)
         try:
             with open(path, 'rb') as fh:
                 rec = dc.loads_plain(fh.read())
             if not isinstance(rec, dict) or rec.get('uid') != uid \
-                    or not isinstance(rec.get('reply'), bytes):
+                    or not isinstance(rec.get('reply'), bytes) \
+                    or not isinstance(rec.get('hash'), str) \
+                    or not isinstance(rec.get('mac'), bytes):
                 raise ProtocolError('malformed reply record')
-            return rec
+            mac = reply_mac(self.store_key(), comp.id, comp.auth, uid, rec['hash'],
+                            rec['reply'])
+            if rec.get('compute_id') != comp.id or not hmac.compare_digest(mac, rec['mac']):
+                raise ProtocolError('its MAC does not match computation %s, job %s: moved '
+                                    'or forged' % (comp.id, uid))
+            return {'uid': uid, 'hash': rec['hash'], 'reply': rec['reply']}
         except FileNotFoundError:
             return None
         except (OSError, ProtocolError) as exc:
@@ -1437,19 +1751,51 @@ class Workspace:
 
     def stored_uids(self, comp):
         try:
-            names = os.listdir(comp.dest_path)
+            names = os.listdir(self.store_path(comp))
         except OSError:
             return set()
         return {int(n[len(REPLY_PREFIX):]) for n in names
                 if n.startswith(REPLY_PREFIX) and n[len(REPLY_PREFIX):].isdigit()}
 
-    def quarantine(self, path, why):
+    def quarantine(self, path, why, dir_fd=None):
         aside = '%s.corrupt-%d' % (path, int(time.time()))
         logger.warning('moving unreadable store file %s aside to %s (%s)', path, aside, why)
         try:
-            os.replace(path, aside)
+            os.replace(path, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             logger.warning('could not move %s aside: %s', path, exc)
+
+    def _migrate(self, comp, dfd):
+        """Move replies that a node before the store kept in ``comp``'s
+        directory into the store.  Only a file the node wrote can be
+        trusted there: a regular 0600 file of the node's with one link,
+        whose uid matches its name; anything else is moved aside."""
+        for name in _names_at(dfd, REPLY_PREFIX):
+            if not name[len(REPLY_PREFIX):].isdigit():
+                continue
+            uid = int(name[len(REPLY_PREFIX):])
+            try:
+                fd = os.open(name, os.O_RDONLY | _FILE_FLAGS | os.O_NONBLOCK, dir_fd=dfd)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                            or st.st_nlink != 1 or st.st_mode & 0o077:
+                        raise ProtocolError('not a file the node wrote')
+                    with os.fdopen(os.dup(fd), 'rb') as fh:
+                        rec = dc.loads_plain(fh.read())
+                finally:
+                    os.close(fd)
+                if not isinstance(rec, dict) or rec.get('uid') != uid \
+                        or not isinstance(rec.get('reply'), bytes) \
+                        or not isinstance(rec.get('hash'), str):
+                    raise ProtocolError('malformed reply record')
+            except (OSError, ProtocolError) as exc:
+                self.quarantine(name, exc, dfd)
+                continue
+            self.save_reply(comp, uid, rec['hash'], rec['reply'])
+            os.unlink(name, dir_fd=dfd)
+            logger.info('moved the stored reply of job %d of computation %s into the store',
+                        uid, comp.id)
 
     def restore(self):
         """Computation records left by an earlier run, as DETACHED
@@ -1466,12 +1812,18 @@ class Workspace:
             try:
                 with open(path, 'rb') as fh:
                     comp = Computation.from_record(dc.loads_plain(fh.read()))
-                if not comp.dest_path.startswith(self.prefix + os.sep):
+                if self._parts(comp.dest_path) is None:
                     raise ProtocolError('record points outside the prefix')
             except (OSError, ProtocolError, KeyError, TypeError, AttributeError) as exc:
                 self.quarantine(path, exc)
                 continue
-            for stray in _stray_temp_files(comp.dest_path):
+            self.close_dir(comp)
+            with self.opened(comp) as dfd:
+                if dfd is not None:
+                    for stray in _names_at(dfd, '.tmp-'):
+                        _unlink_at(stray, dfd)
+                    self._migrate(comp, dfd)
+            for stray in _stray_temp_files(self.store_path(comp)):
                 os.unlink(stray)
             comp.stored = self.stored_uids(comp)
             if comp.stored:
@@ -1480,13 +1832,6 @@ class Workspace:
                 self.remove_files(comp, sorted(comp.transferred))
                 self.remove_computation(comp)
         return found
-
-
-def _listdir(directory):
-    try:
-        return os.listdir(directory)
-    except OSError:
-        return []
 
 
 def _stray_temp_files(directory):
@@ -2239,14 +2584,23 @@ class Worker:
                 job.chunks = [head]
                 size, job.status, job.limit_code = _REPLY_LEN.unpack_from(head)
                 job.size = _REPLY_LEN.size + size
-            if job.size is not None and job.got == job.size and not job.replied:
+                limit = self.cfg.get('max_reply')
+                if limit and size > limit:
+                    # the node would stop this worker for such a frame: the
+                    # job ends instead (its writes fail once the pipe closes)
+                    job.replied, job.chunks, block = True, [], None
+                    self._finish(job.uid, job.hash, job.start, None,
+                                 "the job's result of %d bytes is over the node's limit of "
+                                 "%d bytes (--max_request_size)" % (size, limit),
+                                 reason='result_too_large')
+            if block and job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
                 # Nothing more to read (whatever a process the job started
                 # might still write): close now rather than wake for EOF.
-            else:
+            elif block:
                 return
         self._unwatch(job.fd)
         os.close(job.fd)
@@ -2397,6 +2751,36 @@ def worker_command(statement):
     return [sys.executable, '-c', loader + statement]
 
 
+class WorkerFault(Exception):
+    """A worker broke the rules of its channel: it is stopped as faulty."""
+
+
+WORKER_FRAME_RATE = 16 * 1024 * 1024    # bytes/s: a worker frame's body must keep this pace
+_LIMIT_NAME_RE = re.compile(r'^[a-z][a-z_]{0,31}$')
+
+
+def _name_or_none(value):
+    return value is None or isinstance(value, str) and bool(_LIMIT_NAME_RE.match(value))
+
+
+# tag -> (fields required, checks of the fields after the tag; the last
+# ones optional) for Worker.send's messages
+WORKER_MESSAGES = {
+    # uid, reply, status, limit name[, reason (JOB_END_REASONS)]
+    'done': (4, (small_int, lambda v: isinstance(v, bytes),
+                 lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256,
+                 _name_or_none, _name_or_none)),
+    'setup': (3, (small_int, lambda v: isinstance(v, bool), lambda v: isinstance(v, str))),
+    'closed': (3, (small_int, lambda v: isinstance(v, str), lambda v: isinstance(v, bool))),
+}
+
+
+def worker_frame_limit(cfg):
+    """The largest frame the node reads from a worker (a job's reply and
+    a little framing): --max_request_size, as for a client's request."""
+    return min(cfg.max_request_size, cfg.max_request_memory, INTERNAL_FRAME_LIMIT)
+
+
 class WorkerHandle:
     """The node's end of one worker process.  Workers are started ahead of
     need (Node keeps a spare), because a fresh interpreter takes tens of
@@ -2440,7 +2824,8 @@ class WorkerHandle:
             'has_cleanup': comp.has_cleanup, 'cwd': comp.dest_path,
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
-            'max_file_size': cfg.max_file_size, **job_limits(cfg)}))
+            'max_file_size': cfg.max_file_size, 'max_reply': max(1, worker_frame_limit(cfg) - 1024),
+            **job_limits(cfg)}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)
         self.reader.start()
@@ -2478,10 +2863,20 @@ class WorkerHandle:
         waiter[0].set()
 
     def _read_loop(self):
+        fault = None
         while True:
             try:
-                msg = dc.loads_plain(dc.recv_msg(self.chan, INTERNAL_FRAME_LIMIT))
-            except (ProtocolError, OSError):
+                msg = self._recv_frame()
+                if msg is None:
+                    break       # the worker exited (or was stopped)
+                msg = self._checked(dc.loads_plain(msg))
+            except WorkerFault as exc:
+                fault = str(exc)
+                break
+            except ProtocolError as exc:
+                fault = 'a malformed message (%s)' % exc
+                break
+            except OSError:
                 break
             try:
                 if msg[0] == 'done':
@@ -2490,12 +2885,84 @@ class WorkerHandle:
                     self._answer(msg)
             except Exception:  # keep reading whatever one result did
                 logger.exception('handling %r from the worker of %s failed', msg[0], self.comp.id)
+        if fault is not None:
+            # The worker runs the computation's own code: a worker that breaks
+            # the channel's rules is faulty, and is ended, never trusted.
+            logger.warning('worker of computation %s (pid %d) sent %s: stopping it as faulty',
+                           self.comp.id, self.proc.pid, fault)
+            kill_tree(self.proc.pid, signal.SIGKILL)
+            try:
+                self.chan.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
+
+    def _recv_frame(self):
+        """One frame from the worker, or None at its end.  The length comes
+        whenever the worker has something to say; the body is bounded: at
+        most worker_frame_limit() bytes, held in the --max_request_memory
+        budget (shared with the requests being received; the frame waits
+        in the kernel until there is room), and whole by a deadline."""
+        head = bytearray(4)
+        got = 0
+        while got < 4:
+            n = self.chan.recv_into(memoryview(head)[got:], 4 - got)
+            if not n:
+                if got:
+                    raise WorkerFault('a cut frame header')
+                return None
+            got += n
+        (size,) = _FRAME_LEN.unpack(head)
+        limit = worker_frame_limit(self.node.config)
+        if size > limit:
+            raise WorkerFault('a frame of %d bytes (over the limit of %d)' % (size, limit))
+        reception = self.node.tcp.reception
+        while not reception.reserve(size):
+            if not self.alive or self.node.stopping.is_set():
+                raise OSError('stopping')
+            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + self.node.config.msg_timeout + \
+                size / WORKER_FRAME_RATE
+            return self._recv_body(size, deadline)
+        finally:
+            reception.release(size)
+
+    def _recv_body(self, size, deadline):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        poller = _select.poll()
+        poller.register(self.chan.fileno(), _select.POLLIN)
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFault('%d of a %d-byte frame by its deadline' % (got, size))
+            if not poller.poll(int(left * 1000) + 1):
+                continue
+            try:
+                # MSG_DONTWAIT: the socket stays blocking for the sending threads
+                n = self.chan.recv_into(view[got:], min(size - got, CHUNK), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if not n:
+                raise WorkerFault('%d of a %d-byte frame, then its end' % (got, size))
+            got += n
+        return buf
+
+    @staticmethod
+    def _checked(msg):
+        """A worker's message, checked like any peer's (WORKER_MESSAGES)."""
+        rule = WORKER_MESSAGES.get(msg[0]) if isinstance(msg, tuple) and msg else None
+        if rule is None or not rule[0] <= len(msg) - 1 <= len(rule[1]) \
+                or not all(check(v) for check, v in zip(rule[1], msg[1:])):
+            raise WorkerFault('an invalid message %s' % brief(msg[0] if isinstance(msg, tuple)
+                                                              and msg else msg))
+        return msg
 
     def stop(self, timeout=5.0):
         """Ask the worker to exit (its jobs die with it); kill it if needed."""
@@ -2728,7 +3195,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         if refusal:
             self.reply(refusal)
             return
-        if self.node.have_file(target, xf.stat_buf):
+        if self.node.have_file(comp, target, xf.stat_buf):
             self.reply(b'ACK')
             return
         self.reply(b'NAK')
@@ -3636,6 +4103,8 @@ class Node(ServiceControl):
         self.old_signs = set()
         self.tls_server, self.tls_client = config.tls_contexts
         self.workspace = Workspace(config.dest_path_prefix, config.job_user)
+        self.workspace.shared = lambda comp: any(
+            c is not comp and c.dest_path == comp.dest_path for c in self.state.snapshot()[0])
         self.courier = Courier(self)
         # Background work (retirements, notifications, spare workers).
         self.tasks = TaskPool('task', TASK_THREADS, TASK_QUEUE)
@@ -4125,12 +4594,14 @@ class Node(ServiceControl):
 
     def _add_computation(self, compute, raw):
         try:
-            dest = self.workspace.make_computation_dir(compute)
+            made = self.workspace.make_computation_dir(compute)
         except OSError as exc:
             return None, b'NAK (could not create directory: %s)' % str(exc).encode()
-        if dest is None:
+        if made is None:
             return None, b'NAK (Invalid dest_path)'
+        dest = made[0]
         comp = Computation(compute, dest, self.sign)
+        comp.dir_id = made[1]
         comp.node_ip = self.addr_for(comp.scheduler_ip)
         if getattr(self.config, 'force_cleanup', False):
             comp.keep_files = False
@@ -4198,7 +4669,7 @@ class Node(ServiceControl):
         if answer is not None and answer[1]:
             return b'ACK'
         text = answer[2] if answer else 'worker process died during setup'
-        logger.warning('setup of computation %s failed:\n%s', comp.id, text)
+        logger.warning('setup of computation %s failed:\n%s', comp.id, LogLines(text))
         self.state.mark_zombie(comp)
         self.spawn(self.retire, comp, False)
         return text.encode('utf-8', 'replace')
@@ -4226,7 +4697,8 @@ class Node(ServiceControl):
         if comp.worker is not None:
             answer = comp.worker.request(('close', run_cleanup), CLEANUP_TIMEOUT)
             if answer and answer[1]:
-                logger.warning('cleanup of computation %s failed:\n%s', comp.id, answer[1])
+                logger.warning('cleanup of computation %s failed:\n%s', comp.id,
+                               LogLines(answer[1]))
             shutdown_asked = bool(answer and len(answer) > 2 and answer[2])
             comp.worker.stop(5.0)
         self._drop_files(comp, started)     # before the record decision, as ever
@@ -4276,43 +4748,68 @@ class Node(ServiceControl):
             self.logs.log('file too big', logging.WARNING, 'refusing %s: %d bytes is over '
                           'the limit', name, xf.stat_buf.st_size)
             return None, None, b'NAK (file too big)'
+        why = self.disk_refusal(xf.stat_buf.st_size)
+        if why:
+            self.logs.log('file refused', logging.WARNING, 'refusing file %s of %d bytes: %s',
+                          name, xf.stat_buf.st_size, why)
+            return None, None, b'NAK (not enough free disk: --min_free_disk)'
         self.state.note_transfer(comp, name)
         return comp, os.path.join(comp.dest_path, name), None
 
-    @staticmethod
-    def have_file(target, stat_buf):
-        try:
-            st = os.lstat(target)
-        except OSError:
-            return False
+    def have_file(self, comp, target, stat_buf):
+        with self.workspace.opened(comp) as dfd:
+            if dfd is None:
+                return False
+            try:
+                st = os.stat(os.path.basename(target), dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                return False
         return (stat.S_ISREG(st.st_mode) and st.st_size == stat_buf.st_size
                 and abs(st.st_mtime - stat_buf.st_mtime) <= 1
                 and stat.S_IMODE(st.st_mode) == _safe_mode(stat_buf.st_mode))
 
     def receive_file(self, sock, comp, target, xf):
         """Stream ``st_size`` bytes into ``target`` through a temp file, so
-        a cut transfer never leaves a file that looks whole."""
+        a cut transfer never leaves a file that looks whole.  Everything
+        happens relative to the directory's descriptor (Workspace.opened):
+        with --job_user the directory is the job user's, and no path a job
+        can change is followed."""
+        with self.workspace.opened(comp) as dfd:
+            if dfd is None:
+                return b'NAK (computation directory is not usable)'
+            return self._receive_at(sock, comp, dfd, target, xf)
+
+    def _receive_at(self, sock, comp, dfd, target, xf):
         size = xf.stat_buf.st_size
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=comp.dest_path)
-        got = 0
+        name = os.path.basename(target)
+        got, tmp, fd = 0, None, None
         try:
+            for _ in range(100):
+                tmp = '.tmp-' + base64.b32encode(os.urandom(5)).decode().lower()
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS,
+                                 0o600, dir_fd=dfd)
+                    break
+                except FileExistsError:
+                    continue
             with os.fdopen(fd, 'wb') as fh:
                 got, err = recv_to_file(sock, fh.fileno(), size, self.config.msg_timeout)
                 if err is not None:
                     raise err
                 self.counters.add('bytes_in', got)
+                if got < size:
+                    raise ProtocolError('read only %d of %d bytes' % (got, size))
                 os.fchmod(fh.fileno(), _safe_mode(xf.stat_buf.st_mode, target == comp.program))
                 if self.config.job_user:
                     os.fchown(fh.fileno(), self.config.job_user.uid, self.config.job_user.gid)
-            if got < size:
-                raise ProtocolError('read only %d of %d bytes' % (got, size))
-            os.utime(tmp, (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
-            os.replace(tmp, target)
-        except (OSError, ProtocolError) as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+                os.utime(fh.fileno(), (xf.stat_buf.st_atime, xf.stat_buf.st_mtime))
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except (OSError, ProtocolError, TypeError) as exc:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
             logger.warning('transfer of %s failed: %s', target, exc)
             return b'NAK (read only %d bytes)' % got
         return b'ACK'
@@ -4390,8 +4887,9 @@ class Node(ServiceControl):
                 self.finishing -= 1
 
     def _job_done(self, comp, uid, reply, status, limit, reason):
-        entry, _, unused = self.state.finish_job(uid)
+        entry, _, unused = self.state.finish_job(uid, comp.id)
         if entry is None:
+            logger.debug('result for job %s, not running in computation %s', brief(uid), comp.id)
             return
         if entry.answered is not None:
             entry.answered.wait(self.config.msg_timeout)
@@ -4508,6 +5006,18 @@ class Node(ServiceControl):
                    'job %s of computation %s (%s) from %s:%s: %s, %s (%s)', entry.uid,
                    comp.id, log_text(comp.name), comp.scheduler_ip, comp.scheduler_port,
                    outcome, reason, detail)
+
+    def disk_refusal(self, size):
+        """Why a file of ``size`` bytes may not be written now: the guards
+        refuse work, or it would take free disk below --min_free_disk."""
+        why = self.guard.refusal()
+        disk, minimum = self.guard.disk, self.guard.min_disk
+        if not why and minimum and disk is not None and disk - size < minimum:
+            why = 'a file of %s would leave %s free, below --min_free_disk %s' % (
+                format_size(size), format_size(max(0, disk - size)), format_size(minimum))
+        if why:
+            self.counters.add('guard_refusals')
+        return why
 
     def guard_refusal(self):
         """Why the resource guards refuse new work now, or None."""
@@ -4759,13 +5269,14 @@ JOB_END_REASONS = {
     'job_timeout': 'killed by --job_timeout',
     'job_memory': 'ended by --job_memory',
     'worker_lost': 'the worker process of its computation died',
+    'result_too_large': 'its result was over --max_request_size',
     'other': 'unknown reason'}
 
 
 def log_text(text):
-    """A client-given name as it goes into a log line (see the contain
-    work for escaping)."""
-    return text
+    """A client-given name as it goes into a log line: escaped (printable;
+    the node's logger escapes every argument as well)."""
+    return printable(text) if isinstance(text, str) else text
 
 
 def outcome_name(status):
@@ -5433,7 +5944,8 @@ def format_status_table(status):
             format_size(guards.get('min_free_memory')),
             format_size(guards.get('min_free_disk')))))
     width = max(len(str(k)) for k, _ in rows)
-    lines = ['%-*s  %s' % (width, k, v) for k, v in rows]
+    # client-given names reach a terminal here: escaped (printable)
+    lines = ['%-*s  %s' % (width, k, printable(str(v))) for k, v in rows]
     comps = status.get('computations') or []
     lines.append('')
     lines.append('computations: %d' % len(comps))
@@ -5457,6 +5969,7 @@ def format_status_table(status):
 
 
 def _columns(table):
+    table = [[printable(cell) for cell in row] for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ['  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
             for row in table]

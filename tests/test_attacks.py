@@ -510,25 +510,27 @@ def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
         try:
             drv = Driver('127.0.0.1', port, secret=SECRET, server=ReplyServer(ack=False))
             drv.ping_tcp()
-            code = ('def probe(node_pid):\n'
+            code = ('def probe(node_pid, stored="_dispy_job_reply_1"):\n'
                     '    import os\n'
                     '    found = {"uid": os.getuid(), "secret": "DISPYNODE_SECRET" in os.environ}\n'
-                    '    for path in ("/proc/%%d/environ" %% node_pid, "_dispy_job_reply_1",\n'
-                    '                 %r):\n'
+                    '    for path in ("/proc/%%d/environ" %% node_pid, stored, %r):\n'
                     '        try:\n'
                     '            open(path, "rb").read() if not os.path.isdir(path) '
                     'else os.listdir(path)\n'
-                    '            found[path] = "read"\n'
+                    '            found[path if path != stored else "stored"] = "read"\n'
                     '        except OSError as exc:\n'
-                    '            found[path] = type(exc).__name__\n'
+                    '            found[path if path != stored else "stored"] = '
+                    'type(exc).__name__\n'
                     '    return found\n') % str(prefix)
             answer, comp = drv.compute(code, 'probe', dest_path='work')
             assert answer == b'ACK'
             assert drv.job(comp.id, 1, (proc.pid,)) == b'ACK'      # its reply gets stored
-            assert wait_for(lambda: find_files(prefix, '_dispy_job_reply_1'), 10)
-            # Still no ACK, so job 1's reply stays in the store meanwhile;
-            # job 2's is stored too, and fetched as recover_jobs would.
-            assert drv.job(comp.id, 2, (proc.pid,)) == b'ACK'
+            stored = wait_for(lambda: find_files(prefix, '_dispy_job_reply_1'), 10)
+            assert stored
+            # Still no ACK, so job 1's reply stays in the store meanwhile
+            # (job 2 tries to read it where it lies); job 2's is stored too,
+            # and fetched as recover_jobs would.
+            assert drv.job(comp.id, 2, (proc.pid, str(stored[0]))) == b'ACK'
             assert wait_for(lambda: find_files(prefix, '_dispy_job_reply_2'), 15)
             reply = drv.retrieve(comp.id, 2)
             assert reply is not None and reply.status == FINISHED, reply and reply.exception
@@ -536,7 +538,7 @@ def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
             assert found['uid'] == pwd.getpwnam('nobody').pw_uid
             assert found['secret'] is False
             assert found['/proc/%d/environ' % proc.pid] == 'PermissionError'
-            assert found['_dispy_job_reply_1'] == 'PermissionError'
+            assert found['stored'] == 'PermissionError'
             assert found[str(prefix)] == 'PermissionError'
         finally:
             node.stop(signal.SIGTERM, 15)

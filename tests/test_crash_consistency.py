@@ -56,6 +56,9 @@ def _check_store(prefix, when, allow_tmp):
     if not allow_tmp:
         assert not s['tmp'], '%s: temp files left after restart: %s' % (when, s['tmp'])
     dirs = {rec['dest_path']: rec['id'] for rec in s['records'].values()}
+    # the store of a record <prefix>/<id>_<auth>: <prefix>/.replies/<id>_<auth>/
+    dirs.update({os.path.join(str(prefix), '.replies', os.path.basename(path)): rec['id']
+                 for path, rec in s['records'].items()})
     stored = {}
     for path, rec in s['replies'].items():
         d = os.path.dirname(path)

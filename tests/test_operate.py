@@ -441,20 +441,25 @@ def test_forged_done_message_cannot_inject_metrics(nodes, legacy_python, tmp_pat
     """Module code of a real client's computation forges the worker's
     'done' message for its running job, with limit and reason names that
     try to start metric lines of their own: /metrics stays one sample per
-    line of the node's own families (the names are counted as 'other')."""
+    line of the node's own families.  (The node checks a worker's messages
+    like a peer's: this one is malformed, so the worker is stopped as
+    faulty and its job ends Terminated, reason worker_lost.)"""
     mport = free_port()
     a = nodes('a', ['--daemon', '--metrics', mport])
     res = start_client(CLIENTS / 'forge_done.py', a.port, free_port(), timeout=60,
                        cwd=tmp_path).result(60)
     data = check_client(res, a)
-    assert data['jobs'][0]['exception'] == 'forged', describe(res, a)   # it did reach us
+    # it did reach us, and ended the worker that sent it
+    assert 'worker process of the computation died' in data['jobs'][0]['exception'], \
+        describe(res, a)
+    assert 'sent an invalid message' in a.log() and 'stopping it as faulty' in a.log()
     assert wait_for(lambda: sum(status(a)['jobs_done'].values()) == 1, 15, 0.2)
     code, text = http_get(mport, '/metrics')
     assert code == 200
     assert 'evil_' not in ''.join(line.split(' ', 1)[0] for line in text.splitlines()), text
     samples, _ = metric_samples(text)
     assert not [k for k in samples if k[0].startswith('evil')], text
-    assert samples[('dispynode_jobs_terminated_total', (('reason', 'other'),))] == 1, text
+    assert samples[('dispynode_jobs_terminated_total', (('reason', 'worker_lost'),))] == 1, text
     assert all(v == 0 for k, v in samples.items()
                if k[0] == 'dispynode_job_limit_kills_total'), text
 

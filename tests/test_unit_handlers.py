@@ -2,6 +2,7 @@
 client written with dispy_common) against dispynode.py as a subprocess on
 127.0.0.1.  Current Python only; no legacy stack."""
 
+import glob
 import os
 import pickle
 import time
@@ -54,7 +55,11 @@ def new_driver(node, unit_nodes, **kw):
 
 
 def reply_file(comp_dir, uid):
-    return os.path.join(comp_dir, '_dispy_job_reply_%d' % uid)
+    """Where the node stores job ``uid``'s reply for the computation in
+    ``comp_dir``: <prefix>/.replies/<id>_<auth>/ (one computation only)."""
+    prefix = os.path.dirname(os.path.dirname(comp_dir))
+    found = glob.glob(os.path.join(prefix, '.replies', '*', '_dispy_job_reply_%d' % uid))
+    return found[0] if found else os.path.join(prefix, '.replies', '_dispy_job_reply_%d' % uid)
 
 
 def comp_dir(node, drv_or_name):

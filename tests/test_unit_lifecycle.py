@@ -366,7 +366,7 @@ def test_unit_reply_stored_while_retire_decides(node, tmp_path, monkeypatch):
     courier = store_in_the_window(node, monkeypatch, 'retire_detach', 5)
     node.retire(comp)
     courier[0].join(5)
-    assert os.path.exists(os.path.join(comp.dest_path, '_dispy_job_reply_5'))
+    assert os.path.exists(node.workspace.reply_path(comp, 5))
     assert os.path.exists(record), 'a stored reply with no record pointing to it'
     assert node.state.find(comp.id, include_detached=True) is comp
 
@@ -398,7 +398,7 @@ def test_unit_reply_stored_while_the_last_delivery_forgets(node, tmp_path, monke
     courier = store_in_the_window(node, monkeypatch, 'drop_stored', 6)
     node.reply_delivered(dispynode.Delivery(comp, 5, 'h', None, True))
     courier[0].join(5)
-    assert sorted(os.listdir(comp.dest_path)) == ['_dispy_job_reply_6']
+    assert sorted(os.listdir(node.workspace.store_path(comp))) == ['_dispy_job_reply_6']
     assert os.path.exists(node.workspace.record_path(comp.id, comp.auth)), \
         'a stored reply with no record pointing to it'
     assert node.state.find(comp.id, include_detached=True) is comp

@@ -225,11 +225,12 @@ def test_store_corrupt_reply_is_quarantined(tmp_path, content):
     store = dn.Workspace(str(tmp_path))
     comp = _compute(tmp_path)
     path = store.reply_path(comp, 2)
+    os.makedirs(os.path.dirname(path))      # the store: <prefix>/.replies/<id>_<auth>
     with open(path, 'wb') as fh:
         fh.write(content)
     assert store.load_reply(comp, 2) is None
     assert not os.path.exists(path)
-    aside = [n for n in os.listdir(comp.dest_path) if '.corrupt-' in n]
+    aside = [n for n in os.listdir(os.path.dirname(path)) if '.corrupt-' in n]
     assert len(aside) == 1 and aside[0].startswith('_dispy_job_reply_2.corrupt-')
     # a quarantined file is not a stored result any more
     assert store.stored_uids(comp) == set()

@@ -183,6 +183,14 @@ def test_tls_receive_takes_the_copy_path(tls_pair, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- Node.receive_file
 
+def _stand_in(config, prefix):
+    """What Node.receive_file uses of a Node."""
+    node = types.SimpleNamespace(config=config, counters=dn.Counters(),
+                                 workspace=dn.Workspace(str(prefix)))
+    node._receive_at = types.MethodType(dn.Node._receive_at, node)
+    return node
+
+
 def _receive(sock, tmp_path, data, size=None):
     """Node.receive_file on a stand-in node: (answer, names in the dir)."""
     dest = tmp_path / 'comp'
@@ -195,8 +203,7 @@ def _receive(sock, tmp_path, data, size=None):
         st = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid,
                              st.st_gid, size, st.st_atime, st.st_mtime, st.st_ctime))
     xf = dc.XferFile(name='src.bin', stat_buf=st, compute_id=1, sep='/')
-    node = types.SimpleNamespace(config=types.SimpleNamespace(msg_timeout=5, job_user=None),
-                                 counters=dn.Counters())
+    node = _stand_in(types.SimpleNamespace(msg_timeout=5, job_user=None), tmp_path)
     comp = types.SimpleNamespace(dest_path=str(dest), program=None)
     answer = dn.Node.receive_file(node, sock, comp, str(dest / 'src.bin'), xf)
     return answer, sorted(os.listdir(str(dest))), dest / 'src.bin'
@@ -231,7 +238,7 @@ def test_receive_file_stalled_peer_leaves_no_file(pair, path_kind, tmp_path, mon
     st = os.stat_result((0o100644, 0, 0, 1, 0, 0, 5000, 0, 0, 0))
     xf = dc.XferFile(name='f', stat_buf=st, compute_id=1, sep='/')
     comp = types.SimpleNamespace(dest_path=str(dest), program=None)
-    answer = dn.Node.receive_file(types.SimpleNamespace(config=node_timeout, counters=dn.Counters()), receiver, comp,
+    answer = dn.Node.receive_file(_stand_in(node_timeout, tmp_path), receiver, comp,
                                   str(dest / 'f'), xf)
     assert answer == b'NAK (read only 100 bytes)'
     assert os.listdir(str(dest)) == []
