@@ -561,7 +561,11 @@ class Children:
     def _zombie_children(proc='/proc'):
         me = os.getpid()
         found = []
-        for name in _listdir(proc):
+        try:
+            names = os.listdir(proc)
+        except OSError:
+            return found
+        for name in names:
             if not name.isdigit():
                 continue
             try:
