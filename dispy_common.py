@@ -212,8 +212,10 @@ def _record_header(cls):
 _RECORD_HEADERS = {cls: _record_header(cls) for cls in (JobReply, XferFile)}
 
 
-def dumps(obj):
+def dumps(obj, pickler=None):
     """Pickle ``obj`` for a legacy peer: protocol 4, records as ``dispy.*``.
+    ``pickler``: a pickle.Pickler subclass for a reply or file record's
+    state (a job's reply with names rewritten for the client).
 
     A reply or file record (the hot path: they hold no other records)
     takes a fast path:
@@ -223,7 +225,12 @@ def dumps(obj):
     else goes through the pure-Python pickler subclass."""
     header = _RECORD_HEADERS.get(type(obj))
     if header is not None:
-        state = pickle.dumps(dict(obj.__dict__), PICKLE_PROTOCOL)
+        if pickler is None:
+            state = pickle.dumps(dict(obj.__dict__), PICKLE_PROTOCOL)
+        else:
+            buf = io.BytesIO()
+            pickler(buf, PICKLE_PROTOCOL).dump(dict(obj.__dict__))
+            state = buf.getvalue()
         return header + state[2:-1] + pickle.BUILD + pickle.STOP
     buf = io.BytesIO()
     _LegacyPickler(buf, PICKLE_PROTOCOL).dump(obj)

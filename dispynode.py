@@ -97,7 +97,8 @@ No socket, fork or worker request happens under either lock.  Processes::
         node --TCP JOB_REPLY (same bytes)--> client
 
 The node never forks itself and never unpickles user objects: a job pickles
-its own ``_JobReply`` (protocol 4) and the node forwards those bytes.  Data
+its own ``_JobReply`` (protocol 4; numpy 2 types under their numpy 1.x
+names, for the 3.6 client) and the node forwards those bytes.  Data
 from unauthenticated peers is decoded by a loader that accepts plain data
 only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
@@ -143,6 +144,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import weakref
 
 import dispy_common as dc
@@ -315,6 +317,12 @@ def confined_join(base, relative):
     if not parts or any(p == '..' for p in parts):
         return None
     return os.path.join(base, *parts)
+
+
+def is_here(relative):
+    """True for '.', './' and the like: no directory below the base."""
+    relative = relative.strip().replace('\\', '/')
+    return not relative.startswith('/') and all(p in ('', '.') for p in relative.split('/'))
 
 
 def safe_basename(name, sep='/'):
@@ -1478,13 +1486,25 @@ class Workspace:
         with self.lock:
             ip = compute.scheduler_ip_addr
             try:
-                if compute.dest_path:
+                here = bool(compute.dest_path) and is_here(compute.dest_path)
+                if here and not self.job_user:
+                    # '.': the client's own level, as on the original
+                    path = os.path.join(self.prefix, ip)
+                    fds = self._walk([ip], True, False, self.level_owner, self.level_mode)
+                elif compute.dest_path and not here:
                     path = confined_join(os.path.join(self.prefix, ip), compute.dest_path)
                     parts = self._parts(path) if path else None
                     if parts is None:
                         return None
                     fds = self._walk(parts, True, False, self.job_owner, 0o700)
                 else:
+                    # no dest_path, or '.' with --job_user, where the client's
+                    # level is the node's (it holds the client's other
+                    # computations): a new private directory, so the jobs run
+                    # (a refusal would leave them Created at the 4.5.5 client)
+                    if here:
+                        logger.info("dest_path '.' of computation %s runs in a directory of "
+                                    "its own under --job_user", compute.id)
                     stem = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(compute.name))[:40]
                     for _ in range(100):
                         name = '%s_%s' % (stem, base64.b32encode(os.urandom(5)).decode().lower())
@@ -1989,12 +2009,16 @@ NEW_SINCE_36_MODULES = (
 NEW_SINCE_36_BUILTINS = (
     'BaseExceptionGroup', 'EncodingWarning', 'ExceptionGroup', 'PythonFinalizationError',
     '_IncompleteInputError', 'aiter', 'anext', 'breakpoint')
+# numpy 2 names a 1.x reader lacks, once NUMPY_LEGACY_NAMES has renamed
+# what 1.x has elsewhere (numpy 1.19.5 is the newest for Python 3.6).
+NUMPY2_ONLY_MODULES = ('numpy._core', 'numpy.dtypes', 'numpy.exceptions')
 # A protocol 4 pickle that refers to such a name spells it out once as a
 # SHORT_BINUNICODE (0x8c, length, text) before it memoizes it, so one
 # C-speed search rules out nearly every reply before any opcode is parsed
 # (about 0.3 ms per MB of result; a result of many short strings costs more).
 _NEW_SINCE_36_RE = re.compile(b'\\x8c.(?:%s)' % b'|'.join(
-    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS), re.S)
+    re.escape(n.encode()) for n in NEW_SINCE_36_MODULES + NEW_SINCE_36_BUILTINS
+    + NUMPY2_ONLY_MODULES), re.S)
 _PICKLE_STRINGS = frozenset(('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
                              'SHORT_BINSTRING', 'BINSTRING', 'STRING'))
 
@@ -2040,15 +2064,123 @@ def _new_since_36(module, qualname):
         return False
     if module in ('builtins', '__builtin__'):
         return qualname.split('.')[0] in NEW_SINCE_36_BUILTINS
-    return any(module == m or module.startswith(m + '.') for m in NEW_SINCE_36_MODULES)
+    return any(module == m or module.startswith(m + '.')
+               for m in NEW_SINCE_36_MODULES + NUMPY2_ONLY_MODULES)
 
 
 def _unloadable_reason(data):
     found = unloadable_on_36(data)
     if found is None:
         return None
+    if found.startswith('numpy.'):
+        return ('the result refers to %s, which numpy 1.x (the newest numpy for Python 3.6, '
+                'the dispy 4.5 client) does not have, so the client could not load it' % found)
     return ('the result refers to %s, which Python 3.6 (the dispy 4.5 client) does not '
             'have, so the client could not load it' % found)
+
+
+# numpy 2 moved numpy.core to numpy._core and pickles its arrays and
+# scalars under the new name, which numpy 1.x cannot import: such a reply
+# is pickled again with these names as 1.x spells them (module prefix ->
+# 1.x module; names under numpy._core that 1.x never had are left, and
+# unloadable_on_36 names them).
+NUMPY_LEGACY_MODULES = (('numpy._core', 'numpy.core'), ('numpy.char', 'numpy.core.defchararray'),
+                        ('numpy.rec', 'numpy.core.records'))
+NUMPY_LEGACY_NAMES = {          # module.name -> the 1.x module, for single names
+    'numpy.exceptions.%s' % n: 'numpy' for n in (
+        'AxisError', 'ComplexWarning', 'ModuleDeprecationWarning', 'RankWarning',
+        'TooHardError', 'VisibleDeprecationWarning')}
+NUMPY2_NEW_NAMES = frozenset(('numpy._core._internal._convert_to_stringdtype_kwargs',))
+
+
+class _ModuleRef:
+    """Pickles as ``importlib.import_module(name)``: a module by the
+    name the client knows it under."""
+    __slots__ = ('name',)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        import importlib
+        return importlib.import_module, (self.name,)
+
+
+class _Numpy1Pickler(pickle.Pickler):
+    """Writes numpy 2's classes and functions by their numpy 1.x names."""
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            return NotImplemented
+        module, name = getattr(obj, '__module__', None), getattr(obj, '__qualname__', None)
+        if not isinstance(module, str) or not isinstance(name, str):
+            return NotImplemented
+        full = '%s.%s' % (module, name)
+        legacy = NUMPY_LEGACY_NAMES.get(full)
+        if legacy is None and full not in NUMPY2_NEW_NAMES:
+            legacy = next((old + module[len(new):] for new, old in NUMPY_LEGACY_MODULES
+                           if module == new or module.startswith(new + '.')), None)
+        if legacy is None:
+            return NotImplemented
+        return getattr, (_ModuleRef(legacy), name)
+
+
+def dumps_for_36(record):
+    """A job's reply record pickled for the legacy client: through
+    _Numpy1Pickler once the job process has numpy (one pass; the same
+    bytes as dc.dumps where nothing is renamed)."""
+    if 'numpy' not in sys.modules:
+        return dc.dumps(record)
+    return dc.dumps(record, _Numpy1Pickler)
+
+
+def compile_legacy(code):
+    """Compile client code as the original did (it names it '<string>'
+    in tracebacks and warnings; scripts parse those)."""
+    return compile(code, '<string>', 'exec')
+
+
+LEGACY_CODE_NOTE = (
+    '\ncode valid only on Python 3.6: it uses async or await as a name, which Python 3.7 '
+    'and later reserve, so this node (Python %d.%d) cannot run it\n' % sys.version_info[:2])
+
+
+def only_valid_on_36(code):
+    """True if ``code`` fails to compile here only because it uses
+    ``async`` or ``await`` as names, as Python 3.6 allowed."""
+    import ast
+    try:
+        compile(code, '<string>', 'exec')
+        return False
+    except (SyntaxError, ValueError):
+        pass
+    try:
+        ast.parse(code, feature_version=(3, 6))     # 3.8 to 3.12 know 3.6's grammar
+        return True
+    except (SyntaxError, ValueError, TypeError):
+        pass
+    # Python 3.13 does not: the names renamed (same length, so every token
+    # keeps its place), async before def, for or with kept.
+    import tokenize
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        return False
+    renamed = []
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.string in ('async', 'await'):
+            after = next((t.string for t in tokens[i + 1:]
+                          if t.type not in (tokenize.NL, tokenize.COMMENT)), '')
+            if not (tok.string == 'async' and after in ('def', 'for', 'with')):
+                tok = tok._replace(string='_' + tok.string[:4])
+        renamed.append(tok)
+    if renamed == tokens:
+        return False
+    try:
+        compile(tokenize.untokenize(renamed), '<string>', 'exec')
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 class _JobContext:
@@ -2080,7 +2212,7 @@ def dispy_provisional_result(result, timeout=None):
     sendable = False
     try:
         try:
-            data = dc.dumps(reply)
+            data = dumps_for_36(reply)
         except Exception:  # unpicklable (TypeError, AttributeError, ...): -1, the job goes on
             return -1
         if unloadable_on_36(data):
@@ -2115,7 +2247,7 @@ def dispy_send_file(path, timeout=None):
     name = os.path.splitdrive(path)[1].lstrip(os.sep)
     xf = dc.XferFile(name=name, stat_buf=stat_buf, compute_id=_JOB.compute_id, sep=os.sep)
     try:
-        head, reply = dc.dumps(xf), dc.dumps(_JOB.reply)
+        head, reply = dc.dumps(xf), dumps_for_36(_JOB.reply)
     except Exception:  # whatever made them unpicklable
         return -1
     if unloadable_on_36(head) or unloadable_on_36(reply):
@@ -2280,6 +2412,10 @@ class Worker:
         self.running = True
         self.orphaned = False   # the node's end of the channel is gone
         self.forker = _Forker()
+        # Why the computation's code could not be loaded (a traceback), once
+        # it failed: every job reports the same, not a half-run namespace.
+        self.load_error = None
+        self.legacy_code = False    # that code is valid only on Python 3.6
 
     # -- plumbing
     def send(self, msg):
@@ -2405,25 +2541,44 @@ class Worker:
 
     # -- commands from the node
     def _load_namespace(self):
-        if self.ns is not None:
-            return
-        import types
+        """Run the computation's code once; None, or (then and for every
+        later call) the traceback of its failure."""
+        if self.ns is not None or self.load_error is not None:
+            return self.load_error
         module = types.ModuleType('__main__')
-        self.ns = module.__dict__
-        self.ns.update(_IMPLICIT)
-        self.ns['dispy_provisional_result'] = dispy_provisional_result
-        self.ns['dispy_send_file'] = dispy_send_file
-        self.ns['DispyJob'] = DispyJob
-        self.ns['dispynode_shutdown'] = self._shutdown_asked
+        ns = module.__dict__
+        ns.update(_IMPLICIT)
+        ns['dispy_provisional_result'] = dispy_provisional_result
+        ns['dispy_send_file'] = dispy_send_file
+        ns['DispyJob'] = DispyJob
+        ns['dispynode_shutdown'] = self._shutdown_asked
         # Classes sent as dependencies pickle as __main__.<name> on both ends.
         sys.modules['__main__'] = module
-        if self.cfg['code']:
-            exec(compile(self.cfg['code'], '<dispy computation>', 'exec'), self.ns)
-        self.compute = dc.loads_full(self.cfg['compute_bytes'], self.ns)
+        try:
+            if self.cfg['code']:
+                # '<string>', as the original names it in tracebacks and warnings
+                exec(compile_legacy(self.cfg['code']), ns)
+            self.compute = dc.loads_full(self.cfg['compute_bytes'], ns)
+        except BaseException as exc:  # user code may raise anything
+            self.load_error = traceback.format_exc()
+            if isinstance(exc, SyntaxError) and only_valid_on_36(self.cfg['code']):
+                self.legacy_code = True
+                self.load_error += LEGACY_CODE_NOTE
+            return self.load_error
+        self.ns = ns
+        return None
 
     def _cmd_setup(self, rid):
         try:
-            self._load_namespace()
+            failed = self._load_namespace()
+            if self.legacy_code:
+                # Setup cannot run here; every job ends Terminated with the
+                # reason rather than the client's jobs staying Created.
+                self.send(('setup', rid, True, failed))
+                return
+            if failed:
+                self.send(('setup', rid, False, failed))
+                return
             func = self.compute.setup
             result = self.ns[func.name](*(func.args or ()), **(func.kwargs or {}))
             if result != 0:
@@ -2434,10 +2589,9 @@ class Worker:
             self.send(('setup', rid, True, ''))
 
     def _cmd_job(self, uid, job_hash, args, kwargs, code):
-        try:
-            self._load_namespace()
-        except BaseException:  # user code may raise anything
-            self._finish(uid, job_hash, time.time(), None, traceback.format_exc())
+        failed = self._load_namespace()
+        if failed:
+            self._finish(uid, job_hash, time.time(), None, failed)
             return
         rfd, wfd = os.pipe()
         start = time.time()
@@ -2478,7 +2632,10 @@ class Worker:
         # Load the computation (user objects) only when there is a cleanup to run.
         if run_cleanup and self.cfg['has_cleanup']:
             try:
-                self._load_namespace()      # cleanup runs even if no job ran here
+                failed = self._load_namespace()     # cleanup runs even if no job ran here
+                if failed:
+                    raise RuntimeError('the computation could not be loaded:\n' + failed)
+                os.chdir(self.cfg['cwd'])   # wherever setup left this process
                 cleanup = self.compute.cleanup
                 if isinstance(cleanup, dc.Function):
                     self.ns[cleanup.name](*(cleanup.args or ()), **(cleanup.kwargs or {}))
@@ -2495,14 +2652,23 @@ class Worker:
         try:
             os.setpgid(0, 0)
             # _signal, not signal: its enum conversions touch pages for nothing
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for signum in (signal.SIGTERM, signal.SIGCHLD):
                 _signal.signal(signum, _signal.SIG_DFL)
+            # As on the original (a plain Python process): SIGINT and
+            # _thread.interrupt_main() raise KeyboardInterrupt in the job.
+            _signal.signal(signal.SIGINT, _signal.default_int_handler)
             _signal.set_wakeup_fd(-1)
             # the worker's descriptors, closed by number: this process never
             # uses their objects again and ends in os._exit
             for fd in (self.wakeup_r, self.wakeup_w, self.chan.detach()):
                 os.close(fd)
             self._apply_job_limits(cgroup)
+            # Every job starts in the computation's directory, wherever
+            # setup (or the code) left this process, as on the original.
+            try:
+                os.chdir(self.cfg['cwd'])
+            except OSError:
+                pass        # gone: the job says so when it touches its files
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
             # Length first, so the worker can forward the reply without
             # waiting for this process to finish exiting.
@@ -2528,7 +2694,7 @@ class Worker:
             sys.stdout, sys.stderr = out, err
         try:
             if code:
-                exec(compile(code, '<dispy job depends>', 'exec'), self.ns)
+                exec(compile_legacy(code), self.ns)
             args = dc.loads_full(args, self.ns) if args else ()
             kwargs = dc.loads_full(kwargs, self.ns) if kwargs else {}
             if is_prog:
@@ -2539,6 +2705,8 @@ class Worker:
         except BaseException as exc:  # user code may raise anything
             reply.status = DispyJob.Terminated
             reply.exception = traceback.format_exc()
+            if isinstance(exc, SyntaxError) and code and only_valid_on_36(code):
+                reply.exception += LEGACY_CODE_NOTE
             if isinstance(exc, MemoryError) and self.cfg.get('job_memory'):
                 reply.exception = self._memory_note(
                     'MemoryError in the job') + '\n' + reply.exception
@@ -2548,7 +2716,7 @@ class Worker:
             reply.stdout, reply.stderr = out.getvalue(), err.getvalue()
         reply.end_time = time.time()
         try:
-            data = dc.dumps(reply)
+            data = dumps_for_36(reply)
         except Exception:  # an unpicklable result must still produce a reply
             reply.result = None
             reply.status = DispyJob.Terminated
@@ -3003,11 +3171,14 @@ class Courier:
         self.lock = threading.Lock()
         self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
-        self.in_flight = set()       # (compute id, uid)
+        # (compute id, uid, hash): the legacy client reuses a uid (an id())
+        # for its next job as soon as a reply is in, maybe before this lane
+        # is done with that reply; the hash tells the jobs apart.
+        self.in_flight = set()
         self.closing = False
 
     def submit(self, delivery):
-        key = (delivery.comp.id, delivery.uid)
+        key = (delivery.comp.id, delivery.uid, delivery.hash)
         addr = delivery.comp.reply_addr
         with self.lock:
             # Past MAX_LANES client addresses at once, a reply waits in the
@@ -3057,7 +3228,7 @@ class Courier:
                 logger.exception('delivering the reply of job %s failed', item.uid)
             finally:
                 with self.lock:
-                    self.in_flight.discard((item.comp.id, item.uid))
+                    self.in_flight.discard((item.comp.id, item.uid, item.hash))
 
     def drain(self, timeout):
         """Finish the queued deliveries (bounded by ``timeout``); later
@@ -4572,9 +4743,13 @@ class Node(ServiceControl):
             return b'NAK (file too big)'
         if c.code:
             try:
-                compile(c.code, '<dispy computation>', 'exec')
+                compile_legacy(c.code)
             except (SyntaxError, ValueError) as exc:
-                return b'NAK (Compilation failed: %s)' % str(exc).encode()
+                # Code valid on the client's Python 3.6 only is taken: each
+                # job then ends Terminated saying why (a refused COMPUTE
+                # leaves the client's jobs Created for ever, silently).
+                if not (isinstance(exc, SyntaxError) and only_valid_on_36(c.code)):
+                    return b'NAK (Compilation failed: %s)' % str(exc).encode()
         return None
 
     def add_computation(self, compute, raw):
@@ -4671,11 +4846,15 @@ class Node(ServiceControl):
     def run_setup(self, comp):
         answer = comp.worker.request(('setup',), SETUP_TIMEOUT)
         if answer is not None and answer[1]:
+            if answer[2]:       # code for Python 3.6 only: its jobs will say so
+                logger.warning('setup of computation %s not run:\n%s', comp.id, answer[2])
             return b'ACK'
         text = answer[2] if answer else 'worker process died during setup'
         logger.warning('setup of computation %s failed:\n%s', comp.id, LogLines(text))
         self.state.mark_zombie(comp)
-        self.spawn(self.retire, comp, False)
+        # As the original, a failed setup is followed by the cleanup (in the
+        # worker, with setup's globals); not when the worker is gone or stuck.
+        self.spawn(self.retire, comp, answer is not None)
         return text.encode('utf-8', 'replace')
 
     def close_computation(self, comp, terminate):

@@ -7,7 +7,8 @@ Stable API (other test modules import these names):
 - ``LegacyUnavailable``: raised when the legacy stack can't be provided.
 - ``legacy_python_base()``: path of a Python 3.6 interpreter, or None.
 - ``ensure_legacy_venv()``: path of the cached legacy venv's python
-  (``REPO/.legacy-venv``), built on first use with dispy 4.5.5 + asyncoro 4.3.4.
+  (``REPO/.legacy-venv``), built on first use with dispy 4.5.5 + asyncoro 4.3.4;
+  LEGACY_EXTRAS (numpy 1.19.5) are added to it, also to a venv cached before.
 - ``pyenv_python(version_prefix)``: newest ``$(pyenv root)/versions/<prefix>*``
   interpreter, or None.
 - ``free_port()``: a port number free for both TCP and UDP on 127.0.0.1.
@@ -51,6 +52,12 @@ _MARKER = LEGACY_VENV / '.dispy-4.5.5-ok'
 _LOCK = LEGACY_VENV / '.build.lock'
 LEGACY_PACKAGES = ('asyncoro==4.3.4', 'dispy==4.5.5')
 _CHECK = ("import dispy, asyncoro; assert dispy.__version__ == '4.5', dispy.__version__")
+# Added to the venv, also to one built before they were listed (their own
+# marker, so a cached venv gets them without a rebuild): numpy 1.19.5, the
+# newest for Python 3.6, for the results of numpy 2 jobs (issue 21).
+LEGACY_EXTRAS = ('numpy==1.19.5',)
+_EXTRAS_MARKER = LEGACY_VENV / '.extras-ok'
+_EXTRAS_CHECK = "import numpy; assert numpy.__version__ == '1.19.5', numpy.__version__"
 
 __all__ = ['REPO', 'CLIENTS', 'LegacyUnavailable', 'legacy_python_base', 'ensure_legacy_venv',
            'pyenv_root', 'pyenv_python', 'free_port', 'ClientResult', 'LegacyClient',
@@ -143,7 +150,7 @@ def ensure_legacy_venv():
     LegacyUnavailable with a reason if Python 3.6 is missing or install fails."""
     py = _legacy_venv_python()
     if _MARKER.exists() and py.exists():
-        return py
+        return _ensure_extras(py)
     base = legacy_python_base()
     if base is None or not Path(base).exists():
         raise LegacyUnavailable(
@@ -154,7 +161,7 @@ def ensure_legacy_venv():
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if _MARKER.exists() and py.exists():
-                return py
+                return _ensure_extras(py, locked=True)
             steps = [
                 [str(base), '-m', 'venv', str(LEGACY_VENV)],
                 [str(py), '-m', 'pip', 'install', '-q', '--disable-pip-version-check']
@@ -175,9 +182,56 @@ def ensure_legacy_venv():
             tmp = _MARKER.with_name(_MARKER.name + '.tmp')
             tmp.write_text('%s\n' % ' '.join(LEGACY_PACKAGES))
             os.replace(str(tmp), str(_MARKER))
-            return py
+            return _ensure_extras(py, locked=True)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _extras_ok():
+    try:
+        return _EXTRAS_MARKER.read_text().split() == list(LEGACY_EXTRAS)
+    except OSError:
+        return False
+
+
+def _ensure_extras(py, locked=False):
+    """Install LEGACY_EXTRAS into the venv unless its marker lists them
+    (only adds packages); returns ``py``."""
+    if _extras_ok():
+        return py
+    if not locked:
+        with open(str(_LOCK), 'a+') as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                return _ensure_extras(py, locked=True)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    if _extras_ok():
+        return py
+    cmd = [str(py), '-m', 'pip', 'install', '-q', '--disable-pip-version-check',
+           '--only-binary', ':all:'] + list(LEGACY_EXTRAS)
+    r = subprocess.run([str(py), '-c', _EXTRAS_CHECK], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               timeout=900, env=dict(os.environ, PIP_NO_INPUT='1'))
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LegacyUnavailable('installing %s into the legacy venv failed: %s'
+                                    % (' '.join(LEGACY_EXTRAS), exc))
+        if r.returncode != 0:
+            raise LegacyUnavailable('installing %s into the legacy venv failed (exit %s):\n%s'
+                                    % (' '.join(LEGACY_EXTRAS), r.returncode,
+                                       r.stdout.decode(errors='replace')[-3000:]))
+        r = subprocess.run([str(py), '-c', _EXTRAS_CHECK], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise LegacyUnavailable('legacy venv extras check failed:\n%s'
+                                    % r.stdout.decode(errors='replace')[-3000:])
+    tmp = _EXTRAS_MARKER.with_name(_EXTRAS_MARKER.name + '.tmp')
+    tmp.write_text('%s\n' % ' '.join(LEGACY_EXTRAS))
+    os.replace(str(tmp), str(_EXTRAS_MARKER))
+    return py
 
 
 # ----------------------------------------------------------------------- ports
