@@ -38,7 +38,9 @@ udp-listener, timer, control, metrics)::
                          all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon); the
                          same table of commands as the control socket
-    tcp-server ......... socketserver accept loop; hands sockets to reception
+    tcp-server ......... socketserver accept loop; hands sockets to reception;
+                         stops polling the listener for a back-off while
+                         descriptors are short (EMFILE)
     reception .......... one selector loop: TLS handshake, auth and first
                          frame of every connection (idle peers cost no
                          thread); the request memory budget
@@ -53,9 +55,11 @@ udp-listener, timer, control, metrics)::
                          queues PONGs; refreshes computations (last_pulse)
     pong-N ............. at most PONG_THREADS: PONGs to unauthenticated pingers
     timer .............. pulses, zombie detection (ACTIVE -> ZOMBIE), retries
-                         of stored results, log summaries, service window,
-                         --ping_interval, systemd STATUS=; as PID 1, reaps
-                         the orphans it inherits (Children)
+                         of stored results (bounded per reply) and of replies
+                         held in memory (not storable), the PING inviting a
+                         client back after its worker died, log summaries,
+                         service window, --ping_interval, systemd STATUS=;
+                         as PID 1, reaps the orphans it inherits (Children)
     task-N ............. at most TASK_THREADS: evictions and retirements
                          (ZOMBIE -> RETIRING -> DETACHED or GONE: the
                          worker's close, then Workspace files and record),
@@ -63,13 +67,17 @@ udp-listener, timer, control, metrics)::
     courier-<addr> ..... one lane per client address (at most MAX_LANES):
                          JOB_REPLY delivery; stores what cannot be delivered
                          (Workspace; GONE -> DETACHED) and removes what was
-                         (DETACHED -> GONE when nothing is left)
+                         (DETACHED -> GONE when nothing is left); a refusal
+                         concerns one reply, a failure the address
     worker-<id> ........ one per computation (at most MAX_COMPUTATIONS):
                          results from its worker, checked like a peer's
                          (frames within --max_request_size, held in the
                          request memory budget, whole by a deadline; a
                          faulty worker is killed); frees the job's CPU
-                         (NodeState) and hands the reply to the courier
+                         (NodeState) and hands the reply to the courier;
+                         when the worker dies (Node.worker_lost), ends its
+                         jobs Terminated and starts a fresh worker, or
+                         evicts a computation with setup (ACTIVE -> ZOMBIE)
     control ............ the local control socket <prefix>/.dispynode-control
                          (one connection at a time): status, and for root
                          or the node's user drain, pause, resume, cpus,
@@ -90,11 +98,20 @@ between a decision and its write.  Lock order: Workspace, then NodeState.
 No socket, fork or worker request happens under either lock.  Processes::
 
     node (threads) --socketpair--> worker process (one per computation,
-        single-threaded, started ahead of need, then moved into the
+        single-threaded, started ahead of need with stdio on /dev/null and
+        no other descriptor of the node's, not dumpable, then moved into the
         computation directory): runs the code and setup once, then forks
         one child per job, each in its own process group
     job child --pipe: length + pickled _JobReply--> worker --socketpair-->
         node --TCP JOB_REPLY (same bytes)--> client
+
+Containment: the node (as root, in the thread that starts a worker) makes
+the worker's cgroup v2 group with one job group per CPU
+(make_worker_cgroup) and removes it, killing what is left, when the worker
+stops; a job child joins a free job group before user code, and the worker
+ends that group (cgroup.kill) once it has reaped the job's own process.
+The job ends then, whoever still holds its pipe.  Without cgroups the
+worker and each job child are child subreapers (see Worker._end_job).
 
 The node never forks itself and never unpickles user objects: a job pickles
 its own ``_JobReply`` (protocol 4; numpy 2 types under their numpy 1.x
@@ -239,10 +256,13 @@ PING_SOURCE_INTERVAL = 1.0    # one PONG round per (source, port, sign) per inte
 PING_RATE, PING_BURST = 20.0, 40   # PONG rounds per second for all sources together
 MAX_COMPUTATIONS = 16         # active computations (each holds a worker process)
 MAX_LANES = 16                # courier lanes (threads) at once
+MAX_WORKER_RESTARTS = 3       # fresh workers for a computation (without setup) whose worker died
 MAX_XFER_FILES = 10000        # files one computation may announce
 REPLY_PREFIX = '_dispy_job_reply_'
 LANE_IDLE_SECONDS = 30.0      # a courier lane's thread ends after this idle time
 RETRY_SECONDS = 10.0          # stored results of a live client are retried this often
+MAX_REPLY_ATTEMPTS = 5        # unacknowledged sends of a reply before it is only kept
+HELD_RETRY_SECONDS = 1.0      # replies that could not even be stored are retried this often
 TICK_SECONDS = 0.25           # the timer's period (shorter for a zombie interval under 2.5 s)
 KILL_GRACE = 0.5              # SIGTERM -> SIGKILL for a cancelled job
 CLEANUP_TIMEOUT = 30.0        # for a computation's cleanup function
@@ -508,19 +528,113 @@ def _ps_parents():
     return pairs or None
 
 
+def session_groups(sid):
+    """The process groups of the live processes in session ``sid`` (Linux
+    /proc; empty elsewhere)."""
+    groups = set()
+    try:
+        names = os.listdir('/proc')
+    except OSError:
+        return groups
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name, 'rb') as fh:
+                fields = fh.read().rsplit(b')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the name: state, ppid, pgrp, session
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b'Z', b'X'):
+            groups.add(int(fields[2]))
+    return groups
+
+
 def kill_tree(pid, sig):
     """Signal ``pid``'s process group and every descendant (some may have
-    left the group with setsid)."""
-    targets = descendants(pid)
+    left the group with setsid).  For SIGKILL the tree is first stopped
+    (SIGSTOP, again until no new process appears), so that no process of it
+    forks a child that the kill misses.  Returns the pids signalled (the
+    caller may have to reap the ones that come back to it)."""
+    targets = [pid] + descendants(pid)
+    if sig == signal.SIGKILL:
+        stopped = set()
+        for _ in range(20):     # bounded: a fork bomb outruns no SIGSTOP for long
+            fresh = [p for p in targets if p not in stopped]
+            if not fresh:
+                break
+            for target in fresh:
+                try:
+                    os.kill(target, signal.SIGSTOP)
+                except OSError:
+                    pass
+                stopped.add(target)
+            targets = list(stopped | {pid} | set(descendants(pid)))
     try:
         os.killpg(pid, sig)
     except OSError:
         pass
-    for target in [pid] + targets:
+    for target in targets:
         try:
             os.kill(target, sig)
         except OSError:
             pass
+    return targets
+
+
+def direct_children(pid):
+    """PIDs whose parent is ``pid`` (/proc, else ps; [] if neither works)."""
+    if os.environ.get('DISPYNODE_NO_PROC') != '1':
+        try:
+            import psutil
+            return [p.pid for p in psutil.Process(pid).children()]
+        except ImportError:
+            pass
+        except Exception:  # psutil.NoSuchProcess and friends
+            return []
+    pairs = None if os.environ.get('DISPYNODE_NO_PROC') == '1' else _proc_parents()
+    if pairs is None:
+        pairs = _ps_parents()
+    return [child for child, parent in pairs or () if parent == pid]
+
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+_PRCTL = []
+
+
+def prctl(option, value):
+    """prctl(2) through ctypes (Linux); False where it is not available or
+    fails."""
+    if not _PRCTL:
+        try:
+            import ctypes
+            func = ctypes.CDLL(None, use_errno=True).prctl
+            func.restype = ctypes.c_int
+            func.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                             ctypes.c_ulong)
+        except (ImportError, OSError, AttributeError):
+            func = None
+        _PRCTL.append(func)
+    func = _PRCTL[0]
+    return func is not None and func(option, value, 0, 0, 0) == 0
+
+
+def end_own_children(timeout=2.0):
+    """In a job process that is a child subreaper (no cgroup): kill and reap
+    every process below it (everything the job started that outlived its
+    parent came back to it).  A single waitpid when there is none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except OSError:     # ChildProcessError: none is left
+            return
+        if pid:
+            continue        # reaped one; look again
+        for child in direct_children(os.getpid()):
+            kill_tree(child, signal.SIGKILL)
+        time.sleep(0.005)
 
 
 class Children:
@@ -883,6 +997,15 @@ class Computation:
         self.dir_id = None      # (st_dev, st_ino) of the directory the node made for it
         self.keep_files = compute.cleanup is False
         self.has_cleanup = isinstance(compute.cleanup, dc.Function)
+        # Setup's state lives only in its worker: a computation with setup
+        # ends when that worker dies; one without gets a fresh worker.
+        self.has_setup = isinstance(getattr(compute, 'setup', None), dc.Function)
+        self.compute_bytes = None  # the COMPUTE payload and code, for a replacement worker
+        self.code = None
+        self.worker_restarts = 0
+        self.rejoin = False        # its worker died: the client is invited back once it retires
+        self.worker_ready = threading.Event()  # clear while a dead worker is replaced
+        self.worker_ready.set()
         self.pulse_interval = compute.pulse_interval
         self.sign = sign
         self.program = None
@@ -903,6 +1026,7 @@ class Computation:
         self.evicted = None        # the node dropped it (see Node.evict)
         self.node_ip = None        # our address as this client knows it (Node.ip_of)
         self.dropped = set()       # uids killed by evict: their replies are not sent
+        self.unacked = collections.Counter()  # uid -> sends the client did not ACK
         self.running = set()       # uids of running jobs
         self.stored = set()        # uids with a stored, undelivered reply
         self.file_uses = collections.Counter()
@@ -1124,6 +1248,7 @@ class NodeState:
         with self.lock:
             todo = [Do.REMOVE_REPLY] if uid in comp.stored else []
             comp.stored.discard(uid)
+            comp.unacked.pop(uid, None)
             if not comp.stored and comp.phase is Phase.DETACHED:
                 self._move(comp, Phase.GONE, Phase.DETACHED)
                 todo += [Do.REMOVE_RECORD, Do.REMOVE_FILES]
@@ -1252,9 +1377,20 @@ class NodeState:
             comp.last_resend = now
             return True
 
-    def stored_uids(self, comp, limit=64):
+    def stored_uids(self, comp, limit=64, exhausted=True):
+        """The first ``limit`` uids with stored replies; with ``exhausted``
+        false, not those sent MAX_REPLY_ATTEMPTS times without an ACK."""
         with self.lock:
-            return sorted(comp.stored)[:limit]
+            uids = comp.stored if exhausted else [
+                u for u in comp.stored if comp.unacked[u] < MAX_REPLY_ATTEMPTS]
+            return sorted(uids)[:limit]
+
+    def note_unacked(self, comp, uid, fresh=False):
+        """Count a send of ``uid``'s reply that the client did not ACK
+        (``fresh``: the first of a new reply, as the client reuses uids)."""
+        with self.lock:
+            comp.unacked[uid] = 1 if fresh else comp.unacked[uid] + 1
+            return comp.unacked[uid]
 
     def progress(self, comp, limit=50):
         """(the first ``limit`` uids with stored results, how many are
@@ -2379,9 +2515,20 @@ class _WorkerJob:
         self.limit = None        # why a limit ended the job
         self.status = DispyJob.Terminated
         self.limit_code = 0
-        self.cgroup = None
+        self.cgroup = None       # its _JobSlot, or None (then it is a subreaper)
         self.eof = False         # its pipe is closed
         self.exit_status = None  # from waitpid, once reaped
+
+
+class _JobSlot:
+    """One of a worker's per-job cgroups, made by the node (see
+    make_worker_cgroup): reused job after job, emptied by cgroup.kill."""
+    __slots__ = ('path', 'procs', 'oom')
+
+    def __init__(self, path):
+        self.path = path
+        self.procs = os.fsencode(os.path.join(path, 'cgroup.procs'))   # made before the fork
+        self.oom = 0        # its memory.events oom_kill count when a job took it
 
 
 class Worker:
@@ -2412,6 +2559,10 @@ class Worker:
         self.running = True
         self.orphaned = False   # the node's end of the channel is gone
         self.forker = _Forker()
+        self.cgroup = None      # this worker's cgroup (node-made), or None
+        self.free_slots = []    # _JobSlot not held by a running job
+        self.own = set()        # no cgroup: children the worker itself started (setup)
+        self.strays = {}        # no cgroup: killed leftovers to reap -> give-up time
         # Why the computation's code could not be loaded (a traceback), once
         # it failed: every job reports the same, not a half-run namespace.
         self.load_error = None
@@ -2430,8 +2581,23 @@ class Worker:
         """The node died: end every job, then exit."""
         self.orphaned = True
         self.running = False
+        self._kill_everything()
+
+    def _kill_everything(self):
+        """End every process of every job (the worker stops): the whole
+        cgroup of this worker (itself last, as it exits anyway), or each
+        job's tree and every leftover below this subreaper."""
+        if self.cgroup:
+            for job in self.jobs.values():
+                if job.cgroup is not None:
+                    _cgroup_kill(job.cgroup.path)
+                else:
+                    kill_tree(job.pid, signal.SIGKILL)
+            return
         for job in self.jobs.values():
             kill_tree(job.pid, signal.SIGKILL)
+        for child in direct_children(os.getpid()):
+            kill_tree(child, signal.SIGKILL)
 
     def serve(self):
         try:
@@ -2443,6 +2609,14 @@ class Worker:
         _JOB.compute_id = self.cfg['compute_id']
         _JOB.msg_timeout = self.cfg['msg_timeout']
         _JOB.max_file_size = self.cfg['max_file_size']
+        self.cgroup = self.cfg.get('cgroup')
+        if self.cgroup:
+            self.free_slots = [_JobSlot(os.path.join(self.cgroup, 'job-%d' % n))
+                               for n in range(self.cfg.get('cgroup_slots', 0))]
+        else:
+            # No cgroup: what a job leaves behind comes back here (and to the
+            # job process itself while it lives, see _job_child).
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
         # A single-threaded process: changing directory is safe here.
         os.chdir(self.cfg['cwd'])
         sys.path.insert(0, self.cfg['cwd'])
@@ -2471,6 +2645,12 @@ class Worker:
                 else:
                     self._read_result(what)
             self._enforce_kills()
+        # The computation ends: nothing it started outlives this worker (with
+        # a cgroup, the node kills this worker's group as well).
+        if not self.cgroup:
+            self._kill_everything()
+        elif self.orphaned:
+            _cgroup_kill(self.cgroup)   # no node to do it: this worker ends with it
 
     def _watch(self, fd, what):
         self.poller.register(fd, _select.POLLIN)
@@ -2497,13 +2677,24 @@ class Worker:
             except ChildProcessError:
                 pid, status = job.pid, 0
             if pid:
+                # The job ends when its own process has: whatever a process
+                # it started does with the reply pipe.
                 job.exit_status = status
-                if job.eof:
-                    self._end_job(job)
+                self._end_job(job)
+        now = time.monotonic()
+        for pid, give_up in list(self.strays.items()):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] or now >= give_up
+            except ChildProcessError:   # not (yet) reparented here, or gone
+                done = now >= give_up or not os.path.exists('/proc/%d' % pid)
+            if done:
+                del self.strays[pid]
 
     def _next_deadline(self):
         deadlines = [j.kill_at for j in self.jobs.values() if j.kill_at]
         deadlines += [j.deadline for j in self.jobs.values() if j.deadline]
+        if self.strays:
+            deadlines.append(time.monotonic() + 0.1)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _recv_command(self):
@@ -2565,6 +2756,8 @@ class Worker:
                 self.legacy_code = True
                 self.load_error += LEGACY_CODE_NOTE
             return self.load_error
+        finally:
+            self._note_own_children()
         self.ns = ns
         return None
 
@@ -2587,6 +2780,13 @@ class Worker:
             self.send(('setup', rid, False, traceback.format_exc()))
         else:
             self.send(('setup', rid, True, ''))
+        self._note_own_children()
+
+    def _note_own_children(self):
+        """No cgroup: the processes setup (or the computation's code) left
+        running are this worker's own, not a job's leftovers."""
+        if not self.cgroup:
+            self.own = set(direct_children(os.getpid())) - set(self.jobs)
 
     def _cmd_job(self, uid, job_hash, args, kwargs, code):
         failed = self._load_namespace()
@@ -2594,18 +2794,20 @@ class Worker:
             self._finish(uid, job_hash, time.time(), None, failed)
             return
         rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
         start = time.time()
         # Everything but the pid is prepared before the fork: each page this
         # process writes while a job shares its memory costs a copy.
         job = _WorkerJob(uid, job_hash, None, rfd, start)
-        job.cgroup = self._job_cgroup(uid)
+        job.cgroup = self._take_slot()
         if self.cfg.get('job_timeout'):
             job.deadline = time.monotonic() + self.cfg['job_timeout']
         self._watch(rfd, job)
         pid = self.forker.fork()
         if pid == 0:
             os.close(rfd)
-            self._job_child(uid, job_hash, args, kwargs, code, wfd, start, job.cgroup)
+            self._job_child(uid, job_hash, args, kwargs, code, wfd, start,
+                            job.cgroup and job.cgroup.procs)
         os.close(wfd)
         try:
             os.setpgid(pid, pid)
@@ -2662,7 +2864,12 @@ class Worker:
             # uses their objects again and ends in os._exit
             for fd in (self.wakeup_r, self.wakeup_w, self.chan.detach()):
                 os.close(fd)
-            self._apply_job_limits(cgroup)
+            contained = self._apply_job_limits(cgroup)
+            if not contained:
+                # No cgroup: processes the job starts come back to this one
+                # when their parent dies (setsid, double fork), and it ends
+                # them all before it replies.
+                prctl(PR_SET_CHILD_SUBREAPER, 1)
             # Every job starts in the computation's directory, wherever
             # setup (or the code) left this process, as on the original.
             try:
@@ -2670,6 +2877,8 @@ class Worker:
             except OSError:
                 pass        # gone: the job says so when it touches its files
             data = self._run_job(uid, job_hash, args, kwargs, code, start)
+            if not contained:
+                end_own_children()
             # Length first, so the worker can forward the reply without
             # waiting for this process to finish exiting.
             status = _JOB.reply.status      # user code could have set anything
@@ -2746,9 +2955,22 @@ class Worker:
             raise FileNotFoundError('program %r was not found on the node' % program)
         return proc.returncode, proc.stdout, proc.stderr
 
-    def _read_result(self, job):
-        block = os.read(job.fd, CHUNK)
-        if block:
+    def _read_result(self, job, drain=False):
+        """Read what the job process sent on its pipe: the length-prefixed
+        reply, forwarded as soon as it is complete.  EOF is never waited
+        for (a process the job started may hold the pipe open for ever):
+        the job ends when its own process is reaped (_end_job), which then
+        takes what was sent (``drain``)."""
+        for _ in range(64 if drain else 1):     # bounded: others may write too
+            want = CHUNK if job.size is None else min(CHUNK, job.size - job.got)
+            try:
+                block = os.read(job.fd, want) if want > 0 else b''
+            except BlockingIOError:
+                return
+            except OSError:
+                block = b''
+            if not block:
+                break
             job.chunks.append(block)
             job.got += len(block)
             if job.size is None and job.got >= _REPLY_LEN.size:
@@ -2765,31 +2987,46 @@ class Worker:
                                  "the job's result of %d bytes is over the node's limit of "
                                  "%d bytes (--max_request_size)" % (size, limit),
                                  reason='result_too_large')
-            if block and job.size is not None and job.got == job.size and not job.replied:
+            if block is None:
+                break       # refused: close the pipe
+            if job.size is not None and job.got == job.size and not job.replied:
                 job.replied = True
                 self.send(('done', job.uid, b''.join(job.chunks)[_REPLY_LEN.size:],
                            job.status, _LIMIT_NAMES.get(job.limit_code)))
                 job.chunks = []
                 # Nothing more to read (whatever a process the job started
                 # might still write): close now rather than wake for EOF.
-            elif block:
-                return
-        self._unwatch(job.fd)
-        os.close(job.fd)
-        job.eof = True
-        if job.exit_status is None:
-            self._reap()            # it may have exited before its pipe closed
-        if job.exit_status is not None and job.pid in self.jobs:
-            self._end_job(job)
+                break
+        else:
+            return
+        self._close_pipe(job)
+
+    def _close_pipe(self, job):
+        if not job.eof:
+            job.eof = True
+            self._unwatch(job.fd)
+            os.close(job.fd)
 
     def _end_job(self, job):
-        """A job process whose pipe is closed has been reaped: forget it,
-        and reply for it if it did not."""
+        """The job's own process has been reaped: take what it sent, end
+        every process it left (its cgroup, or the leftovers that came back
+        to this subreaper), forget it, and reply for it if it did not."""
         status = job.exit_status
+        if not job.eof:
+            self._read_result(job, drain=True)
+            self._close_pipe(job)
         del self.jobs[job.pid]
-        if job.terminated:
-            kill_tree(job.pid, signal.SIGKILL)  # whatever of its group survived SIGTERM
-        oom_killed = self._drop_job_cgroup(job)
+        oom_killed = self._release_slot(job)
+        if job.cgroup is None:
+            if job.terminated:
+                try:    # its group, if any of it survived SIGTERM (not its pid: reaped)
+                    os.killpg(job.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if not (job.replied and status == 0):
+                # It died before it could end its children (killed, or
+                # os._exit): they came back here.
+                self._sweep_strays()
         if job.replied:
             return
         limit = None
@@ -2813,6 +3050,17 @@ class Worker:
             reason = 'exited'
         self._finish(job.uid, job.hash, job.start, None, why, limit, reason)
 
+    def _sweep_strays(self):
+        """No cgroup: kill every child of this worker that is neither a
+        running job's process nor one that setup started (they are what
+        ended jobs left behind), and reap them as they come back."""
+        keep = set(self.jobs) | self.own
+        give_up = time.monotonic() + 10.0
+        for child in direct_children(os.getpid()):
+            if child not in keep:
+                for pid in kill_tree(child, signal.SIGKILL):
+                    self.strays[pid] = give_up
+
     def _finish(self, uid, job_hash, start, result, exception, limit=None, reason='exception'):
         reply = dc.JobReply(uid=uid, hash=job_hash, ip_addr=self.cfg['ip_addr'],
                             status=DispyJob.Terminated, result=result,
@@ -2824,7 +3072,7 @@ class Worker:
         now = time.monotonic()
         for job in self.jobs.values():
             if job.kill_at and now >= job.kill_at:
-                kill_tree(job.pid, signal.SIGKILL)
+                self._kill_job(job)
                 job.kill_at = None
             if job.deadline and now >= job.deadline:
                 # --job_timeout: end the job's whole tree like a TERMINATE_JOB.
@@ -2836,6 +3084,20 @@ class Worker:
                     job.terminated = True
                     job.kill_at = now + KILL_GRACE
                     kill_tree(job.pid, signal.SIGTERM)
+        if self.strays:
+            self._reap()
+
+    def _kill_job(self, job):
+        """SIGKILL for every process of a job: its cgroup, else its tree."""
+        if job.cgroup is None:
+            kill_tree(job.pid, signal.SIGKILL)
+            return
+        _cgroup_kill(job.cgroup.path)
+        for kill in (os.killpg, os.kill):   # in case it could not join its cgroup
+            try:
+                kill(job.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     # -- per-job limits (see the observing section)
     def _memory_note(self, what):
@@ -2843,59 +3105,113 @@ class Worker:
             what, self.cfg.get('job_memory_text') or self.cfg['job_memory'],
             self.cfg['job_memory'])
 
-    def _job_cgroup(self, uid):
-        """A cgroup v2 group with the memory limit for one job, or None."""
-        base = self.cfg.get('cgroup')
-        if not base or not self.cfg.get('job_memory'):
+    def _take_slot(self):
+        """A free job cgroup of this worker (None without, or if all are in
+        use: then the job is contained as a subreaper)."""
+        if not self.free_slots:
             return None
-        path = os.path.join(base, 'job-%d-%d' % (os.getpid(), uid))
+        # First in, first out: every group is taken in turn, and emptied
+        # first (a job user may move its processes into an idle group).
+        slot = self.free_slots.pop(0)
+        _cgroup_kill(slot.path)
+        if self.cfg.get('cgroup_memory'):
+            slot.oom = self._oom_kills(slot)
+        return slot
+
+    @staticmethod
+    def _oom_kills(slot):
         try:
-            os.mkdir(path)
-            for name, value in (('memory.max', self.cfg['job_memory']), ('memory.swap.max', 0)):
-                try:
-                    with open(os.path.join(path, name), 'w') as fh:
-                        fh.write(str(value))
-                except FileNotFoundError:
-                    pass        # no swap accounting
-        except OSError:
-            return None
-        return path
+            with open(os.path.join(slot.path, 'memory.events')) as fh:
+                for line in fh:
+                    if line.startswith('oom_kill '):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     def _apply_job_limits(self, cgroup):
-        """In the job child, before user code: join the job's cgroup, cap
-        its address space (inherited by everything it starts)."""
-        if cgroup:
+        """In the job child, before user code: join the job's cgroup (True
+        if it did), cap its address space (inherited by everything it
+        starts)."""
+        joined = False
+        if cgroup:      # the group's cgroup.procs; plain system calls: few pages touched
             try:
-                with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as fh:
-                    fh.write(str(os.getpid()))
+                fd = os.open(cgroup, os.O_WRONLY)
+                try:
+                    joined = os.write(fd, b'0') == 1        # 0: this process
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
         limit = self.cfg.get('job_memory')
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        return joined
 
-    def _drop_job_cgroup(self, job):
-        """Remove a finished job's cgroup; True if its OOM killer fired."""
-        if not job.cgroup:
+    def _release_slot(self, job):
+        """Kill what is left in an ended job's cgroup and free it for the
+        next job; True if its OOM killer fired during the job."""
+        slot = job.cgroup
+        if slot is None:
             return False
-        oom = False
-        try:
-            with open(os.path.join(job.cgroup, 'memory.events')) as fh:
-                for line in fh:
-                    if line.startswith('oom_kill ') and int(line.split()[1]) > 0:
-                        oom = True
-        except (OSError, ValueError, IndexError):
-            pass
-        try:
-            os.rmdir(job.cgroup)
-        except OSError:
-            pass
+        _cgroup_kill(slot.path)
+        oom = bool(self.cfg.get('cgroup_memory')) and self._oom_kills(slot) > slot.oom
+        self.free_slots.append(slot)
+        if not self.cfg.get('cgroup_memory'):
+            # Nothing but this worker's own leaf holds processes in its group
+            # itself; a job that moved one there left it behind.  (With the
+            # memory controller the group can hold none.)
+            try:
+                fd = os.open(os.path.join(self.cgroup, 'cgroup.procs'), os.O_RDONLY)
+                try:
+                    left = os.read(fd, 65536).split()
+                finally:
+                    os.close(fd)
+            except OSError:
+                left = ()
+            for pid in left:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
         return oom
+
+
+def _cgroup_kill(path):
+    """SIGKILL every process in the cgroup ``path`` and below (cgroup.kill,
+    Linux 5.14+), else each pid listed in its cgroup.procs."""
+    try:
+        fd = os.open(os.path.join(path, 'cgroup.kill'), os.O_WRONLY)   # never made here
+        try:
+            os.write(fd, b'1')
+        finally:
+            os.close(fd)
+        return
+    except OSError:
+        pass
+    for _ in range(10):
+        try:
+            with open(os.path.join(path, 'cgroup.procs')) as fh:
+                pids = [int(p) for p in fh.read().split()]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def worker_main(fd):
     """Entry point of a worker process (see WorkerHandle for how it starts)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
+    # Not dumpable: another process of the job user (a job of another
+    # computation) can neither ptrace this worker nor open its
+    # /proc/<pid>/mem, so a spare worker stays untouched until it is used.
+    # Job processes inherit it (a program they exec becomes dumpable again).
+    prctl(PR_SET_DUMPABLE, 0)
     chan = socket.socket(fileno=fd)
     import_implicit_modules()
     try:
@@ -2974,14 +3290,26 @@ class WorkerHandle:
         try:
             self.proc = CHILDREN.start(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
-                                         pass_fds=(theirs.fileno(),),
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         pass_fds=(theirs.fileno(),), close_fds=True,
+                                         # nothing of the node's: not its terminal,
+                                         # not its log
+                                         stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True,
                                          **job_user_args(node.config.job_user))
         except OSError:
             ours.close()
             raise
         finally:
             theirs.close()
+        cfg = node.config
+        self.cgroup = None
+        self.cgroup_memory = getattr(cfg, 'job_memory', 0) if getattr(cfg, 'job_cgroup', None) \
+            else 0
+        if getattr(cfg, 'proc_cgroup', None):
+            self.cgroup = make_worker_cgroup(
+                cfg.proc_cgroup, self.proc.pid, max(cfg.cpus, os.cpu_count() or 1),
+                self.cgroup_memory, cfg.job_user.uid if cfg.job_user else None)
 
     def usable(self):
         return self.proc.poll() is None
@@ -2997,7 +3325,9 @@ class WorkerHandle:
             'ip_addr': self.node.ip_of(comp), 'reply_addr': list(comp.reply_addr),
             'certfile': cfg.certfile, 'msg_timeout': cfg.msg_timeout,
             'max_file_size': cfg.max_file_size, 'max_reply': max(1, worker_frame_limit(cfg) - 1024),
-            **job_limits(cfg)}))
+            **job_limits(cfg),
+            'cgroup': self.cgroup, 'cgroup_memory': bool(self.cgroup and self.cgroup_memory),
+            'cgroup_slots': max(cfg.cpus, os.cpu_count() or 1) if self.cgroup else 0}))
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name='worker-%s' % comp.id)
         self.reader.start()
@@ -3062,17 +3392,46 @@ class WorkerHandle:
             # the channel's rules is faulty, and is ended, never trusted.
             logger.warning('worker of computation %s (pid %d) sent %s: stopping it as faulty',
                            self.comp.id, self.proc.pid, fault)
+            if self.cgroup:
+                _cgroup_kill(self.cgroup)       # its jobs, wherever they went
             kill_tree(self.proc.pid, signal.SIGKILL)
             try:
                 self.chan.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        self.fault = fault
+        if self.comp.worker is self:
+            self.comp.worker_ready.clear()      # admit_job waits for Node.worker_lost
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
+
+    def exit_reason(self):
+        """Why the worker's channel closed, for its jobs' replies and the
+        log (waits briefly for its exit status; kills it if it lingers)."""
+        try:
+            code = self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait()
+        if getattr(self, 'fault', None):
+            return 'worker %d stopped as faulty: it sent %s' % (self.proc.pid, self.fault)
+        if code < 0:
+            return 'worker %d killed by signal %d' % (self.proc.pid, -code)
+        return 'worker %d exited with status %d' % (self.proc.pid, code)
+
+    def kill_orphans(self):
+        """Kill what the dead worker left: its job processes (each leads a
+        process group in the worker's session) would run on unseen, their
+        results lost with the worker."""
+        for pgid in session_groups(self.proc.pid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _recv_frame(self):
         """One frame from the worker, or None at its end.  The length comes
@@ -3145,30 +3504,56 @@ class WorkerHandle:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            if self.cgroup:
+                _cgroup_kill(self.cgroup)
+            # no cgroup: everything its jobs left came back to it (it is
+            # their subreaper), so its tree is all of it
             kill_tree(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.chan.close()
+        # whatever the computation still runs (setup's processes, a job's)
+        if self.cgroup and not remove_cgroup(self.cgroup):
+            logger.warning('processes of a worker outlive SIGKILL in %s', self.cgroup)
 
 
 # ---------------------------------------------------------------- courier
 
 class Delivery:
-    __slots__ = ('comp', 'uid', 'hash', 'reply', 'resend')
+    __slots__ = ('comp', 'uid', 'hash', 'reply', 'resend', 'queued')
 
     def __init__(self, comp, uid, job_hash, reply, resend):
         self.comp, self.uid, self.hash, self.reply, self.resend = \
             comp, uid, job_hash, reply, resend
+        self.queued = time.monotonic()
+
+
+# What one JOB_REPLY send came to (Courier._send): True when the client
+# ACKed it (as _send always said), else what went wrong.
+ACKED = True
+REFUSED_REPLY = 'refused'          # the client answered, but not ACK: this reply alone
+UNANSWERED = 'unanswered'          # sent whole, no answer in --msg_timeout (frozen, or dropped it)
+UNREACHABLE = 'unreachable'        # no connection, or it broke before the frame was out
+NO_DESCRIPTOR = 'no descriptor'    # out of descriptors here: nobody's fault but ours
+FD_SHORT_ERRNOS = (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM)
 
 
 class Courier:
     """Sends JOB_REPLY frames to clients.  Each reply address has its own
     lane (a queue and a thread that ends when idle), so replies to one
-    client stay in order and a client that stalls delays only itself.  A
-    reply that cannot be delivered is stored."""
+    client stay in order and a client that stalls delays only itself.
+
+    A refusal (the client answered, but not ACK) concerns that reply alone.
+    Only an unreachable or silent client marks its address down: new
+    replies then go straight to the store for RETRY_SECONDS, and a resend
+    round stops at its first failure, rather than each waiting out a
+    timeout.  A reply that cannot be delivered is stored (Node.reply_undelivered);
+    one sent MAX_REPLY_ATTEMPTS times without an ACK is no longer resent
+    on its own (Node.resend)."""
 
     def __init__(self, node):
         self.node = node
         self.lock = threading.Lock()
+        self.settled = threading.Condition(self.lock)    # notified as deliveries end
         self.lanes = {}              # reply address -> (queue, thread)
         self.down = {}               # reply address -> when it last failed
         # (compute id, uid, hash): the legacy client reuses a uid (an id())
@@ -3209,6 +3594,18 @@ class Courier:
         with self.lock:
             return not self.in_flight
 
+    def wait_idle(self, comp, timeout):
+        """Wait (at most ``timeout``) until no reply of ``comp`` is queued
+        or being sent."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while any(key[0] == comp.id for key in self.in_flight):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.settled.wait(left)
+        return True
+
     def _lane(self, addr):
         lane = self.lanes[addr][0]
         while True:
@@ -3229,6 +3626,7 @@ class Courier:
             finally:
                 with self.lock:
                     self.in_flight.discard((item.comp.id, item.uid, item.hash))
+                    self.settled.notify_all()
 
     def drain(self, timeout):
         """Finish the queued deliveries (bounded by ``timeout``); later
@@ -3247,32 +3645,56 @@ class Courier:
         with self.lock:
             failed = self.down.get(addr)
             # Right after a failure, new replies go straight to the store
-            # rather than each waiting out a timeout; retries resume later.
-            skip = (not item.resend and failed is not None
-                    and time.monotonic() - failed < RETRY_SECONDS)
-        ok = False if skip else self._send(addr, item.reply)
-        if ok:
+            # rather than each waiting out a timeout, and the rest of a
+            # resend round waits for the next one.
+            skip = failed is not None and (
+                failed >= item.queued if item.resend
+                else time.monotonic() - failed < RETRY_SECONDS)
+        outcome = UNREACHABLE if skip else self._send(addr, item.reply)
+        if outcome is False:
+            outcome = UNREACHABLE
+        if outcome is ACKED:
             self.node.reply_delivered(item)
             return
-        if not skip:
+        logs = self.node.logs
+        if outcome in (UNREACHABLE, UNANSWERED) and not skip:
             with self.lock:
                 self.down[addr] = time.monotonic()
-            logger.warning('could not deliver the reply of job %s to %s:%s%s', item.uid,
-                           addr[0], addr[1], '' if item.resend else '; storing it')
+        if outcome in (REFUSED_REPLY, UNANSWERED):
+            self.node.reply_unacknowledged(item, outcome)
+        elif outcome is NO_DESCRIPTOR:
+            logs.log('descriptors short', logging.WARNING, 'out of descriptors: the reply '
+                     'of job %s waits to be sent to %s:%s', item.uid, addr[0], addr[1])
+        elif not skip:
+            logs.log('could not deliver job replies', logging.WARNING,
+                     'could not deliver the reply of job %s to %s:%s%s', item.uid,
+                     addr[0], addr[1], '' if item.resend else '; storing it')
         if not item.resend:
             self.node.reply_undelivered(item)
 
     def _send(self, addr, reply):
+        """One JOB_REPLY to ``addr``: ACKED, REFUSED_REPLY, UNANSWERED,
+        UNREACHABLE or NO_DESCRIPTOR."""
         cfg = self.node.config
         try:
-            with dc.connect(addr, cfg.msg_timeout, self.node.tls_client) as sock:
+            sock = dc.connect(addr, cfg.msg_timeout, self.node.tls_client)
+        except OSError as exc:
+            logger.debug('connecting to %s:%s failed: %s', addr[0], addr[1], exc)
+            return NO_DESCRIPTOR if exc.errno in FD_SHORT_ERRNOS else UNREACHABLE
+        with sock:
+            try:
                 sock.settimeout(cfg.msg_timeout)
                 dc.send_msg(sock, b'JOB_REPLY:' + reply)
-                self.node.counters.add('bytes_out', 14 + len(reply))
-                return dc.recv_msg(sock, 1024) == b'ACK'
-        except (OSError, ProtocolError) as exc:
-            logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
-            return False
+            except OSError as exc:
+                logger.debug('sending to %s:%s failed: %s', addr[0], addr[1], exc)
+                return UNREACHABLE
+            self.node.counters.add('bytes_out', 14 + len(reply))
+            try:
+                answer = dc.recv_msg(sock, 1024)
+            except (OSError, ProtocolError) as exc:
+                logger.debug('no answer from %s:%s: %s', addr[0], addr[1], exc)
+                return UNANSWERED
+        return ACKED if answer == b'ACK' else REFUSED_REPLY
 
 
 # ---------------------------------------------------------------- TCP handlers
@@ -3316,9 +3738,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
             if handler is None and self.token_sign is not None:
                 self.reply(b'NAK (invalid command: %s)' % msg[:16])
             return
-        if tag != b'PING':
-            # RESEND_JOB_RESULTS counts stored results before resending them.
-            self.node.sign_of_life(self.peer, resend=(tag != b'RESEND_JOB_RESULTS'))
+        # A request is a sign of its client's life once it is served, never
+        # when it is refused: a client retrying a refused JOB at once would
+        # otherwise keep a dead computation from ever becoming a zombie.
+        self.refused, self.alive_noted = False, tag == b'PING'
+        self.tag = tag
         try:
             # PING may come from anyone: the bounded plain-data decoder.
             body = dc.loads_unauth(payload) if tag == b'PING' else dc.loads_records(payload)
@@ -3331,8 +3755,20 @@ class RequestHandler(socketserver.BaseRequestHandler):
             handler(self, body)
         except (OSError, ProtocolError) as exc:
             logger.debug('%s from %s ended early: %s', tag.decode(), self.peer, exc)
+        finally:
+            if not self.refused:
+                self.note_alive()
+
+    def note_alive(self):
+        """The client was heard from (once per request).  RESEND_JOB_RESULTS
+        resends by itself, after counting."""
+        if not self.alive_noted:
+            self.alive_noted = True
+            self.node.sign_of_life(self.peer, resend=(self.tag != b'RESEND_JOB_RESULTS'))
 
     def reply(self, data):
+        if data == b'Busy' or data.startswith(b'NAK ('):
+            self.refused = True
         try:
             dc.send_msg(self.sock, data)
             self.node.counters.add('bytes_out', 4 + len(data))
@@ -3392,6 +3828,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
                                self.peer, refusal.decode())
             self.reply(refusal)
             return
+        self.note_alive()       # before its reply can be sent
         # Hand the job to the worker before the ACK, so a TERMINATE_JOB or
         # CLOSE the client sends right after it finds the job there; its
         # reply waits for the ACK (job_done): the legacy client breaks (and
@@ -3411,6 +3848,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.state.find(getattr(job, 'compute_id', None))
         if comp is None:
             logger.debug('ignoring TERMINATE_JOB from %s', self.peer)
+            self.refused = True
             return
         self.node.terminate_job(comp, getattr(job, 'uid', None))
 
@@ -3421,6 +3859,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         comp = self.node.lookup(info, self.token_sign)
         if comp is None:
             self.node.refuse('CLOSE for an unknown computation', self.peer)
+            self.refused = True
             return
         self.node.close_computation(comp, bool(info.get('terminate_pending')))
 
@@ -3433,7 +3872,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
             return
         _, stored, running = self.node.state.progress(comp)
         self.reply(dc.dumps_plain(stored + running))
-        self.node.resend(comp)
+        self.node.resend(comp, asked=True)
 
     @handles(b'PENDING_JOBS', recovery=True)
     def _handle_pending_jobs(self, info):
@@ -3519,6 +3958,26 @@ class Waker:
         _close(self.w)
 
 
+# Descriptors the node keeps for itself, beyond client connections: its
+# files, sockets, wakers and selectors, the workers' channels, courier
+# connections and stored-reply writes, PONG and task threads.
+FD_RESERVE = 24 + MAX_COMPUTATIONS + 2 * MAX_LANES + PONG_THREADS + TASK_THREADS
+FD_PAUSE_MIN, FD_PAUSE_MAX = 0.05, 1.0   # accepting pauses this long while descriptors are short
+
+
+def fd_budget(soft, max_connections):
+    """(pending connections, requests handled at once) that fit a soft
+    descriptor limit of ``soft`` and still leave room for the work in
+    flight: FD_RESERVE (at most half the limit), then two descriptors per
+    request being handled (its socket and a file), then the pending ones
+    (a fifth kept for the Reception's slack, see _shed_idle)."""
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PENDING, max_connections
+    avail = max(8, soft - min(FD_RESERVE, soft // 2))
+    handlers = min(max_connections, max(4, avail // 3))
+    return max(4, min(MAX_PENDING, (avail - 2 * handlers) * 4 // 5)), handlers
+
+
 class Reception(threading.Thread):
     """Reads every new connection's TLS handshake, auth prefix and frame in
     one selector loop.  Idle or trickling peers cost a descriptor here, not
@@ -3540,17 +3999,18 @@ class Reception(threading.Thread):
             import ssl  # only a TLS node pays for the module
             self.want_read = (ssl.SSLWantReadError, BlockingIOError)
             self.want_write = (ssl.SSLWantWriteError,)
-        # Stay well inside the descriptor limit, or accept() would fail
-        # (and the accept loop spin) before the cap ever refused anyone.
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY \
-            else max(32, min(MAX_PENDING, soft - 256))
+        # Stay inside the descriptor limit, with room for the work in
+        # flight (fd_budget); past the cap, the oldest connection that has
+        # sent nothing yet makes room for a new one (_shed_idle), so idle
+        # peers cannot lock clients out.
+        self.max_pending = server.max_pending
+        self.slack = max(2, self.max_pending // 4)
         self.stopped = False
         self.buffered = 0            # request bytes reserved (under self.lock)
 
     def add(self, sock, addr):
         with self.lock:
-            if self.stopped or self.count >= self.max_pending:
+            if self.stopped or self.count >= self.max_pending + self.slack:
                 refused = True
             else:
                 refused = False
@@ -3636,6 +4096,22 @@ class Reception(threading.Thread):
                 self._forget(sock)
                 continue
             self._advance(arrival)
+        self._shed_idle()
+
+    def _shed_idle(self):
+        """Over the pending cap: drop the oldest connections that have not
+        sent a byte."""
+        with self.lock:
+            over = self.count - self.max_pending
+        if over <= 0:
+            return
+        idle = sorted((a for a in (k.data for k in self.sel.get_map().values())
+                       if a is not None and a.stage == 'auth' and not a.buf
+                       and not a.handshaking), key=lambda a: a.deadline)
+        for a in idle[:over]:
+            self.node.refuse('connection: idle while too many are pending', a.addr[0],
+                             logging.INFO)
+            self._drop(a)
 
     def _advance(self, a):
         """Read as far as the data allows; hand over a complete request."""
@@ -3788,11 +4264,17 @@ class TCPServer(socketserver.TCPServer):
 
     def __init__(self, addr, node):
         self.node = node
-        self.slots = threading.BoundedSemaphore(node.config.max_connections)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_pending, handlers = fd_budget(soft, node.config.max_connections)
+        if handlers < node.config.max_connections:
+            logger.warning('the descriptor limit (%d) allows %d requests at once, not %d '
+                           '(--max_connections), and %d pending connections', soft, handlers,
+                           node.config.max_connections, self.max_pending)
+        self.slots = threading.BoundedSemaphore(handlers)
         # A slot is taken before a request is queued, so the queue never
         # refuses; idle threads end after a second (jobs come much faster).
-        self.handlers = TaskPool('request', node.config.max_connections,
-                                 node.config.max_connections, idle_seconds=1.0)
+        self.handlers = TaskPool('request', handlers, handlers, idle_seconds=1.0)
+        self.pause = FD_PAUSE_MIN       # the next back-off while descriptors are short
         # Before binding: a failed bind calls server_close, which closes it.
         self.waker = Waker()
         self.stopping = threading.Event()
@@ -3805,22 +4287,41 @@ class TCPServer(socketserver.TCPServer):
             with selectors.DefaultSelector() as sel:
                 sel.register(self, selectors.EVENT_READ)
                 sel.register(self.waker, selectors.EVENT_READ)
+                resume = None       # while descriptors are short: when to listen again
                 while not self.stopping.is_set():
-                    for key, _ in sel.select():
-                        if key.fileobj is self and not self.stopping.is_set():
-                            self._accept()
+                    timeout = None if resume is None else max(0.0, resume - time.monotonic())
+                    for key, _ in sel.select(timeout):
+                        if key.fileobj is self and not self.stopping.is_set() \
+                                and not self._accept():
+                            # The listener stays readable: stop polling it
+                            # for a while, or this loop would spin.
+                            sel.unregister(self)
+                            resume = time.monotonic() + self.pause
+                            self.pause = min(FD_PAUSE_MAX, self.pause * 2)
+                    if resume is not None and time.monotonic() >= resume:
+                        sel.register(self, selectors.EVENT_READ)
+                        resume = None
         finally:
             self.stopped.set()
 
     def _accept(self):
+        """Accept one connection; False if out of descriptors."""
         try:
             request, client_address = self.get_request()
-        except OSError:         # the peer left already, or out of descriptors
-            return
+        except OSError as exc:      # the peer left already, or out of descriptors
+            if exc.errno in FD_SHORT_ERRNOS:
+                self.node.logs.log('descriptors short', logging.WARNING,
+                                   'out of descriptors (limit %d): not accepting connections '
+                                   'for %gs', resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                   self.pause)
+                return False
+            return True
+        self.pause = FD_PAUSE_MIN
         if self.verify_request(request, client_address):
             self.process_request(request, client_address)
         else:
             self.shutdown_request(request)
+        return True
 
     def shutdown(self):
         """End serve_forever (which must have been started) and wait for it."""
@@ -4258,6 +4759,7 @@ class Node(ServiceControl):
         # only if its own start_up took them (not a caller's that it was handed).
         self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
+        self.owns_proc_cgroup = False
         try:
             self._init(config)
         except BaseException:
@@ -4268,6 +4770,24 @@ class Node(ServiceControl):
             self._release_cgroup()      # no node will use it
             self._release_prefix()
             raise
+
+    def _contain_jobs(self, config):
+        """Every job gets a cgroup of its own where the node can make one:
+        it holds whatever the job starts (setsid or not), and cgroup.kill
+        ends it.  The jobs' group is the memory limit's when there is one,
+        else a plain one that this Node makes when it starts serving and
+        removes when it closes."""
+        group, note = getattr(config, 'proc_cgroup', None), None
+        if group is None and getattr(config, 'proc_cgroup_note', None) is None:
+            group, note = cgroup_v2_jobs()
+            self.owns_proc_cgroup = group is not None
+            config = config.replace(proc_cgroup=group, proc_cgroup_note=note)
+        if group:
+            logger.debug('each job runs in a cgroup of its own under %s', group)
+        else:
+            logger.info('jobs are contained without a cgroup (the worker is their '
+                        'subreaper): %s', config.proc_cgroup_note)
+        return config
 
     def _init(self, config):
         self.state = NodeState(config.cpus)
@@ -4292,6 +4812,9 @@ class Node(ServiceControl):
         self.lookup_lock = threading.Lock()     # guards the two tables above
         self.counters = Counters()
         self.logs = LogLimiter()
+        self.held = collections.deque()     # replies neither delivered nor stored (yet)
+        self.held_lock = threading.Lock()    # guards held and invites
+        self.invites = []                   # (when, client ip, port): see retire
         self.stopping = threading.Event()
         self.finishing = 0          # job_done calls under way (a drain waits for them)
         self.finishing_lock = threading.Lock()
@@ -4318,6 +4841,7 @@ class Node(ServiceControl):
     # -- start and stop
     def start(self):
         self._started = True
+        self.config = self._contain_jobs(self.config)     # before the first worker
         self._start_observers()
         self.tcp.reception.start()
         self.spawn(self._refill_spare, key='spare')
@@ -4404,6 +4928,7 @@ class Node(ServiceControl):
             time.sleep(0.05)
         if self._started:
             self.courier.drain(3.0)
+        self.retry_held(store_only=True)    # a last try to keep them
         for comp in active:
             # A retiring computation's worker may be running its cleanup: it
             # gets 2 s.  Any other's jobs are over (or past waiting for), and
@@ -4662,7 +5187,7 @@ class Node(ServiceControl):
 
     # -- timer: pulses, zombies, resends
     def _timer_loop(self):
-        last_pulse = last_retry = time.monotonic()
+        last_pulse = last_retry = last_held = time.monotonic()
         # A zombie is found within a tenth of its interval (the tests use
         # intervals of a fraction of a second).
         zombie = self.config.zombie_seconds
@@ -4680,8 +5205,25 @@ class Node(ServiceControl):
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
+                if self.invites:
+                    self._send_invites()
+                if self.held and time.monotonic() - last_held >= HELD_RETRY_SECONDS:
+                    last_held = time.monotonic()
+                    self.retry_held()
             except Exception:  # keep ticking
                 logger.exception('timer tick failed')
+
+    def _send_invites(self):
+        """The TCP PINGs due to clients whose computation ended with its
+        worker (see retire), if the node is still free."""
+        now = time.monotonic()
+        with self.held_lock:
+            due = [i for i in self.invites if i[0] <= now]
+            self.invites = [i for i in self.invites if i[0] > now]
+        for _, ip, port in due:
+            if self.state.is_free():
+                self.spawn(self._tcp_notify, (ip, port),
+                           b'PING:' + dc.dumps_plain(self.ping_info(ip)))
 
     def _retry_stored(self):
         active, _ = self.state.snapshot()
@@ -4787,6 +5329,7 @@ class Node(ServiceControl):
         refusal = self.state.claim(comp)
         if refusal:
             return None, refusal
+        comp.compute_bytes, comp.code = raw, compute.code
         try:
             self.workspace.save_computation(comp)
             comp.worker = self.take_worker()
@@ -4865,7 +5408,7 @@ class Node(ServiceControl):
             for entry in self.state.jobs_of(comp.id):
                 self.terminate_job(comp, entry.uid)
         if self.state.is_detached(comp):
-            self.resend(comp)
+            self.resend(comp, asked=True)
             self._settle(comp, self.state.forget)
             return
         self.retire(comp)
@@ -4889,6 +5432,9 @@ class Node(ServiceControl):
         if not change:
             return      # the node shut down meanwhile and settled it
         if Do.TERMINATED in change:
+            # Replies first: a JOB_REPLY after TERMINATED finds its job
+            # already rescheduled or abandoned at the client.
+            self.courier.wait_idle(comp, 2 * self.config.msg_timeout)
             self.send_terminated(comp)
         kept = self.state.progress(comp)[1] if Do.SAVE_RECORD in change else 0
         logger.info('computation %s closed (%s of %s:%s, %.1fs; jobs: %s)%s', comp.id,
@@ -4898,6 +5444,15 @@ class Node(ServiceControl):
                     '; %d result(s) kept' % kept if kept else '')
         if Do.ANNOUNCE in change:
             self.announce()
+            if comp.rejoin:
+                # As a restarted original node is rediscovered: a TCP PING
+                # makes the client set its computation up here anew, and run
+                # the jobs it still holds.  Sent by the timer once the
+                # client's own PING of a moment ago no longer counts against
+                # the PONG rate limit.
+                with self.held_lock:
+                    self.invites.append((time.monotonic() + PING_SOURCE_INTERVAL,
+                                         comp.scheduler_ip, comp.scheduler_port))
         self.computation_ended(comp, shutdown_asked)
 
     def _settle(self, comp, transition):
@@ -5006,6 +5561,11 @@ class Node(ServiceControl):
                 or not isinstance(job.xfer_files or [], list):
             return None, None, b'NAK (invalid job)'
         comp = self.state.find(job.compute_id)
+        if comp is not None and not comp.worker_ready.is_set():
+            # Its worker died: wait (bounded) while worker_lost replaces it
+            # or ends the computation, rather than refuse the job (the
+            # legacy client would retry it at once, again and again).
+            comp.worker_ready.wait(self.config.msg_timeout)
         if comp is None or comp.worker is None \
                 or not comp.worker.alive:
             return None, None, b'NAK (invalid computation %s)' % brief(job.compute_id).encode()
@@ -5085,15 +5645,64 @@ class Node(ServiceControl):
         if self.state.retire_due(comp) and not self.stopping.is_set():
             self.spawn(self.retire, comp)
 
-    def worker_lost(self, comp):
-        """The worker exited or died; its running jobs end as Terminated."""
-        for entry in self.state.jobs_of(comp.id):
-            self.job_done(comp, entry.uid, self._terminated_reply(
-                comp, entry.uid, entry.hash, 'worker process of the computation died'),
-                reason='worker_lost')
-        if self.state.phase_of(comp) in (Phase.ACTIVE, Phase.ZOMBIE) \
-                and not self.stopping.is_set():
-            logger.warning('worker of computation %s exited', comp.id)
+    def worker_lost(self, comp, handle=None):
+        """The channel to ``comp``'s worker closed.  At retirement or
+        shutdown that is the worker's normal exit.  Otherwise it died (the
+        OOM killer, a crash in an extension, an operator): its running jobs
+        end Terminated with the reason and what it left running is killed.
+        Then a computation without setup goes on in a fresh worker (the
+        code is all its state: jobs are forks and keep nothing), at most
+        MAX_WORKER_RESTARTS times; one with setup (whose state died with the
+        worker, and which the node must not run twice behind the client's
+        back) ends, and the client gets TERMINATED, as from an original
+        node that shut down: it reschedules reentrant jobs it still had
+        here and abandons the others, and sets up anew when it rediscovers
+        the node, which is free again."""
+        handle = handle or comp.worker
+        try:
+            phase = self.state.phase_of(comp)
+            if comp.worker is not handle or handle.alive or self.stopping.is_set() \
+                    or phase not in (Phase.ACTIVE, Phase.ZOMBIE):
+                return
+            why = handle.exit_reason()
+            handle.kill_orphans()
+            entries = self.state.jobs_of(comp.id)
+            replace = (phase is Phase.ACTIVE and not comp.has_setup
+                       and comp.worker_restarts < MAX_WORKER_RESTARTS)
+            for entry in entries:
+                self.job_done(comp, entry.uid, self._terminated_reply(
+                    comp, entry.uid, entry.hash, 'worker process of the computation died '
+                    '(%s)' % why), reason='worker_lost')
+            if replace:
+                try:
+                    worker = self.take_worker()
+                    worker.attach(comp, comp.compute_bytes, comp.code)
+                except Exception as exc:  # no worker: end it as below
+                    why += '; no new worker: %s' % exc
+                else:
+                    comp.worker = worker
+                    comp.worker_restarts += 1
+                    logger.warning('%s (computation %s): %d running job(s) end Terminated; '
+                                   'its jobs go on in a new worker (%d of at most %d)', why,
+                                   comp.id, len(entries), comp.worker_restarts,
+                                   MAX_WORKER_RESTARTS)
+                    self.spawn(self._refill_spare, key='spare')
+                    return
+            if phase is not Phase.ACTIVE:   # closing anyway: its last job_done retires it
+                logger.warning('%s (computation %s, closing): %d running job(s) end '
+                               'Terminated', why, comp.id, len(entries))
+                return
+            why += ('; the computation has setup, whose state died with it' if comp.has_setup
+                    else '; %d workers died already' % comp.worker_restarts)
+            logger.warning('%s (computation %s): %d running job(s) end Terminated', why,
+                           comp.id, len(entries))
+            # retire invites the client back if the death took jobs with it:
+            # each round then ends a job, so a worker that keeps dying (in
+            # setup, or between jobs) cannot bring the client back for ever
+            comp.rejoin = bool(entries)
+            self.evict(comp, why, kill_jobs=False)
+        finally:
+            comp.worker_ready.set()
 
     # -- results
     def reply_delivered(self, item):
@@ -5105,15 +5714,59 @@ class Node(ServiceControl):
         """``uid``'s stored reply is delivered, or unreadable: forget it."""
         self._drop_files(comp, self.workspace.drop_reply(comp, uid, self.state.drop_stored))
 
+    def reply_unacknowledged(self, item, outcome):
+        """The client did not ACK this reply (it refused it, or sent no
+        answer).  Counted per reply: once MAX_REPLY_ATTEMPTS sends went
+        unacknowledged, the stored reply is no longer resent on its own
+        (only a client's RESEND_JOB_RESULTS, as dispy.recover_jobs sends,
+        still gets it)."""
+        comp, (ip, port) = item.comp, item.comp.reply_addr
+        count = self.state.note_unacked(comp, item.uid, fresh=not item.resend)
+        if count >= MAX_REPLY_ATTEMPTS:
+            self.logs.log('replies never acknowledged', logging.WARNING,
+                          'the client at %s:%s did not acknowledge the reply of job %s in %d '
+                          'attempts (last: %s); it stays stored for recovery and is not sent '
+                          'again unless the client asks (RESEND_JOB_RESULTS)', ip, port,
+                          item.uid, count, outcome)
+        else:
+            self.logs.log('replies not acknowledged', logging.INFO,
+                          'the client at %s:%s %s the reply of job %s (attempt %d of %d)%s',
+                          ip, port, 'refused' if outcome is REFUSED_REPLY else
+                          'did not answer', item.uid, count, MAX_REPLY_ATTEMPTS,
+                          '' if item.resend else '; storing it')
+
     def reply_undelivered(self, item):
+        """Store a reply that was not delivered.  If even that fails (a full
+        disk, no descriptor left), it is held in memory and tried again
+        (delivery, then storage) from the timer: never dropped."""
         try:
             self.workspace.store_reply(item.comp, item.uid, item.hash, item.reply,
                                        self.state.add_stored)
         except OSError as exc:
-            logger.error('could not store the reply of job %s: %s', item.uid, exc)
+            with self.held_lock:
+                self.held.append(item)
+                held = len(self.held)
+            self.logs.log('could not store job replies', logging.ERROR,
+                          'could not store the reply of job %s: %s; %d reply(s) held in '
+                          'memory, tried again every %gs', item.uid, exc, held, HELD_RETRY_SECONDS)
 
-    def resend(self, comp):
-        for uid in self.state.stored_uids(comp):
+    def retry_held(self, store_only=False):
+        """Try the replies held in memory again: delivered, else stored,
+        else held again (``store_only``: at shutdown, no delivery)."""
+        with self.held_lock:
+            items, self.held = list(self.held), collections.deque()
+        for item in items:
+            item = Delivery(item.comp, item.uid, item.hash, item.reply, False)
+            if store_only:
+                self.reply_undelivered(item)
+            else:
+                self.courier.submit(item)
+
+    def resend(self, comp, asked=False):
+        """Send ``comp``'s stored replies again (at most 64 per round); the
+        ones sent MAX_REPLY_ATTEMPTS times without an ACK only if the
+        client ``asked``."""
+        for uid in self.state.stored_uids(comp, exhausted=asked):
             rec = self.workspace.load_reply(comp, uid)
             if rec is None:     # gone, or moved aside as unreadable
                 self._drop_reply(comp, uid)
@@ -5148,6 +5801,11 @@ class Node(ServiceControl):
         """Remove the jobs' cgroup (once no worker is left to use it)."""
         if self.owns_cgroup and not release_job_cgroup(self.config):
             logger.warning('could not remove the jobs\' cgroup %s', self.config.job_cgroup)
+        if getattr(self, 'owns_proc_cgroup', False):
+            self.owns_proc_cgroup = False
+            if not remove_cgroup(self.config.proc_cgroup):
+                logger.warning('could not remove the jobs\' cgroup %s',
+                               self.config.proc_cgroup)
 
     def _release_prefix(self):
         """Unlock the prefix (start_up locked it) for the next node."""
@@ -5240,7 +5898,11 @@ class Node(ServiceControl):
                        'job_memory': getattr(cfg, 'job_memory_text', '') or None,
                        'job_threads': getattr(cfg, 'job_threads', 0) or None,
                        'job_memory_cgroup': getattr(cfg, 'job_cgroup', None),
-                       'job_memory_cgroup_unavailable': getattr(cfg, 'cgroup_note', None)},
+                       'job_memory_cgroup_unavailable': getattr(cfg, 'cgroup_note', None),
+                       'job_containment': ('cgroup %s' % cfg.proc_cgroup
+                                           if getattr(cfg, 'proc_cgroup', None) else
+                                           'subreaper (no cgroup: %s)'
+                                           % getattr(cfg, 'proc_cgroup_note', None))},
             'guards': {'min_free_memory': getattr(cfg, 'min_free_memory', 0),
                        'min_free_disk': getattr(cfg, 'min_free_disk', 0),
                        'free_memory': self.guard.memory, 'free_disk': self.guard.disk},
@@ -5490,7 +6152,7 @@ def job_limits(cfg):
     return {'job_timeout': getattr(cfg, 'job_timeout', 0) or 0,
             'job_memory': getattr(cfg, 'job_memory', 0) or 0,
             'job_memory_text': getattr(cfg, 'job_memory_text', ''),
-            'cgroup': getattr(cfg, 'job_cgroup', None)}
+            'cgroup': None, 'cgroup_slots': 0}
 
 
 def _override_reading(env_name):
@@ -5592,31 +6254,140 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
     return group, None
 
 
-def release_job_cgroup(cfg, timeout=3.0):
-    """Remove the jobs' cgroup that start_up made (if it did) and the job
-    leaves left in it; call it once no worker is left.  Returns False if
-    it is still there after ``timeout`` seconds (a job process that
-    outlived its kill still in it)."""
-    group = getattr(cfg, 'job_cgroup', None)
-    if not group:
+def cgroup_v2_jobs(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mounts',
+                   pid=None):
+    """A cgroup v2 group for the jobs' groups (containment only, no
+    controller needed), if this process may make one: (path, None) or
+    (None, why not)."""
+    pid = pid or os.getpid()
+    try:
+        with open(cgroup_file) as fh:
+            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
+        with open(mounts_file) as fh:
+            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
+    except OSError as exc:
+        return None, 'cannot read cgroup information: %s' % exc
+    if not own or not mounts:
+        return None, 'no cgroup v2 hierarchy'
+    base = os.path.join(mounts[0], own[0].lstrip('/'))
+    _remove_stale_groups(base)
+    for n in range(100):
+        group = os.path.join(base, 'dispynode-jobs-%d%s' % (pid, '-%d' % n if n else ''))
+        try:
+            os.mkdir(group)
+        except FileExistsError:
+            continue        # another node of this process (tests)
+        except OSError as exc:
+            return None, 'cannot make a cgroup under %s: %s' % (base, exc.strerror or exc)
+        if not os.path.exists(os.path.join(group, 'cgroup.procs')):
+            os.rmdir(group)
+            return None, '%s is not a cgroup v2 hierarchy' % base
+        return group, None
+    return None, 'no free cgroup name under %s' % base
+
+
+_STALE_GROUP = re.compile(r'^dispynode-jobs-(\d+)(-\d+)?$')
+
+
+def _remove_stale_groups(base):
+    """Remove the jobs' groups of nodes that died without removing them
+    (killed with SIGKILL), with whatever is left in them."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        match = _STALE_GROUP.match(name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue            # its node lives (or another process has the pid)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        if remove_cgroup(os.path.join(base, name), 0.5):
+            logger.info('removed the cgroup %s of a node that is gone', name)
+
+
+def make_worker_cgroup(group, worker_pid, slots, memory=0, owner=None):
+    """The node's side of a worker's containment: ``group/w-<pid>`` with
+    the worker in its leaf ``worker`` and ``slots`` job groups ``job-N``
+    (memory.max = ``memory`` and no swap, when the memory controller is
+    on).  The node makes them as root; a --job_user worker (``owner``, a
+    uid) may only move its job processes among them (cgroup.procs of the
+    group and of each job group) and kill a job group (cgroup.kill): it
+    cannot make groups or change a limit.  Returns the path, or None (the
+    worker then contains its jobs as a subreaper)."""
+    path = os.path.join(group, 'w-%d' % worker_pid)
+
+    def write(name, text):
+        with open(os.path.join(path, name), 'w') as fh:
+            fh.write(text)
+    try:
+        os.mkdir(path)
+        if memory:
+            write('cgroup.subtree_control', '+memory')
+        os.mkdir(os.path.join(path, 'worker'))
+        delegated = ['cgroup.procs', 'cgroup.kill']
+        for n in range(slots):
+            job = 'job-%d' % n
+            os.mkdir(os.path.join(path, job))
+            if memory:
+                write(os.path.join(job, 'memory.max'), str(memory))
+                try:
+                    write(os.path.join(job, 'memory.swap.max'), '0')
+                except FileNotFoundError:
+                    pass        # no swap accounting
+            delegated += [os.path.join(job, 'cgroup.procs'), os.path.join(job, 'cgroup.kill')]
+        if owner is not None:
+            for name in delegated:
+                try:
+                    os.chown(os.path.join(path, name), owner, -1)
+                except FileNotFoundError:
+                    pass        # no cgroup.kill before Linux 5.14
+        write(os.path.join('worker', 'cgroup.procs'), str(worker_pid))
+    except OSError as exc:
+        logger.debug('no cgroup for worker %d: %s', worker_pid, exc)
+        remove_cgroup(path, 0)
+        return None
+    return path
+
+
+def remove_cgroup(path, timeout=3.0):
+    """Kill every process in the cgroup ``path`` (and below), then remove
+    it and its groups.  False if it is still there after ``timeout``
+    seconds (a process in uninterruptible sleep)."""
+    if not path or not os.path.isdir(path):
         return True
+    _cgroup_kill(path)
     deadline = time.monotonic() + timeout
     while True:
+        for top, dirs, _ in os.walk(path, topdown=False):
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(top, name))
+                except OSError:
+                    pass
         try:
-            for name in os.listdir(group):
-                if name.startswith('job-'):
-                    try:
-                        os.rmdir(os.path.join(group, name))
-                    except OSError:
-                        pass
-            os.rmdir(group)
+            os.rmdir(path)
             return True
         except FileNotFoundError:
             return True
         except OSError:
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.1)
+            _cgroup_kill(path)
+            time.sleep(0.02)
+
+
+def release_job_cgroup(cfg, timeout=3.0):
+    """Remove the jobs' cgroup that start_up made (if it did), killing
+    whatever is left in it; call it once no worker is left.  Returns False
+    if it is still there after ``timeout`` seconds (a job process that
+    outlived its kill still in it)."""
+    return remove_cgroup(getattr(cfg, 'job_cgroup', None), timeout)
 
 
 class JobTimes:
@@ -6341,6 +7112,7 @@ def resolve_obs_options(args):
         except ValueError as exc:
             raise ValueError('--metrics: %s (use HOST:PORT or PORT)' % exc)
     args.job_cgroup = args.cgroup_note = None     # see start_up
+    args.proc_cgroup = args.proc_cgroup_note = None
 
 
 def add_obs_options(p):
@@ -6693,7 +7465,7 @@ def start_up(cfg, environ=os.environ):
     prefix_lock = prepare_prefix(cfg)
     try:
         check_job_user(cfg)
-        job_cgroup = cgroup_note = None
+        job_cgroup = cgroup_note = proc_note = None
         if cfg.job_memory:
             job_cgroup, cgroup_note = cgroup_v2_memory()
             if job_cgroup:
@@ -6704,8 +7476,13 @@ def start_up(cfg, environ=os.environ):
     except BaseException:
         prefix_lock.close()
         raise
+    if environ.get('DISPYNODE_NO_CGROUP') == '1':
+        proc_note = 'DISPYNODE_NO_CGROUP=1'
+    # The memory group is the jobs' group too; without it the Node makes a
+    # plain one (see Node.__init__: it removes what it made).
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
-                       cgroup_note=cgroup_note, prefix_lock=prefix_lock,
+                       cgroup_note=cgroup_note, proc_cgroup=job_cgroup,
+                       proc_cgroup_note=proc_note, prefix_lock=prefix_lock,
                        notify_socket=environ.pop('NOTIFY_SOCKET', None) or None)
 
 
@@ -6852,7 +7629,9 @@ def _resolve_local(host, option):
 
 
 def _raise_fd_limit():
-    """Many idle peers should cost descriptors, not refusals."""
+    """Many idle peers should cost descriptors, not refusals: the soft
+    limit goes up to the hard one (at most 65536).  Returns a note for the
+    log when the limit stays small, else None."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft != resource.RLIM_INFINITY and soft < min(target, 65536):
@@ -6860,6 +7639,12 @@ def _raise_fd_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, 65536), hard))
         except (ValueError, OSError):
             pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < 1024:
+        return ('the descriptor limit is %d (hard limit %s): the node takes fewer '
+                'connections at once' % (soft, 'unlimited' if hard == resource.RLIM_INFINITY
+                                         else hard))
+    return None
 
 
 def check_prefix_path(prefix):
@@ -7020,7 +7805,7 @@ def main(argv=None):
         except ValueError as exc:
             parser.exit(2, 'dispynode: error: %s\n' % exc)
         return 0
-    _raise_fd_limit()
+    fd_note = _raise_fd_limit()
     log_handler = None
     if args.log_file:
         try:
@@ -7029,6 +7814,8 @@ def main(argv=None):
             parser.exit(2, 'dispynode: error: --log_file %s: %s\n' % (
                 args.log_file, exc.strerror or exc))
     setup_logging(args.debug, log_handler)
+    if fd_note:
+        logger.warning('%s', fd_note)
     try:
         node = Node(resolve_config(args))
     except (ValueError, OSError) as exc:

@@ -238,28 +238,35 @@ def test_cgroup_refusals_say_why(tmp_path):
 
 
 def test_worker_job_cgroup_and_oom_report(tmp_path):
-    """The worker makes one leaf per job with memory.max = --job_memory and
-    no swap, and reports a job the cgroup's OOM killer ended."""
+    """The worker takes its job groups in turn, and reports a job that the
+    group's OOM killer ended (memory.events counts since it took it)."""
     import socket
     import dispynode as dn
     a, b = socket.socketpair()
     try:
         worker = dn.Worker(a)
-        worker.cfg = {'cgroup': str(tmp_path), 'job_memory': 64 * 1024 * 1024,
-                      'job_memory_text': '64m'}
-        path = worker._job_cgroup(7)
-        assert path == str(tmp_path / ('job-%d-7' % os.getpid()))
-        assert (tmp_path / os.path.basename(path) / 'memory.max').read_text() == str(64 << 20)
-        assert (tmp_path / os.path.basename(path) / 'memory.swap.max').read_text() == '0'
+        worker.cfg = {'job_memory': 64 * 1024 * 1024, 'job_memory_text': '64m',
+                      'cgroup_memory': True}
+        worker.cgroup = str(tmp_path)
+        for n in range(2):
+            (tmp_path / ('job-%d' % n)).mkdir()
+            (tmp_path / ('job-%d' % n) / 'memory.events').write_text('oom_kill 2\n')
+        worker.free_slots = [dn._JobSlot(str(tmp_path / ('job-%d' % n)))
+                             for n in range(2)]
+        slot = worker._take_slot()
+        assert slot.path == str(tmp_path / 'job-0') and slot.oom == 2
         job = dn._WorkerJob(7, 'h', 0, -1, time.time())
-        job.cgroup = path
-        with open(os.path.join(path, 'memory.events'), 'w') as fh:
-            fh.write('low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n')
-        assert worker._drop_job_cgroup(job) is True
+        job.cgroup = slot
+        (tmp_path / 'job-0' / 'memory.events').write_text('low 0\nmax 3\noom 1\noom_kill 3\n')
+        assert worker._release_slot(job) is True
+        assert [s.path for s in worker.free_slots] == [str(tmp_path / 'job-1'),
+                                                        str(tmp_path / 'job-0')]
+        job.cgroup = worker._take_slot()
+        assert worker._release_slot(job) is False       # nothing new in job-1
         assert worker._memory_note('x') == \
             "x: --job_memory 64m limits each job's address space to 67108864 bytes"
-        worker.cfg['cgroup'] = None
-        assert worker._job_cgroup(8) is None
+        worker.free_slots = []
+        assert worker._take_slot() is None
     finally:
         a.close()
         b.close()
