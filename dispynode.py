@@ -3284,6 +3284,7 @@ class WorkerHandle:
         self.waiting_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.alive = True
+        self.cut_short = set()   # tags of the requests its death left unanswered
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
         cmd = worker_command('node.worker_main(%d)' % theirs.fileno())
@@ -3341,7 +3342,7 @@ class WorkerHandle:
         """Send ``msg`` (tagged with a new request id) and wait for the
         worker's answer to that id: ``(tag, *fields)``, or None when the
         worker is gone or the time is up."""
-        waiter = [threading.Event(), None]
+        waiter = [threading.Event(), None, msg[0]]
         with self.waiting_lock:
             rid = next(self.request_ids)
             self.waiting[rid] = waiter
@@ -3405,6 +3406,9 @@ class WorkerHandle:
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
+        # what the node was waiting for when it died: a setup or close that
+        # gets no answer ends the computation there (Node.worker_lost)
+        self.cut_short = {waiter[2] for waiter in waiters}
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
@@ -5676,6 +5680,11 @@ class Node(ServiceControl):
                 self.job_done(comp, entry.uid, self._terminated_reply(
                     comp, entry.uid, entry.hash, 'worker process of the computation died '
                     '(%s)' % why), reason='worker_lost')
+            if handle.cut_short & {'setup', 'close'}:
+                # run_setup or retire, which get no answer, end it themselves
+                logger.debug('the worker of computation %s died in its setup or close',
+                             comp.id)
+                return
             if replace:
                 try:
                     worker = self.take_worker()
@@ -5685,6 +5694,11 @@ class Node(ServiceControl):
                 else:
                     comp.worker = worker
                     comp.worker_restarts += 1
+                    if self.state.phase_of(comp) is not Phase.ACTIVE:
+                        # closed meanwhile: retire may have stopped the dead
+                        # worker and never see this one
+                        worker.stop(0)
+                        return
                     logger.warning('%s (computation %s): %d running job(s) end Terminated; '
                                    'its jobs go on in a new worker (%d of at most %d)', why,
                                    comp.id, len(entries), comp.worker_restarts,
