@@ -29,12 +29,12 @@ udp-listener, timer, control, metrics)::
     thread               touches
     main ............... resolve_config (validation only), then Node(),
                          whose start_up does the side effects (secret and
-                         environment, lookups, TLS files, prefix, the jobs'
-                         cgroup with --job_memory); then acts on the signals
-                         its handlers only queue: SIGHUP reopens --log_file,
-                         SIGINT/SIGTERM (or Node.quit: --serve, console
-                         quit, control stop, a finished drain,
-                         dispynode_shutdown) end in Node.close(): evicts
+                         environment, lookups, TLS files, prefix and its
+                         lock, the jobs' cgroup with --job_memory); then
+                         acts on the signals its handlers only queue: SIGHUP
+                         reopens --log_file, SIGINT/SIGTERM (or Node.quit:
+                         --serve, console quit, control stop, a finished
+                         drain, dispynode_shutdown) end in Node.close(): evicts
                          all, settles each (ZOMBIE -> DETACHED or GONE)
     console ............ terminal commands (stdin a tty, no --daemon); the
                          same table of commands as the control socket
@@ -58,7 +58,8 @@ udp-listener, timer, control, metrics)::
                          of stored results (bounded per reply) and of replies
                          held in memory (not storable), the PING inviting a
                          client back after its worker died, log summaries,
-                         service window, --ping_interval
+                         service window, --ping_interval, systemd STATUS=;
+                         as PID 1, reaps the orphans it inherits (Children)
     task-N ............. at most TASK_THREADS: evictions and retirements
                          (ZOMBIE -> RETIRING -> DETACHED or GONE: the
                          worker's close, then Workspace files and record),
@@ -120,6 +121,16 @@ only.  Undeliverable results are stored atomically under
 ``--dest_path_prefix`` and survive restarts of the client and of the node.
 """
 
+import sys
+
+# First of all, in syntax that Python 3.6 and 3.7 still parse (the rest of
+# this file and dispy_common too; tests/test_deploy.py checks): a node copied
+# onto an old Python would otherwise seem to serve while every worker dies.
+if sys.version_info < (3, 8):
+    sys.stderr.write('dispynode: error: Python 3.8 or later is required (this is Python '
+                     '%d.%d.%d: %s)\n' % (sys.version_info[:3] + (sys.executable,)))
+    sys.exit(2)
+
 import _random
 import _signal
 import _thread
@@ -146,12 +157,12 @@ import socketserver
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import traceback
 import types
+import weakref
 
 import dispy_common as dc
 from dispy_common import DispyJob, ProtocolError
@@ -624,6 +635,102 @@ def end_own_children(timeout=2.0):
         for child in direct_children(os.getpid()):
             kill_tree(child, signal.SIGKILL)
         time.sleep(0.005)
+
+
+class Children:
+    """The node process's own children, so that a node that is PID 1 (a
+    container without an init) can reap the orphans that reparent to it
+    without taking the exit status of a worker, which its Popen waits for.
+    Every child the node process starts goes through ``start``; ``reap``
+    (the timer, PID 1 only) waits only for zombies that ``start`` did not
+    make.  A start in progress (forked, pid not yet known) makes ``reap``
+    skip its round, so a brand-new worker is never taken for an orphan."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs = weakref.WeakSet()      # Popen objects of our own children
+        self.starting = 0                   # starts in progress
+        self.started = 0                    # starts finished
+
+    def start(self, *args, **kwargs):
+        """subprocess.Popen(*args, **kwargs), as a known child."""
+        with self.lock:
+            self.starting += 1
+        proc = None
+        try:
+            proc = subprocess.Popen(*args, **kwargs)    # (no lock held: it forks)
+            return proc
+        finally:
+            with self.lock:
+                self.starting -= 1
+                self.started += 1
+                if proc is not None:
+                    self.procs.add(proc)
+
+    def _known(self):
+        """(pids of our children not yet waited for, start count), or None
+        while a start is in progress."""
+        with self.lock:
+            if self.starting:
+                return None
+            return {p.pid for p in self.procs if p.returncode is None}, self.started
+
+    def _unchanged(self, started):
+        with self.lock:
+            return not self.starting and self.started == started
+
+    @staticmethod
+    def _zombie_children(proc='/proc'):
+        me = os.getpid()
+        found = []
+        try:
+            names = os.listdir(proc)
+        except OSError:
+            return found
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(proc, name, 'stat'), 'rb') as fh:
+                    fields = fh.read().rsplit(b')', 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == b'Z' and int(fields[1]) == me:
+                found.append(int(name))
+        return found
+
+    def reap(self, limit=1024):
+        """Wait for (at most ``limit``) orphans that have exited; returns
+        how many.  os.waitid with WNOWAIT peeks at a zombie without taking
+        it; a zombie of our own (a worker its Popen has not waited for yet)
+        hides the others from the peek, so then /proc names them."""
+        reaped = 0
+        while reaped < limit:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            known = self._known() if info is not None else None
+            if known is None:
+                break
+            pids, started = known
+            orphans = [info.si_pid] if info.si_pid not in pids else [
+                pid for pid in self._zombie_children() if pid not in pids][:limit - reaped]
+            if not orphans or not self._unchanged(started):
+                break
+            for pid in orphans:
+                try:
+                    _, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                reaped += 1
+                logger.debug('reaped orphan process %d (wait status %d)', pid, status)
+            if info.si_pid in pids:
+                break       # the scan found them all
+        return reaped
+
+
+CHILDREN = Children()
 
 
 # ---------------------------------------------------------------- thread pools, counters, logs
@@ -3187,12 +3294,13 @@ class WorkerHandle:
         self.waiting_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.alive = True
+        self.cut_short = set()   # tags of the requests its death left unanswered
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.chan = ours
         cmd = worker_command('node.worker_main(%d)' % theirs.fileno(),
                              node.config.job_user, drop=True)
         try:
-            self.proc = subprocess.Popen(cmd, cwd=node.config.dest_path_prefix,
+            self.proc = CHILDREN.start(cmd, cwd=node.config.dest_path_prefix,
                                          env=job_environment(node.config),
                                          pass_fds=(theirs.fileno(),), close_fds=True,
                                          # nothing of the node's: not its terminal,
@@ -3244,7 +3352,7 @@ class WorkerHandle:
         """Send ``msg`` (tagged with a new request id) and wait for the
         worker's answer to that id: ``(tag, *fields)``, or None when the
         worker is gone or the time is up."""
-        waiter = [threading.Event(), None]
+        waiter = [threading.Event(), None, msg[0]]
         with self.waiting_lock:
             rid = next(self.request_ids)
             self.waiting[rid] = waiter
@@ -3308,6 +3416,9 @@ class WorkerHandle:
         self.alive = False
         with self.waiting_lock:
             waiters = list(self.waiting.values())
+        # what the node was waiting for when it died: a setup or close that
+        # gets no answer ends the computation there (Node.worker_lost)
+        self.cut_short = {waiter[2] for waiter in waiters}
         for waiter in waiters:      # the worker is gone: nobody will answer
             waiter[0].set()
         self.node.worker_lost(self.comp)
@@ -4612,12 +4723,57 @@ class ServiceControl:
         return len(active)
 
 
+class SystemdNotifier:
+    """sd_notify(3) in a few lines, without libsystemd: READY=1, STOPPING=1
+    and STATUS= datagrams to $NOTIFY_SOCKET (a path, or '@name' for the
+    abstract namespace), for a ``Type=notify`` unit.  Does nothing without
+    it; a send that fails is logged once and never stops the node."""
+
+    def __init__(self, address):
+        self.address = self.sock = self.last_status = None
+        self.failed = self.ready = False
+        if not address:
+            return
+        if address[0] == '@':
+            address = '\0' + address[1:]
+        elif address[0] != '/':
+            logger.warning('NOTIFY_SOCKET=%s: not a UNIX socket address; not notifying',
+                           address)
+            return
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.settimeout(1.0)       # systemd reads at once; never hang on it
+
+    def notify(self, *fields):
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto('\n'.join(fields).encode('utf-8', 'replace'), self.address)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                logger.warning('NOTIFY_SOCKET: cannot notify systemd: %s', exc)
+            return False
+        return True
+
+    def status(self, text, *fields):
+        """STATUS= (with ``fields``), sent only when the text changed."""
+        if text != self.last_status or fields:
+            self.last_status = text
+            self.notify(*(fields + ('STATUS=' + text,)))
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class Node(ServiceControl):
     """Owns the servers, threads, workers, state and store."""
 
     def __init__(self, config):
-        # The jobs' cgroup is this node's to remove only if its own
-        # start_up made it (not a caller's that it was handed).
+        # The jobs' cgroup and the prefix lock are this node's to release
+        # only if its own start_up took them (not a caller's that it was handed).
         self.owns_cgroup = not config.started_up
         config = self.config = start_up(config)
         self.owns_proc_cgroup = False
@@ -4629,6 +4785,7 @@ class Node(ServiceControl):
             if getattr(self, 'udp', None) is not None:
                 self.udp.close()
             self._release_cgroup()      # no node will use it
+            self._release_prefix()
             raise
 
     def _contain_jobs(self, config):
@@ -4692,6 +4849,11 @@ class Node(ServiceControl):
         self._restore()
         self._init_service()
         self._init_observers()
+        self.systemd = SystemdNotifier(getattr(config, 'notify_socket', None))
+        if self.systemd.sock is not None:
+            self.state_listeners.append(self._tell_systemd)
+        # PID 1 (a container without --init) inherits every orphan: the timer reaps them.
+        self.pid_one = os.getpid() == 1
 
     # -- start and stop
     def start(self):
@@ -4705,10 +4867,61 @@ class Node(ServiceControl):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self.service_threads.append(thread)
             thread.start()
+        logger.info('%s', self.start_up_line())
+        if not self.config.secret:
+            job_user = self.config.job_user
+            logger.warning('no secret is set: anyone who reaches port %d can run code here as '
+                           'user %s (set DISPYNODE_SECRET, --secret_file or -s)', self.port,
+                           job_user.name if job_user else _user_name(os.geteuid()))
         logger.info('serving %d cpus at %s:%d (name %r)', self.config.cpus,
                     self.describe_addresses(), self.port, self.config.name)
         self.notify_state('serving', 'serving %d cpus' % self.config.cpus)
         self.announce()
+
+    def start_up_line(self):
+        """What an operator checks first: version, pid, Python, prefix,
+        addresses, TLS, secret and service window, in one log line."""
+        cfg = self.config
+        window = ', '.join('%s %s' % (opt[8:], getattr(cfg, opt)) for opt in (
+            'service_start', 'service_stop', 'service_end') if getattr(cfg, opt, None))
+        return ('dispynode %s (dispy protocol %s) pid %d, Python %s (%s), prefix %s, '
+                'addresses %s port %d, TLS %s, secret %s, service window %s' % (
+                    __version__, dc.PROTOCOL_VERSION, os.getpid(),
+                    '.'.join(map(str, sys.version_info[:3])), sys.executable,
+                    cfg.dest_path_prefix, self.describe_addresses(), self.port,
+                    'on' if cfg.certfile else 'off', 'on' if cfg.secret else 'off',
+                    '%s (%s now)' % (window, {'on': 'open', 'stopped': 'stopped'}.get(
+                        self.phase, 'closed')) if window else 'always'))
+
+    def _tell_systemd(self, event, text):
+        """A state listener (notify_state): READY=1 once the node serves,
+        STOPPING=1 when it drains or stops, STATUS= with each change."""
+        fields = ()
+        if event == 'serving' and not self.systemd.ready:
+            self.systemd.ready = True
+            fields = ('READY=1', 'MAINPID=%d' % os.getpid())
+        elif event in ('draining', 'stopping'):
+            fields = ('STOPPING=1',)
+        elif event == 'stopped':
+            return
+        self.systemd.status(self.status_line(), *fields)
+
+    def status_line(self):
+        """One line on the node's state, for systemd's STATUS=."""
+        why = self.health()
+        if why == 'stopping':
+            return 'stopping'
+        st = self.state.observe()
+        head = 'serving %d cpus at %s:%d' % (st['cpus'], self.config.ext_ip_addr, self.port)
+        if why == 'draining':
+            head += ' (draining: it exits once its running jobs have ended)'
+        elif why:
+            head += ' (refusing new work: %s)' % why
+        if not st['computations']:
+            return head + '; idle'
+        return '%s; client %s, %d computations, %d of %d cpus busy, %d results stored' % (
+            head, st['client'] or '-', len(st['computations']), st['cpus_busy'], st['cpus'],
+            st['stored_results'])
 
     def close(self):
         """Stop serving: end running jobs, deliver or store their replies,
@@ -4718,7 +4931,7 @@ class Node(ServiceControl):
                 return
             self._closed = True
         self.stopping.set()
-        self.notify_state('stopping', 'stopping')
+        self.notify_state('stopping', 'stopping')     # (systemd: STOPPING=1)
         self._stop_observers()
         if self._started:
             self.tcp.shutdown()
@@ -4760,6 +4973,8 @@ class Node(ServiceControl):
         self._release_cgroup()      # every worker is stopped by now
         logger.info('node at %s:%d stopped', self.config.ext_ip_addr, self.port)
         self.notify_state('stopped', 'stopped')
+        self.systemd.close()
+        self._release_prefix()
 
     def evict(self, comp, reason, kill_jobs=True):
         """Drop ``comp`` as the original node leaves a computation: its
@@ -5000,6 +5215,10 @@ class Node(ServiceControl):
                 self._service_tick()
                 self.logs.flush()
                 self.guard.refusal()    # logs changes, announces when work may resume
+                if self.systemd.sock is not None:
+                    self.systemd.status(self.status_line())
+                if self.pid_one:
+                    CHILDREN.reap()
                 if time.monotonic() - last_retry >= RETRY_SECONDS:
                     last_retry = time.monotonic()
                     self._retry_stored()
@@ -5474,6 +5693,11 @@ class Node(ServiceControl):
                 self.job_done(comp, entry.uid, self._terminated_reply(
                     comp, entry.uid, entry.hash, 'worker process of the computation died '
                     '(%s)' % why), reason='worker_lost')
+            if handle.cut_short & {'setup', 'close'}:
+                # run_setup or retire, which get no answer, end it themselves
+                logger.debug('the worker of computation %s died in its setup or close',
+                             comp.id)
+                return
             if replace:
                 try:
                     worker = self.take_worker()
@@ -5489,6 +5713,11 @@ class Node(ServiceControl):
                         worker.stop(0)
                         return
                     comp.worker_restarts += 1
+                    if self.state.phase_of(comp) is not Phase.ACTIVE:
+                        # closed meanwhile: retire may have stopped the dead
+                        # worker and never see this one
+                        worker.stop(0)
+                        return
                     logger.warning('%s (computation %s): %d running job(s) end Terminated; '
                                    'its jobs go on in a new worker (%d of at most %d)', why,
                                    comp.id, len(entries), comp.worker_restarts,
@@ -5613,6 +5842,12 @@ class Node(ServiceControl):
             if not remove_cgroup(self.config.proc_cgroup):
                 logger.warning('could not remove the jobs\' cgroup %s',
                                self.config.proc_cgroup)
+
+    def _release_prefix(self):
+        """Unlock the prefix (start_up locked it) for the next node."""
+        lock = getattr(self.config, 'prefix_lock', None)
+        if self.owns_cgroup and lock is not None:
+            lock.close()
 
     def note_job(self, comp, entry, status, limit, reason=None):
         """Count a finished job by its outcome (and the limit that ended it);
@@ -7236,8 +7471,9 @@ def start_up(cfg, environ=os.environ):
     """The node's start-up side effects on a validated Config, in order:
     take the secret (and remove it from the environment, which workers and
     jobs inherit), look up --job_user, resolve addresses, check the TLS
-    files, create the prefix, try the job user and (with --job_memory)
-    prepare the cgroup v2 groups for jobs.  Returns the completed
+    files, create and lock the prefix, try the job user and (with
+    --job_memory) prepare the cgroup v2 groups for jobs; take
+    $NOTIFY_SOCKET (systemd) from the environment too.  Returns the completed
     Config (a second call returns it unchanged); raises ValueError with a
     one-line message."""
     if cfg.started_up:
@@ -7265,22 +7501,36 @@ def start_up(cfg, environ=os.environ):
             raise ValueError('TLS certificate/key not usable: %s' % exc)
     for level, note in notes:
         logger.log(level, note)
-    prepare_prefix(cfg)
-    check_job_user(cfg)
-    job_cgroup = cgroup_note = proc_note = None
-    if cfg.job_memory:
-        job_cgroup, cgroup_note = cgroup_v2_memory()
-        if job_cgroup:
-            logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
-        else:
-            logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)', cgroup_note)
+    prefix_lock = prepare_prefix(cfg)
+    try:
+        check_job_user(cfg)
+        job_cgroup = cgroup_note = proc_note = None
+        if cfg.job_memory:
+            job_cgroup, cgroup_note = cgroup_v2_memory()
+            if job_cgroup:
+                logger.info('jobs get a cgroup v2 memory limit under %s', job_cgroup)
+            else:
+                logger.info('job memory is limited by RLIMIT_AS only (no cgroup: %s)',
+                            cgroup_note)
+    except BaseException:
+        prefix_lock.close()
+        raise
     if environ.get('DISPYNODE_NO_CGROUP') == '1':
         proc_note = 'DISPYNODE_NO_CGROUP=1'
     # The memory group is the jobs' group too; without it the Node makes a
     # plain one (see Node.__init__: it removes what it made).
     return cfg.replace(started_up=True, tls_contexts=tls_contexts, job_cgroup=job_cgroup,
                        cgroup_note=cgroup_note, proc_cgroup=job_cgroup,
-                       proc_cgroup_note=proc_note)
+                       proc_cgroup_note=proc_note, prefix_lock=prefix_lock,
+                       notify_socket=environ.pop('NOTIFY_SOCKET', None) or None)
+
+
+def _user_name(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 JobUser = collections.namedtuple('JobUser', 'name uid gid')
@@ -7371,14 +7621,28 @@ def resolve_addresses(cfg, notes):
 
 
 def _read_secret(cfg, environ):
+    """The secret from its one source: -s, --secret_file or
+    $DISPYNODE_SECRET (two sources, or an empty file, are an error: which
+    one the clients share would be a guess)."""
     # Workers and jobs inherit the environment; they have no use for the secret.
     env_secret = environ.pop('DISPYNODE_SECRET', '')
+    given = [name for name, value in (('-s/--secret', cfg.secret is not None),
+                                      ('--secret_file', cfg.secret_file),
+                                      ('DISPYNODE_SECRET', env_secret)) if value]
+    if len(given) > 1:
+        raise ValueError('the secret is given by both %s: give it one way only'
+                         % ' and '.join(given))
     if cfg.secret_file:
         try:
             with open(cfg.secret_file) as fh:
-                return fh.read().strip()
+                secret = fh.read().strip()
         except OSError as exc:
             raise ValueError('--secret_file: %s' % exc.strerror)
+        except UnicodeDecodeError:
+            raise ValueError('--secret_file %s: not text' % cfg.secret_file)
+        if not secret:
+            raise ValueError('--secret_file %s is empty' % cfg.secret_file)
+        return secret
     if cfg.secret is not None:
         return cfg.secret
     return env_secret
@@ -7449,10 +7713,41 @@ def check_prefix_path(prefix):
             raise ValueError('--dest_path_prefix: %s is not a directory' % current)
 
 
+PREFIX_LOCK = '.dispynode-lock'
+
+
+def lock_prefix(prefix):
+    """Take the prefix for this node: an exclusive flock on
+    <prefix>/.dispynode-lock, held (the returned file open) for the node's
+    life and released by the kernel however the node ends.  The file holds
+    the pid of the node that has it.  Raises ValueError naming that pid if
+    another node holds it."""
+    path = os.path.join(prefix, PREFIX_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ValueError('--dest_path_prefix %s: cannot open its lock file: %s'
+                         % (prefix, exc.strerror))
+    lock = os.fdopen(fd, 'r+')
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock.read(32).strip()
+        lock.close()
+        raise ValueError('--dest_path_prefix %s is in use by another node (pid %s)'
+                         % (prefix, holder if holder.isdigit() else 'unknown'))
+    lock.seek(0)
+    lock.truncate()
+    lock.write('%d\n' % os.getpid())
+    lock.flush()
+    return lock
+
+
 def prepare_prefix(cfg):
     """Check, create (mode 0700; 0711 with --job_user so that the job
-    user can reach its own directories) and, with --clean, empty the
-    prefix.  Nothing under it is followed through a symlink."""
+    user can reach its own directories), lock (lock_prefix) and, with
+    --clean, empty the prefix; returns the lock.  Nothing under it is
+    followed through a symlink."""
     prefix = cfg.dest_path_prefix
     mode = 0o711 if cfg.job_user else 0o700
     check_prefix_path(prefix)
@@ -7469,13 +7764,60 @@ def prepare_prefix(cfg):
     check_prefix_path(prefix)     # nobody swapped a level in meanwhile
     if os.stat(prefix).st_uid == os.geteuid():
         os.chmod(prefix, mode)
+    lock = lock_prefix(prefix)      # before --clean: never empty another node's prefix
     if cfg.clean:
         for name in os.listdir(prefix):
+            if name == PREFIX_LOCK:
+                continue
             full = os.path.join(prefix, name)
             if stat.S_ISDIR(os.lstat(full).st_mode):
                 shutil.rmtree(full, ignore_errors=True)   # never follows symlinks
             else:
                 os.unlink(full)
+    return lock
+
+
+class JournalFormatter(logging.Formatter):
+    """Log lines for journald reading our stderr: each line (a traceback's
+    too) starts with its syslog priority, ``<3>`` error ... ``<7>`` debug
+    (sd-daemon(3)), so that ``journalctl -p warning`` finds warnings; no
+    time stamp (the journal has it)."""
+    PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                  (logging.INFO, 6))
+
+    def format(self, record):
+        prio = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        return '\n'.join('<%d>%s' % (prio, line)
+                         for line in super().format(record).split('\n'))
+
+
+def stderr_is_journal(environ=os.environ, fd=2):
+    """Whether stderr is the journal stream systemd gave us: $JOURNAL_STREAM
+    ("device:inode") names the file that fd 2 still is (systemd.exec(5);
+    a redirected stderr does not match)."""
+    dev, _, ino = environ.get('JOURNAL_STREAM', '').partition(':')
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(debug, handler=None, environ=os.environ):
+    """The node's log: to ``handler`` (--log_file) or stderr, with time
+    stamps; on a stderr that is the journal, with syslog priorities."""
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        if stderr_is_journal(environ):
+            handler.setFormatter(JournalFormatter('dispynode %(levelname)s %(message)s'))
+    if handler.formatter is None:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
 
 
 def main(argv=None):
@@ -7510,9 +7852,7 @@ def main(argv=None):
         except OSError as exc:
             parser.exit(2, 'dispynode: error: --log_file %s: %s\n' % (
                 args.log_file, exc.strerror or exc))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format=LOG_FORMAT,
-                        handlers=[log_handler] if log_handler is not None else None)
+    setup_logging(args.debug, log_handler)
     if fd_note:
         logger.warning('%s', fd_note)
     try:

@@ -292,9 +292,17 @@ class ReplyServer(ClosesOnExit):
     def close(self):
         self._closed = True
         try:
+            # close() alone does not wake a thread blocked in accept() on
+            # Linux: its thread would outlive the server
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
 
     def replies(self):
         """The JobReplies ACKed so far, in arrival order."""

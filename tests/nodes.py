@@ -24,6 +24,10 @@ their own.  Every way shares:
     node = NodeProc.start(tmp_path, impl='original')
     node = NodeProc.start(tmp_path, host=lab_host, ip_addr=None, port=51348)
     node = NodeProc.start(tmp_path, copy_as='compute-node.py')
+    node = NodeProc.start(tmp_path, wrap=['unshare', '--pid', '--fork', '--mount-proc'])
+
+``wrap`` is a command line that runs the node (the node's pid is then the
+wrapper's).
 """
 
 import os
@@ -90,7 +94,7 @@ class NodeProc(GroupLeader):
     def start(cls, workdir=None, args=(), impl='ours', port=None, prefix=None,
               ip_addr='127.0.0.1', host=None, copy_as=None, python=None, script=None,
               env=None, cwd=None, debug=True, wait=True, timeout=15.0, stdin=None,
-              scheduler_port=None):
+              scheduler_port=None, wrap=()):
         if workdir is None:
             workdir = Path(prefix).parent if prefix else Path(
                 tempfile.mkdtemp(prefix='dispynode-'))
@@ -116,7 +120,7 @@ class NodeProc(GroupLeader):
         log_path = workdir / ('node-%d.log' % port)
         full_env = dict(os.environ, PYTHONUNBUFFERED='1')
         full_env.update(env or {})
-        argv = host.exec_argv(cmd) if host is not None else cmd
+        argv = host.exec_argv(cmd) if host is not None else list(wrap) + cmd
         with open(str(log_path), 'ab') as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
                                     stdout=log, stderr=subprocess.STDOUT, env=full_env,

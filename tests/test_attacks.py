@@ -447,8 +447,8 @@ def test_clean_does_not_follow_symlinks(tmp_path):
     (prefix / '127.0.0.1' / 'inner').symlink_to(outside / 'sub')
     node = start(tmp_path, '--clean', prefix=prefix)
     try:
-        # Only what the node made since: its control socket.
-        assert sorted(os.listdir(str(prefix))) == ['.dispynode-control']
+        # Only what the node made since: its control socket and prefix lock.
+        assert sorted(os.listdir(str(prefix))) == ['.dispynode-control', '.dispynode-lock']
         assert (outside / 'keep.txt').read_text() == 'precious'
         assert (outside / 'sub' / 'keep2.txt').read_text() == 'precious'
         assert oct(prefix.stat().st_mode & 0o777) == '0o700'

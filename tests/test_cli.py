@@ -212,8 +212,9 @@ def test_clean_empties_prefix(tmp_path, nodes):
     node = NodeProcess.start(tmp_path / 'run', args=['--clean'], prefix=prefix)
     nodes.append(node)
     assert prefix.is_dir()
-    # Nothing old is left; the only entry is the running node's control socket.
-    assert sorted(os.listdir(str(prefix))) == ['.dispynode-control']
+    # Nothing old is left; the only entries are the running node's control
+    # socket and its lock on the prefix.
+    assert sorted(os.listdir(str(prefix))) == ['.dispynode-control', '.dispynode-lock']
     assert os.path.isdir('/etc/')              # the symlink's target is untouched
 
 

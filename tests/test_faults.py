@@ -603,3 +603,32 @@ def test_four_nodes_through_the_scheduler(impl, node_factory, tmp_path, legacy_p
     finally:
         problems = lab.close()
     assert not problems, problems
+
+
+def test_real_client_refusing_one_reply_gets_all_the_others_at_once(unit_node, legacy_python,
+                                                                  tmp_path, monkeypatch):
+    """The real 4.5.5 client refuses (NAK) a reply for a job it does not
+    know, sent to it while its own 40 jobs run: that refusal concerns that
+    reply alone, so every reply of its own jobs is delivered as the job
+    ends and none goes to the store.  Before, the NAK marked the client's
+    address down and the replies of the next RETRY_SECONDS were stored."""
+    monkeypatch.setattr(dn, 'RETRY_SECONDS', 10.0)
+    node = unit_node(args=('-c', '2'))
+    client = LegacyClient(CLIENTS / 'basic_jobs.py', node.port, free_port(), 'jobs=40',
+                          cwd=tmp_path, watchdog=90)
+    stored = set()
+    with client:
+        comp = wait_for(lambda: next(iter(node.node.state.active.values()), None), 30)
+        assert comp is not None, node.log()[-3000:]
+        assert wait_for(lambda: comp.outcomes, 30), node.log()[-3000:]   # its jobs run
+        foreign = dc.dumps(dc.JobReply(uid=1, hash='foreign', status=DispyJob.Finished,
+                                       result=0))
+        node.node.courier.submit(dn.Delivery(comp, 1, 'foreign', foreign, False))
+        deadline = time.monotonic() + 80
+        while client.proc.poll() is None and time.monotonic() < deadline:
+            stored.update(comp.stored)
+            time.sleep(0.02)
+        res = client.result(10)
+    assert res.data and res.data.get('jobs'), _describe(res, node)
+    assert [j['status'] for j in res.data['jobs']] == [FINISHED] * 40, _describe(res, node)
+    assert stored <= {1}, (stored, node.log()[-4000:])

@@ -332,4 +332,4 @@ def test_node_still_serves_after_fuzz(live_node):
     node, cap = live_node
     time.sleep(0.5)      # let UDP and spawned PONG senders finish
     _assert_clean(node, cap)
-    assert threading.active_count() < 60, threading.active_count()
+    assert threading.active_count() < 60, sorted(t.name for t in threading.enumerate())

@@ -124,6 +124,7 @@ def test_unit_start_up_prepares_the_job_cgroup_and_the_node_that_made_it_removes
             dispynode.Node(config('--metrics', '127.0.0.1:' + port))
         assert not groups[3].exists()
     # without a cgroup the reason is kept for the status
+    done.prefix_lock.close()            # (start_up on the same prefix again)
     monkeypatch.setattr(dispynode, 'cgroup_v2_memory', lambda: (None, 'no cgroup v2 hierarchy'))
     other = dispynode.start_up(cfg, environ={})
     assert other.job_cgroup is None and other.cgroup_note == 'no cgroup v2 hierarchy'
