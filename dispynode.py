@@ -5706,12 +5706,6 @@ class Node(ServiceControl):
                     why += '; no new worker: %s' % exc
                 else:
                     comp.worker = worker
-                    if self.state.phase_of(comp) is not Phase.ACTIVE:
-                        # closed meanwhile (its setup failed as the worker
-                        # died): a retire that took the dead worker would
-                        # never stop this one
-                        worker.stop(0)
-                        return
                     comp.worker_restarts += 1
                     if self.state.phase_of(comp) is not Phase.ACTIVE:
                         # closed meanwhile: retire may have stopped the dead
