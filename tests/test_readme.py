@@ -282,18 +282,37 @@ def test_readme_dockerfile(tmp_path):
 # What the hardened units take away from the node, as far as this machine can
 # do it without systemd as PID 1: no capabilities, no new privileges, every
 # file system read-only but the prefix, a private /tmp.
+# $1: the prefix; $2: a ':'-separated list of folders under /tmp that the
+# node needs (a clone and its venv may lie there; the private /tmp would hide
+# them): they are bound back, reached through a descriptor of the old /tmp.
 HARDENED = r'''
 set -e
-prefix="$1"; shift
+prefix="$1"; keep="$2"; shift 2
 mount --make-rprivate /
 mount --bind "$prefix" "$prefix"
 for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
     case "$mp" in /proc*|/sys*|/dev*|"$prefix") continue ;; esac
     mount -o remount,bind,ro "$mp" 2>/dev/null || true
 done
+exec 3</tmp
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+IFS=:
+for dir in $keep; do
+    rel="${dir#/tmp/}"
+    mkdir -p "/tmp/$rel"
+    mount --no-canonicalize --bind "/proc/self/fd/3/$rel" "/tmp/$rel"   # (not resolved anew)
+done
+unset IFS
+exec 3<&-
 exec setpriv --no-new-privs --bounding-set -all --inh-caps -all "$@"
 '''
+
+
+def _kept_under_tmp():
+    """The folders under /tmp that the node under HARDENED needs: the
+    repository (with the test venv) and the Python's prefix."""
+    dirs = {str(REPO), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    return ':'.join(sorted(d for d in dirs if d.startswith('/tmp/')))
 
 
 @pytest.mark.interop
@@ -312,7 +331,7 @@ def test_jobs_run_under_the_units_restrictions(tmp_path, legacy_python):
         prefix = os.path.join(base, 'prefix')
         os.mkdir(prefix, 0o700)
         node = NodeProc.start(tmp_path, prefix=prefix, args=['-s', 'x'], wrap=[
-            'unshare', '--mount', 'sh', '-c', HARDENED, 'sh', prefix])
+            'unshare', '--mount', 'sh', '-c', HARDENED, 'sh', prefix, _kept_under_tmp()])
         try:
             with open('/proc/%d/status' % node.pid) as fh:     # (unshare execs it)
                 status = dict(line.split(':', 1) for line in fh.read().splitlines())
