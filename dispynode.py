@@ -6234,6 +6234,20 @@ def free_disk(path):
     return st.f_bavail * st.f_frsize
 
 
+def _own_cgroup_v2(cgroup_file, mounts_file):
+    """This process's cgroup v2 directory: (path, None) or (None, why not)."""
+    try:
+        with open(cgroup_file) as fh:
+            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
+        with open(mounts_file) as fh:
+            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
+    except OSError as exc:
+        return None, 'cannot read cgroup information: %s' % exc
+    if not own or not mounts:
+        return None, 'no cgroup v2 hierarchy'
+    return os.path.join(mounts[0], own[0].lstrip('/')), None
+
+
 def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mounts',
                      pid=None):
     """Prepare cgroup v2 groups for per-job memory limits, if this process
@@ -6246,16 +6260,9 @@ def cgroup_v2_memory(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/mo
     (see Worker).  The node cannot remove its own leaf while it is in it:
     the service manager removes it with the service's group."""
     pid = pid or os.getpid()
-    try:
-        with open(cgroup_file) as fh:
-            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
-        with open(mounts_file) as fh:
-            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
-    except OSError as exc:
-        return None, 'cannot read cgroup information: %s' % exc
-    if not own or not mounts:
-        return None, 'no cgroup v2 hierarchy'
-    base = os.path.join(mounts[0], own[0].lstrip('/'))
+    base, why = _own_cgroup_v2(cgroup_file, mounts_file)
+    if base is None:
+        return None, why
 
     def read(name):
         with open(os.path.join(base, name)) as fh:
@@ -6293,16 +6300,9 @@ def cgroup_v2_jobs(cgroup_file='/proc/self/cgroup', mounts_file='/proc/self/moun
     controller needed), if this process may make one: (path, None) or
     (None, why not)."""
     pid = pid or os.getpid()
-    try:
-        with open(cgroup_file) as fh:
-            own = [line.strip()[3:] for line in fh if line.startswith('0::')]
-        with open(mounts_file) as fh:
-            mounts = [line.split()[1] for line in fh if line.split()[2:3] == ['cgroup2']]
-    except OSError as exc:
-        return None, 'cannot read cgroup information: %s' % exc
-    if not own or not mounts:
-        return None, 'no cgroup v2 hierarchy'
-    base = os.path.join(mounts[0], own[0].lstrip('/'))
+    base, why = _own_cgroup_v2(cgroup_file, mounts_file)
+    if base is None:
+        return None, why
     _remove_stale_groups(base)
     for n in range(100):
         group = os.path.join(base, 'dispynode-jobs-%d%s' % (pid, '-%d' % n if n else ''))
