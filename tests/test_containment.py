@@ -242,21 +242,26 @@ FD_CLIENT = textwrap.dedent('''
             out[fd] = info
         out['fds'] = sorted(int(n) for n in os.listdir('/proc/self/fd'))
         return out
-
-    if __name__ == '__main__':
-        import _common as c
-        def main():
-            node_port, client_port, extra = c.ports()
-            cluster = c.cluster(probe, node_port, client_port)
-            jobs = c.submit(cluster, [(extra[0],)])
-            c.finish(c.collect(cluster, jobs, wait=60), cluster)
-        c.run(main, timeout=90)
 ''')
 
 
-def _client_code(code):
-    """A client script string that finds tests/clients/_common.py."""
-    return 'import sys\nsys.path.insert(0, %r)\n' % str(CLIENTS) + code
+ONE_JOB_MAIN = '''
+if __name__ == '__main__':
+    import _common as c
+    def main():
+        node_port, client_port, extra = c.ports()
+        cluster = c.cluster(%s, node_port, client_port)
+        jobs = c.submit(cluster, [%s])
+        c.finish(c.collect(cluster, jobs, wait=60), cluster)
+    c.run(main, timeout=90)
+'''
+
+
+def _client_code(code, func, args='()'):
+    """A client script (finding tests/clients/_common.py) that runs one job,
+    ``func(*args)`` of ``code`` (``args``: the tuple's source), and reports it."""
+    return ('import sys\nsys.path.insert(0, %r)\n' % str(CLIENTS) + code
+            + ONE_JOB_MAIN % (func, args))
 
 
 def test_a_job_gets_nothing_of_the_nodes_terminal(legacy_python, tmp_path):
@@ -269,8 +274,8 @@ def test_a_job_gets_nothing_of_the_nodes_terminal(legacy_python, tmp_path):
     term, proc, port = tc.start_console_node(tmp_path)
     try:
         assert term.wait_for('dispynode console', 20), term.text
-        client = LegacyClient(_client_code(FD_CLIENT), port, free_port(), 'FORGED-BY-JOB',
-                              cwd=tmp_path, watchdog=80)
+        client = LegacyClient(_client_code(FD_CLIENT, 'probe', '(extra[0],)'), port, free_port(),
+                              'FORGED-BY-JOB', cwd=tmp_path, watchdog=80)
         with client:
             # the operator types while the job runs (its reads wait 3 s each)
             for _ in range(60):
@@ -302,8 +307,8 @@ def test_a_job_cannot_write_into_a_daemon_nodes_log(node_factory, legacy_python,
     """--daemon: the node logs to its stdout/stderr (here a file); a job's
     writes on fd 1 and 2 land nowhere near it."""
     node = node_factory(args=('--daemon',))
-    res = run_client(_client_code(FD_CLIENT), node.port, free_port(), 'FORGED-LOG-LINE',
-                     timeout=90, cwd=tmp_path)
+    res = run_client(_client_code(FD_CLIENT, 'probe', '(extra[0],)'), node.port, free_port(),
+                     'FORGED-LOG-LINE', timeout=90, cwd=tmp_path)
     data = check_client(res, node)
     [job] = data['jobs']
     assert job['status'] == FINISHED, job
@@ -341,15 +346,6 @@ SPARE_CODE = textwrap.dedent('''
             except OSError as exc:
                 out[entry] = type(exc).__name__
         return out
-
-    if __name__ == '__main__':
-        import _common as c
-        def main():
-            node_port, client_port, extra = c.ports()
-            cluster = c.cluster(poke, node_port, client_port)
-            jobs = c.submit(cluster, [()])
-            c.finish(c.collect(cluster, jobs, wait=60), cluster)
-        c.run(main, timeout=90)
 ''')
 
 
@@ -377,7 +373,7 @@ def test_a_job_cannot_open_the_spare_workers_memory(legacy_python, tmp_path):
                              group=nobody.pw_gid, extra_groups=[], stdout=subprocess.PIPE,
                              timeout=30).stdout.decode().strip()
         assert out == 'PermissionError', out
-        res = run_client(_client_code(SPARE_CODE), node.port, free_port(), timeout=90,
+        res = run_client(_client_code(SPARE_CODE, 'poke'), node.port, free_port(), timeout=90,
                          cwd=tmp_path)
         data = check_client(res, node)
         [job] = data['jobs']
@@ -620,33 +616,15 @@ PLANT_CODE = textwrap.dedent('''
         where = site.getusersitepackages()
         os.makedirs(where, exist_ok=True)
         with open(os.path.join(where, 'zz_planted.pth'), 'w') as fh:
-            fh.write("import os; open(os.path.join(%%r, 'ran-' + str(os.getpid())), 'w').close()\\n"
-                     %% marker_dir)
+            fh.write("import os; open(os.path.join(%r, 'ran-' + str(os.getpid())), 'w').close()\\n"
+                     % marker_dir)
         return where
-
-    if __name__ == '__main__':
-        import _common as c
-        def main():
-            node_port, client_port, extra = c.ports()
-            cluster = c.cluster(plant, node_port, client_port)
-            jobs = c.submit(cluster, [(%r,)])
-            c.finish(c.collect(cluster, jobs, wait=60), cluster)
-        c.run(main, timeout=90)
 ''')
 
 NOOP_CODE = textwrap.dedent('''
     def noop():
         import os
         return os.environ.get('PYTHONNOUSERSITE')
-
-    if __name__ == '__main__':
-        import _common as c
-        def main():
-            node_port, client_port, extra = c.ports()
-            cluster = c.cluster(noop, node_port, client_port)
-            jobs = c.submit(cluster, [()])
-            c.finish(c.collect(cluster, jobs, wait=60), cluster)
-        c.run(main, timeout=90)
 ''')
 
 
@@ -668,13 +646,13 @@ def test_a_job_cannot_plant_code_in_the_job_users_site_packages(legacy_python, t
     node = NodeProc.start(workdir, ['--job_user', 'nobody'], copy_as='dispynode.py',
                           python=python, timeout=20, env={'HOME': str(home)})
     try:
-        res = run_client(_client_code(PLANT_CODE % str(markers)), node.port, free_port(),
-                         timeout=90, cwd=tmp_path)
+        res = run_client(_client_code(PLANT_CODE, 'plant', '(%r,)' % str(markers)), node.port,
+                         free_port(), timeout=90, cwd=tmp_path)
         [job] = check_client(res, node)['jobs']
         assert job['status'] == FINISHED, job
         assert job['result'].startswith(str(home)), job    # the plant took
         for _ in range(2):      # the spare started before the plant, then a fresh one
-            res = run_client(_client_code(NOOP_CODE), node.port, free_port(), timeout=90,
+            res = run_client(_client_code(NOOP_CODE, 'noop'), node.port, free_port(), timeout=90,
                              cwd=tmp_path)
             [job] = check_client(res, node)['jobs']
             assert job['status'] == FINISHED, job
