@@ -68,6 +68,19 @@ def deploy_copy(folder, name='dispynode.py'):
     return script
 
 
+def python_for(user):
+    """An interpreter (3.9+) that ``user`` may run, for a --job_user node:
+    the system's, as a deployment would use; this test's own may live
+    under /root."""
+    for candidate in ('/usr/bin/python3', '/usr/local/bin/python3', sys.executable):
+        if os.path.exists(candidate) and subprocess.run(
+                [candidate, '-c', 'import sys; assert sys.version_info >= (3, 9)'],
+                user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+            return candidate
+    import pytest
+    pytest.fail('no Python 3.9+ that user %s can run' % user)
+
+
 def run_to_exit(args, workdir, timeout=20, env=None, python=None):
     """Our node with exactly ``--dest_path_prefix <workdir>/prefix`` + args,
     run to its exit; the CompletedProcess (stdout and stderr as text)."""

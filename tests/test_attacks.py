@@ -25,7 +25,7 @@ import dispy_common as dc
 from driver import (JUNK_AUTH, Driver, accept_each, NodeProcess, ReplyServer, exchange, frame,
                     free_port, random_hex, raw_ping, wait_for)
 from legacy import check_client, find_files, run_client
-from nodes import NodeProc, run_to_exit
+from nodes import NodeProc, python_for, run_to_exit
 
 SECRET = 'attack-s3cret'
 FINISHED, TERMINATED = dc.DispyJob.Finished, dc.DispyJob.Terminated
@@ -485,19 +485,8 @@ def test_store_is_private(node):
 
 # ---------------------------------------------------------------- --job_user
 
-def _python_for(user):
-    """An interpreter (3.9+) the user may run: the system's, as a deployment
-    would use; this test's own may live under /root."""
-    for candidate in ('/usr/bin/python3', '/usr/local/bin/python3', sys.executable):
-        if os.path.exists(candidate) and subprocess.run(
-                [candidate, '-c', 'import sys; assert sys.version_info >= (3, 9)'],
-                user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-            return candidate
-    pytest.fail('no Python 3.9+ that user %s can run' % user)
-
-
 def test_job_user_cannot_read_the_store_or_the_nodes_environment(tmp_path):
-    python = _python_for('nobody')
+    python = python_for('nobody')
     # the job user reads the node file: a folder it may enter, not tmp_path
     workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
     try:

@@ -25,7 +25,7 @@ import pytest
 from dispy_common import DispyJob
 from legacy import (CLIENTS, LegacyClient, check_client, describe, free_port, run_client,
                     wait_for)
-from nodes import NodeProc
+from nodes import NodeProc, python_for
 
 import driver  # noqa: F401  (puts the repository on sys.path)
 import dispynode
@@ -117,7 +117,6 @@ def test_original_node_ends_the_job_but_leaves_its_processes(legacy_python, tmp_
     return), and the setsid grandchild keeps running.  We end the job the
     same way, and end the grandchild with it.  (The original node always,
     whatever DISPYTEST_IMPLS says: this is the side-by-side baseline.)"""
-    from nodes import NodeProc
     node = NodeProc.start(tmp_path / 'original', impl='original')
     try:
         res = run_client(CLIENTS / 'escape_jobs.py', node.port, free_port(), 'tag=' + tag,
@@ -319,11 +318,6 @@ def test_a_job_cannot_write_into_a_daemon_nodes_log(node_factory, legacy_python,
 
 # ---------------------------------------------------------------- --job_user
 
-def _python_for(user):
-    import test_attacks
-    return test_attacks._python_for(user)
-
-
 SPARE_CODE = textwrap.dedent('''
     def poke():
         import os
@@ -356,7 +350,7 @@ def test_a_job_cannot_open_the_spare_workers_memory(legacy_python, tmp_path):
     Yama).  A job, as nobody, gets the same refusal for its own worker, and
     runs in a job cgroup the node made for it.  (On 286bf51 both opens
     succeeded.)"""
-    python = _python_for('nobody')
+    python = python_for('nobody')
     workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
     workdir.chmod(0o755)
     node = NodeProc.start(workdir, ['--job_user', 'nobody'], copy_as='dispynode.py',
@@ -635,7 +629,7 @@ def test_a_job_cannot_plant_code_in_the_job_users_site_packages(legacy_python, t
     so the worker that serves the next client does not run it, nor does a
     Python the next client's job starts.  (Before, every later worker ran
     it.)"""
-    python = _python_for('nobody')
+    python = python_for('nobody')
     nobody = __import__('pwd').getpwnam('nobody')
     workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
     workdir.chmod(0o755)
@@ -697,7 +691,7 @@ def test_a_booting_spare_worker_is_never_open_to_the_job_user(tmp_path):
     setuid, which leaves it not dumpable.  (Started as the job user, it was
     dumpable until worker_main cleared that, and the open succeeded: a
     descriptor that stays good when it serves the next client.)"""
-    python = _python_for('nobody')
+    python = python_for('nobody')
     nobody = __import__('pwd').getpwnam('nobody')
     workdir = Path(tempfile.mkdtemp(prefix='dispynode-deploy-', dir='/tmp'))
     workdir.chmod(0o755)

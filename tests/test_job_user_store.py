@@ -32,24 +32,13 @@ import dispy_common as dc
 import dispynode as dn
 from driver import Driver, InProcessNode, NodeProcess, ReplyServer, wait_for
 from legacy import CLIENTS, REPO, find_files, free_port, run_client
-from nodes import NodeProc
+from nodes import NodeProc, python_for
 from recovery_util import REPLY_PREFIX, wait_node_free
 
 pytestmark = [pytest.mark.interop]
 
 FINISHED, TERMINATED = dc.DispyJob.Finished, dc.DispyJob.Terminated
 PY_TAG = sys.implementation.cache_tag       # e.g. cpython-311
-
-
-def _python_for(user):
-    """An interpreter (3.9+) the user may run: the system's, as a deployment
-    would use; this test's own may live under /root."""
-    for candidate in ('/usr/bin/python3', '/usr/local/bin/python3', sys.executable):
-        if os.path.exists(candidate) and subprocess.run(
-                [candidate, '-c', 'import sys; assert sys.version_info >= (3, 9)'],
-                user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-            return candidate
-    pytest.fail('no Python 3.9+ that user %s can run' % user)
 
 
 @pytest.fixture
@@ -62,7 +51,7 @@ def job_user_node():
     workdir = Path(tempfile.mkdtemp(prefix='dispynode-store-', dir='/tmp'))
     workdir.chmod(0o755)
     started = []
-    python = _python_for('nobody')
+    python = python_for('nobody')
 
     def start(*args, env=None, port=None):
         # each run in a folder of its own (its own log: readiness is read there)
