@@ -12,8 +12,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
